@@ -1,0 +1,94 @@
+"""`config.data`: defaults and validation (run at config time, before any I/O)."""
+
+import numbers
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from cratemae.data import registry
+
+AUGMENTS = ('mae', 'none')
+NORMALIZE = ('dataset', 'none')
+
+
+def default_data_config():
+    """The embedded default: MNIST at 32 px, 1 channel, MAE augmentation.
+
+    Keys: name, split_train, split_eval, data_dir (None -> tfds default),
+    folder (image_folder only), image_size, channels, augment ('mae'|'none'),
+    crop_scale, hflip, normalize ('dataset'|'none'), num_workers (0 = in
+    process), prefetch (batches made ahead by a background thread),
+    eval_crop_pct (None -> the dataset's default: 1.0 small, 0.875 photos).
+    """
+    return ml_collections.ConfigDict(dict(
+        name='mnist',
+        split_train='train',
+        split_eval='test',
+        data_dir=config_dict.placeholder(str),
+        folder=config_dict.placeholder(str),
+        image_size=32,
+        channels=1,
+        augment='mae',
+        crop_scale=(0.2, 1.0),
+        hflip=True,
+        normalize='dataset',
+        num_workers=0,
+        prefetch=2,
+        eval_crop_pct=config_dict.placeholder(float),
+    ))
+
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate_data_config(cfg):
+    """Raises ValueError naming the key and the accepted values."""
+    errors = []
+    if cfg.get('name') not in registry.DATASETS:
+        errors.append(f'data.name={cfg.get("name")!r} is not a dataset; valid '
+                      f'names: {", ".join(registry.dataset_names())}')
+    for key in ('split_train', 'split_eval'):
+        if not isinstance(cfg.get(key), str) or not cfg.get(key):
+            errors.append(f'data.{key}={cfg.get(key)!r} must be a split name')
+    if not _is_int(cfg.get('image_size')) or cfg.image_size < 1:
+        errors.append(f'data.image_size={cfg.get("image_size")!r} must be a '
+                      'positive int')
+    if cfg.get('channels') not in (1, 3):
+        errors.append(f'data.channels={cfg.get("channels")!r} must be 1 or 3')
+    if cfg.get('augment') not in AUGMENTS:
+        errors.append(f'data.augment={cfg.get("augment")!r} must be one of {AUGMENTS}')
+    if cfg.get('normalize', 'dataset') not in NORMALIZE:
+        errors.append(f'data.normalize={cfg.get("normalize")!r} must be one of '
+                      f'{NORMALIZE}')
+    scale = cfg.get('crop_scale')
+    try:
+        lo, hi = (float(v) for v in scale)
+        ok = 0 < lo <= hi <= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        errors.append(f'data.crop_scale={scale!r} must be (lo, hi) with '
+                      '0 < lo <= hi <= 1')
+    if not isinstance(cfg.get('hflip'), bool):
+        errors.append(f'data.hflip={cfg.get("hflip")!r} must be True or False')
+    for key in ('num_workers', 'prefetch'):
+        if not _is_int(cfg.get(key)) or cfg.get(key) < 0:
+            errors.append(f'data.{key}={cfg.get(key)!r} must be an int >= 0')
+    pct = cfg.get('eval_crop_pct')
+    if pct is not None and not (isinstance(pct, numbers.Real) and 0 < pct <= 1):
+        errors.append(f'data.eval_crop_pct={pct!r} must be None or in (0, 1]')
+    if cfg.get('name') == 'image_folder':
+        folder = cfg.get('folder')
+        if not folder or not os.path.isdir(folder):
+            errors.append(f'data.folder={folder!r} must be an existing directory '
+                          "for data.name='image_folder'")
+    spec = registry.DATASETS.get(cfg.get('name'))
+    if spec is not None and spec.splits:
+        for key in ('split_train', 'split_eval'):
+            if cfg.get(key) not in spec.splits:
+                errors.append(f'data.{key}={cfg.get(key)!r}: {spec.name} has '
+                              f'splits {spec.splits}')
+    if errors:
+        raise ValueError('invalid config.data:\n  ' + '\n  '.join(errors))

