@@ -16,8 +16,7 @@ Parameter placement comes from a list of rules `[(regex, spec), ...]`:
     missing trailing entries mean None), a PartitionSpec, or the string 'fsdp_largest':
     shard the largest dim (the earlier one on ties) divisible by the 'fsdp' axis size over
     'fsdp'. FSDP_RULES = [('.*', 'fsdp_largest')] is "FSDP everything" in one line.
-  * scalars and 1-D leaves are always replicated: they are tiny and sharding them only adds
-    collectives.
+  * scalars and 1-D leaves are always replicated (tiny; sharding them only adds collectives).
   * a dim that is not divisible by the size of its mesh axes is replicated instead, with a
     logged warning (not an error: the same rule list should work on 8 CPU devices and a pod).
 """
@@ -38,10 +37,7 @@ FSDP_RULES = [('.*', FSDP_LARGEST)]
 
 
 def make_mesh(mesh_config=None, devices=None) -> Mesh:
-    """Mesh with axes ('data','fsdp','model'); data=-1 takes all remaining devices.
-
-    data * fsdp * model must equal the device count.
-    """
+    """Mesh ('data','fsdp','model'); data=-1 takes the rest; the product must equal #devices."""
     cfg = dict(mesh_config or {})
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)

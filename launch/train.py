@@ -5,6 +5,7 @@
 
 Rerunning the same command resumes from the newest good checkpoint in the workdir.
 """
+
 import json
 import logging
 import os
@@ -16,30 +17,39 @@ from ml_collections import config_flags
 from cratemae import train
 
 _REGISTRY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'registry.py')
-_CONFIG = config_flags.DEFINE_config_file('config', f'{_REGISTRY}:crate_mae_mnist',
-                                          'experiments/registry.py:NAME, optionally followed by --config.KEY=VALUE.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and pictures go (default runs/NAME); '
-                               'local path or gs://.')
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool('allow_config_change', False,
-                                         'Resume a workdir whose saved config differs from this one.')
-_FAULT_KILL_AT_STEP = flags.DEFINE_integer('fault_kill_at_step', None,
-                                           'Testing only: SIGKILL this process after the given step (once started saves are committed).')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config',
+    f'{_REGISTRY}:crate_mae_mnist',
+    'experiments/registry.py:NAME, optionally followed by --config.KEY=VALUE.',
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Where checkpoints, metrics and pictures go (default runs/NAME); local path or gs://.'
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'Resume a workdir whose saved config differs from this one.'
+)
+_FAULT_KILL_AT_STEP = flags.DEFINE_integer(
+    'fault_kill_at_step',
+    None,
+    'Testing only: SIGKILL this process after the given step (once started saves are committed).',
+)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Orbax and absl are chatty at INFO; keep their warnings and our own progress messages.
-  logging.getLogger().setLevel(logging.WARNING)
-  logging.getLogger('cratemae').setLevel(logging.INFO)
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join('runs', config.name)
-  print(f'Experiment {config.name} -> {workdir}\n{config}', flush=True)
-  result = train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-                                    fault_kill_at_step=_FAULT_KILL_AT_STEP.value)
-  print(json.dumps({k: v for k, v in result.items() if v is not None}), flush=True)
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    # Orbax and absl are chatty at INFO; keep their warnings and our own progress messages.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger('cratemae').setLevel(logging.INFO)
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join('runs', config.name)
+    print(f'Experiment {config.name} -> {workdir}\n{config}', flush=True)
+    result = train.train_and_evaluate(
+        config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value, fault_kill_at_step=_FAULT_KILL_AT_STEP.value
+    )
+    print(json.dumps({k: v for k, v in result.items() if v is not None}), flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+    app.run(main)

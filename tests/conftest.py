@@ -1,4 +1,5 @@
 """Test session set-up: 8 fake CPU devices (so sharding code is exercised) and a persistent compilation cache."""
+
 import os
 
 # Must happen before JAX initialises its backends.

@@ -77,13 +77,15 @@ def test_explicit_rules_first_match_and_fallback(caplog):
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, model=2))
     rules = [('mssa/qkv/kernel$', (None, 'fsdp', 'model')),
              ('kernel$', [None, ['data', 'fsdp']]),     # ConfigDict-style lists
+             ('dictionary', P(None, None, 'model')),
              ('odd', ('model', 'fsdp'))]
     params = _params()
     specs = _specs(params, rules, mesh)
     assert specs['encoder/layers/mssa/qkv/kernel'] == P(None, 'fsdp', 'model')
     assert specs['encoder/layers/mssa/out/kernel'] == P(None, ('data', 'fsdp'))
     assert specs['decoder_pred/kernel'] == P(None, ('data', 'fsdp'))
-    assert specs['encoder/layers/ista/dictionary'] == P()        # no rule: replicated
+    assert specs['encoder/layers/ista/dictionary'] == P(None, None, 'model')
+    assert specs['cls_token'] == P()                             # no rule: replicated
     with caplog.at_level('WARNING'):
         assert _specs({'odd': params['odd']}, rules, mesh)['odd'] == P()  # 3, 5 not divisible by 2
     assert 'not divisible' in caplog.text

@@ -1,4 +1,5 @@
 """The training engine: sharded step, accumulation, exact resume after SIGKILL, preemption, NaN, bad configs."""
+
 import functools
 import json
 import os
@@ -25,193 +26,223 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(**train_overrides):
-  config = experiments.get_config('crate_mae_test')
-  config.train.update(train_overrides)
-  return config
+    config = experiments.get_config('crate_mae_test')
+    config.train.update(train_overrides)
+    return config
 
 
 def _run_steps(config, mesh, batches):
-  """Runs the real jitted train step on `mesh` over `batches`; returns the final state on the host."""
-  model = models.build(config.model)
-  schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch, config.train.steps)
-  tx = optimizer.make_optimizer(config.optim, config.train.global_batch, config.train.steps)
-  init = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
-  image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-  abstract = jax.eval_shape(init, jax.ShapeDtypeStruct(image_shape, jnp.float32))
-  rep = sharding.replicated(mesh)
-  shardings = step_lib.TrainState(step=rep, params=sharding.param_shardings(abstract.params, config.sharding_rules,
-                                                                            mesh),
-                                  opt_state=sharding.param_shardings(abstract.opt_state, config.sharding_rules, mesh),
-                                  rng=rep, nonfinite_step=rep)
-  state = jax.jit(init, out_shardings=shardings)(jnp.zeros(image_shape))
-  step = jax.jit(step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
-                 in_shardings=(shardings, {'image': sharding.batch_sharding(mesh)}), out_shardings=(shardings, rep),
-                 donate_argnums=0)
-  losses = []
-  for images in batches:
-    state, metrics = step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
-    losses.append(float(metrics['loss']))
-  return jax.device_get(state), losses
+    """Runs the real jitted train step on `mesh` over `batches`; returns the final state on the host."""
+    model = models.build(config.model)
+    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch, config.train.steps)
+    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, config.train.steps)
+    init = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
+    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
+    abstract = jax.eval_shape(init, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    rep = sharding.replicated(mesh)
+    shardings = step_lib.TrainState(
+        step=rep,
+        params=sharding.param_shardings(abstract.params, config.sharding_rules, mesh),
+        opt_state=sharding.param_shardings(abstract.opt_state, config.sharding_rules, mesh),
+        rng=rep,
+        nonfinite_step=rep,
+    )
+    state = jax.jit(init, out_shardings=shardings)(jnp.zeros(image_shape))
+    step = jax.jit(
+        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
+        in_shardings=(shardings, {'image': sharding.batch_sharding(mesh)}),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+    )
+    losses = []
+    for images in batches:
+        state, metrics = step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
+        losses.append(float(metrics['loss']))
+    return jax.device_get(state), losses
 
 
 def _batches(config, n, seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (config.train.global_batch, config.model.image_size, config.model.image_size, config.model.channels)
-  return [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+    rng = np.random.default_rng(seed)
+    shape = (config.train.global_batch, config.model.image_size, config.model.image_size, config.model.channels)
+    return [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
 
 
 def _mesh(devices, **axes):
-  return sharding.make_mesh(dict({'data': -1, 'fsdp': 1, 'model': 1}, **axes), devices=devices)
+    return sharding.make_mesh(dict({'data': -1, 'fsdp': 1, 'model': 1}, **axes), devices=devices)
 
 
 def test_sharded_step_equals_single_device_step():
-  config = _config()
-  batches = _batches(config, 3)
-  single, single_losses = _run_steps(config, _mesh(jax.devices()[:1]), batches)
-  multi, multi_losses = _run_steps(config, _mesh(jax.devices()), batches)
-  assert len(jax.devices()) == 8
-  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), multi.params, single.params)
+    config = _config()
+    batches = _batches(config, 3)
+    single, single_losses = _run_steps(config, _mesh(jax.devices()[:1]), batches)
+    multi, multi_losses = _run_steps(config, _mesh(jax.devices()), batches)
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), multi.params, single.params)
 
 
 def test_fsdp_rules_shard_parameters_and_match_replicated():
-  config = _config()
-  with config.unlocked():
-    config.sharding_rules = (('.*', 'fsdp_largest'),)
-  batches = _batches(config, 2)
-  replicated, _ = _run_steps(_config(), _mesh(jax.devices()), batches)
-  fsdp, _ = _run_steps(config, _mesh(jax.devices(), data=1, fsdp=8), batches)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fsdp.params, replicated.params)
+    config = _config()
+    with config.unlocked():
+        config.sharding_rules = (('.*', 'fsdp_largest'),)
+    batches = _batches(config, 2)
+    replicated, _ = _run_steps(_config(), _mesh(jax.devices()), batches)
+    fsdp, _ = _run_steps(config, _mesh(jax.devices(), data=1, fsdp=8), batches)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fsdp.params, replicated.params)
 
 
 def test_gradient_accumulation_equals_full_batch():
-  config = _config()
-  batches = _batches(config, 2)
-  full, full_losses = _run_steps(config, _mesh(jax.devices()), batches)
-  config.optim.accum_steps = 2
-  accumulated, accumulated_losses = _run_steps(config, _mesh(jax.devices()), batches)
-  np.testing.assert_allclose(accumulated_losses, full_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), accumulated.params, full.params)
+    config = _config()
+    batches = _batches(config, 2)
+    full, full_losses = _run_steps(config, _mesh(jax.devices()), batches)
+    config.optim.accum_steps = 2
+    accumulated, accumulated_losses = _run_steps(config, _mesh(jax.devices()), batches)
+    np.testing.assert_allclose(accumulated_losses, full_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), accumulated.params, full.params)
 
 
 def test_nonfinite_loss_skips_update_and_records_step():
-  config = _config()
-  batches = _batches(config, 3)
-  batches[1][0, 0, 0, 0] = np.nan
-  state, losses = _run_steps(config, _mesh(jax.devices()), batches)
-  clean, _ = _run_steps(config, _mesh(jax.devices()), batches[:1])
-  assert np.isnan(losses[1]) and int(state.nonfinite_step) == 1
-  jax.tree.map(np.testing.assert_array_equal, state.params, clean.params)  # frozen at the last good state
+    config = _config()
+    batches = _batches(config, 3)
+    batches[1][0, 0, 0, 0] = np.nan
+    state, losses = _run_steps(config, _mesh(jax.devices()), batches)
+    clean, _ = _run_steps(config, _mesh(jax.devices()), batches[:1])
+    assert np.isnan(losses[1]) and int(state.nonfinite_step) == 1
+    jax.tree.map(np.testing.assert_array_equal, state.params, clean.params)  # frozen at the last good state
 
 
 def test_learning_rate_schedule_and_weight_decay_mask():
-  config = _config()
-  config.optim.update(base_lr=1e-3, warmup_steps=10, min_lr=0.0)
-  schedule = optimizer.learning_rate_schedule(config.optim, global_batch=512, total_steps=110)
-  peak = 1e-3 * 512 / 256
-  assert float(schedule(0)) == 0.0
-  np.testing.assert_allclose(float(schedule(5)), peak * 0.5, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule(10)), peak, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule(60)), peak * 0.5, rtol=1e-5)  # half-way down the half-cosine
-  np.testing.assert_allclose(float(schedule(110)), 0.0, atol=1e-9)
-  mask = optimizer.decay_mask({'w': np.zeros((3, 3)), 'b': np.zeros(3), 'cls': np.zeros((1, 1, 3))})
-  assert mask == {'w': True, 'b': False, 'cls': True}
+    config = _config()
+    config.optim.update(base_lr=1e-3, warmup_steps=10, min_lr=0.0)
+    schedule = optimizer.learning_rate_schedule(config.optim, global_batch=512, total_steps=110)
+    peak = 1e-3 * 512 / 256
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(5)), peak * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(10)), peak, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(60)), peak * 0.5, rtol=1e-5)  # half-way down the half-cosine
+    np.testing.assert_allclose(float(schedule(110)), 0.0, atol=1e-9)
+    mask = optimizer.decay_mask({'w': np.zeros((3, 3)), 'b': np.zeros(3), 'cls': np.zeros((1, 1, 3))})
+    assert mask == {'w': True, 'b': False, 'cls': True}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The real entry point, in subprocesses.
 
+
 def _launch(workdir, *flags, timeout=240):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache', PYTHONUNBUFFERED='1')
-  cmd = [sys.executable, '-m', 'launch.train', '--config=experiments/registry.py:crate_mae_test',
-         f'--workdir={workdir}', *flags]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache', PYTHONUNBUFFERED='1')
+    cmd = [
+        sys.executable,
+        '-m',
+        'launch.train',
+        '--config=experiments/registry.py:crate_mae_test',
+        f'--workdir={workdir}',
+        *flags,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _final_params(workdir, step):
-  manager = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return restored.state['params']
+    manager = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints')
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return restored.state['params']
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
-  straight = _launch(tmp_path / 'straight')
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  killed = _launch(tmp_path / 'killed', '--fault_kill_at_step=13')
-  assert killed.returncode == -signal.SIGKILL
-  resumed = _launch(tmp_path / 'killed')
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'Resumed from step 10' in resumed.stderr
-  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / 'killed', 20),
-               _final_params(tmp_path / 'straight', 20))
+    straight = _launch(tmp_path / 'straight')
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _launch(tmp_path / 'killed', '--fault_kill_at_step=13')
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _launch(tmp_path / 'killed')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'Resumed from step 10' in resumed.stderr
+    jax.tree.map(
+        np.testing.assert_array_equal, _final_params(tmp_path / 'killed', 20), _final_params(tmp_path / 'straight', 20)
+    )
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache')
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'launch.train', '--config=experiments/registry.py:crate_mae_test',
-       f'--workdir={tmp_path}', '--config.train.steps=100000', '--config.checkpoint.every=100000'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    metrics = tmp_path / 'metrics.jsonl'
-    deadline = time.time() + 180
-    while not (metrics.exists() and metrics.read_text().count('\n') >= 2) and time.time() < deadline:
-      time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
-  assert proc.returncode == 0, stderr[-3000:]
-  steps = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
-  assert steps and 0 < max(steps) < 100000, steps
-  assert 'Preemption' in stderr
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache')
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            '-m',
+            'launch.train',
+            '--config=experiments/registry.py:crate_mae_test',
+            f'--workdir={tmp_path}',
+            '--config.train.steps=100000',
+            '--config.checkpoint.every=100000',
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics = tmp_path / 'metrics.jsonl'
+        deadline = time.time() + 180
+        while not (metrics.exists() and metrics.read_text().count('\n') >= 2) and time.time() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    steps = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
+    assert steps and 0 < max(steps) < 100000, steps
+    assert 'Preemption' in stderr
 
 
 def test_unknown_override_key_names_the_closest_key(tmp_path):
-  result = _launch(tmp_path, '--config.model.widht=64', timeout=120)
-  assert result.returncode != 0
-  assert 'widht' in result.stderr and 'width' in result.stderr
+    result = _launch(tmp_path, '--config.model.widht=64', timeout=120)
+    assert result.returncode != 0
+    assert 'widht' in result.stderr and 'width' in result.stderr
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Bad input fails before compiling, with the numbers.
 
+
 def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
-  config = _config(global_batch=12)
-  with pytest.raises(ValueError, match='multiple of 8'):
-    train.train_and_evaluate(config, str(tmp_path))
+    config = _config(global_batch=12)
+    with pytest.raises(ValueError, match='multiple of 8'):
+        train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unwritable_workdir_is_reported(tmp_path):
-  blocker = tmp_path / 'file'
-  blocker.write_text('not a directory')
-  with pytest.raises((OSError, ValueError), match='file'):
-    train.train_and_evaluate(_config(), str(blocker / 'run'))
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a directory')
+    with pytest.raises((OSError, ValueError), match='file'):
+        train.train_and_evaluate(_config(), str(blocker / 'run'))
 
 
 def test_resuming_a_workdir_of_another_config_names_the_keys(tmp_path):
-  (tmp_path / 'config.json').write_text(json.dumps(_config().to_dict(), default=list))
-  config = _config()
-  config.model.ista_lambda = 5.0
-  with pytest.raises(ValueError, match=r'model\.ista_lambda'):
-    train.train_and_evaluate(config, str(tmp_path))
+    (tmp_path / 'config.json').write_text(json.dumps(_config().to_dict(), default=list))
+    config = _config()
+    config.model.ista_lambda = 5.0
+    with pytest.raises(ValueError, match=r'model\.ista_lambda'):
+        train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unknown_experiment_lists_valid_names():
-  with pytest.raises(ValueError, match='crate_mae_base'):
-    experiments.get_config('crate_mae_hyuge')
+    with pytest.raises(ValueError, match='crate_mae_base'):
+        experiments.get_config('crate_mae_hyuge')
 
 
-@pytest.mark.parametrize('key,value,message', [
-    ('heads', 5, 'not divisible by heads'),
-    ('width', 30, 'divisible by 4'),
-    ('image_size', 30, 'not divisible by patch_size'),
-    ('mask_ratio', 1.0, 'mask_ratio'),
-    ('mask_ratio', 0.99, 'keeps'),
-])
+@pytest.mark.parametrize(
+    'key,value,message',
+    [
+        ('heads', 5, 'not divisible by heads'),
+        ('width', 30, 'divisible by 4'),
+        ('image_size', 30, 'not divisible by patch_size'),
+        ('mask_ratio', 1.0, 'mask_ratio'),
+        ('mask_ratio', 0.99, 'keeps'),
+    ],
+)
 def test_invalid_model_values_are_rejected_at_config_time(key, value, message):
-  config = _config()
-  config.model[key] = value
-  with pytest.raises(ValueError, match=message):
-    models.validate_model_config(config.model)
+    config = _config()
+    config.model[key] = value
+    with pytest.raises(ValueError, match=message):
+        models.validate_model_config(config.model)

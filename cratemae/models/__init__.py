@@ -1,4 +1,5 @@
 """Model construction from ``config.model``: defaults, validation at config time, parameter counts."""
+
 import dataclasses
 
 import jax.numpy as jnp
@@ -14,92 +15,111 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.floa
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-  """CRATE-MAE-Base as the reference builds it (spec §1, §4): 224 px, patch 16, 12 x 768 x 12 both sides."""
-  fields = {f.name: f.default for f in dataclasses.fields(MaskedAutoencoder)
-            if f.name not in ('parent', 'name')}
-  fields['dtype'] = 'float32'
-  fields['param_dtype'] = 'float32'
-  return ml_collections.ConfigDict(fields)
+    """CRATE-MAE-Base as the reference builds it (spec §1, §4): 224 px, patch 16, 12 x 768 x 12 both sides."""
+    fields = {f.name: f.default for f in dataclasses.fields(MaskedAutoencoder) if f.name not in ('parent', 'name')}
+    fields['dtype'] = 'float32'
+    fields['param_dtype'] = 'float32'
+    return ml_collections.ConfigDict(fields)
 
 
 def validate_model_config(cfg) -> None:
-  """Rejects model configs the model cannot build, naming the value and the rule, before anything is traced."""
-  def need(ok, message):
-    if not ok:
-      raise ValueError(f'Invalid model config: {message}')
-  need(cfg.encoder_block in _BLOCKS, f'model.encoder_block={cfg.encoder_block!r}; choose one of {_BLOCKS}.')
-  need(cfg.decoder_block in _BLOCKS, f'model.decoder_block={cfg.decoder_block!r}; choose one of {_BLOCKS}.')
-  need(cfg.attention in _ATTENTION, f'model.attention={cfg.attention!r}; choose one of {_ATTENTION}.')
-  need(cfg.remat in _REMAT, f'model.remat={cfg.remat!r}; choose one of {_REMAT}.')
-  for key in ('dtype', 'param_dtype'):
-    need(cfg[key] in _DTYPES, f'model.{key}={cfg[key]!r}; choose one of {tuple(_DTYPES)}.')
-  for key in ('image_size', 'patch_size', 'channels', 'width', 'depth', 'heads', 'decoder_width', 'decoder_depth',
-              'decoder_heads', 'scan_unroll'):
-    need(int(cfg[key]) >= 1, f'model.{key}={cfg[key]} must be a positive integer.')
-  need(cfg.image_size % cfg.patch_size == 0,
-       f'image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}.')
-  need(cfg.width % cfg.heads == 0, f'width={cfg.width} is not divisible by heads={cfg.heads}.')
-  need(cfg.decoder_width % cfg.decoder_heads == 0,
-       f'decoder_width={cfg.decoder_width} is not divisible by decoder_heads={cfg.decoder_heads}.')
-  need(cfg.width % 4 == 0, f'width={cfg.width} must be divisible by 4 for the 2-D sin-cos position embedding.')
-  need(cfg.decoder_width % 4 == 0,
-       f'decoder_width={cfg.decoder_width} must be divisible by 4 for the 2-D sin-cos position embedding.')
-  if cfg.encoder_sees_mask_tokens:
-    need(cfg.decoder_width == cfg.width,
-         f'decoder_width={cfg.decoder_width} must equal width={cfg.width} when encoder_sees_mask_tokens=True: the '
-         'reference decoder reads the encoder output directly (set encoder_sees_mask_tokens=False for a FAIR-style '
-         'decoder of another width).')
-  try:
-    check_mask_ratio(cfg.mask_ratio, (cfg.image_size // cfg.patch_size) ** 2)
-  except ValueError as e:
-    raise ValueError(f'Invalid model config: {e}') from None
-  need(cfg.ista_step > 0, f'ista_step={cfg.ista_step} must be positive.')
-  need(cfg.ista_lambda >= 0, f'ista_lambda={cfg.ista_lambda} must be non-negative.')
+    """Rejects model configs the model cannot build, naming the value and the rule, before anything is traced."""
+
+    def need(ok, message):
+        if not ok:
+            raise ValueError(f'Invalid model config: {message}')
+
+    need(cfg.encoder_block in _BLOCKS, f'model.encoder_block={cfg.encoder_block!r}; choose one of {_BLOCKS}.')
+    need(cfg.decoder_block in _BLOCKS, f'model.decoder_block={cfg.decoder_block!r}; choose one of {_BLOCKS}.')
+    need(cfg.attention in _ATTENTION, f'model.attention={cfg.attention!r}; choose one of {_ATTENTION}.')
+    need(cfg.remat in _REMAT, f'model.remat={cfg.remat!r}; choose one of {_REMAT}.')
+    for key in ('dtype', 'param_dtype'):
+        need(cfg[key] in _DTYPES, f'model.{key}={cfg[key]!r}; choose one of {tuple(_DTYPES)}.')
+    for key in (
+        'image_size',
+        'patch_size',
+        'channels',
+        'width',
+        'depth',
+        'heads',
+        'decoder_width',
+        'decoder_depth',
+        'decoder_heads',
+        'scan_unroll',
+    ):
+        need(int(cfg[key]) >= 1, f'model.{key}={cfg[key]} must be a positive integer.')
+    need(
+        cfg.image_size % cfg.patch_size == 0,
+        f'image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}.',
+    )
+    need(cfg.width % cfg.heads == 0, f'width={cfg.width} is not divisible by heads={cfg.heads}.')
+    need(
+        cfg.decoder_width % cfg.decoder_heads == 0,
+        f'decoder_width={cfg.decoder_width} is not divisible by decoder_heads={cfg.decoder_heads}.',
+    )
+    need(cfg.width % 4 == 0, f'width={cfg.width} must be divisible by 4 for the 2-D sin-cos position embedding.')
+    need(
+        cfg.decoder_width % 4 == 0,
+        f'decoder_width={cfg.decoder_width} must be divisible by 4 for the 2-D sin-cos position embedding.',
+    )
+    if cfg.encoder_sees_mask_tokens:
+        need(
+            cfg.decoder_width == cfg.width,
+            f'decoder_width={cfg.decoder_width} must equal width={cfg.width} when encoder_sees_mask_tokens=True: the '
+            'reference decoder reads the encoder output directly (set encoder_sees_mask_tokens=False for a FAIR-style '
+            'decoder of another width).',
+        )
+    try:
+        check_mask_ratio(cfg.mask_ratio, (cfg.image_size // cfg.patch_size) ** 2)
+    except ValueError as e:
+        raise ValueError(f'Invalid model config: {e}') from None
+    need(cfg.ista_step > 0, f'ista_step={cfg.ista_step} must be positive.')
+    need(cfg.ista_lambda >= 0, f'ista_lambda={cfg.ista_lambda} must be non-negative.')
 
 
 def build(cfg) -> MaskedAutoencoder:
-  """The Flax module for ``config.model`` (validated first)."""
-  validate_model_config(cfg)
-  fields = dict(cfg)
-  fields['dtype'] = _DTYPES[cfg.dtype]
-  fields['param_dtype'] = _DTYPES[cfg.param_dtype]
-  for key in ('mask_ratio', 'ista_step', 'ista_lambda', 'mlp_ratio', 'block_norm_eps', 'final_norm_eps'):
-    fields[key] = float(fields[key])
-  return MaskedAutoencoder(**fields)
+    """The Flax module for ``config.model`` (validated first)."""
+    validate_model_config(cfg)
+    fields = dict(cfg)
+    fields['dtype'] = _DTYPES[cfg.dtype]
+    fields['param_dtype'] = _DTYPES[cfg.param_dtype]
+    for key in ('mask_ratio', 'ista_step', 'ista_lambda', 'mlp_ratio', 'block_norm_eps', 'final_norm_eps'):
+        fields[key] = float(fields[key])
+    return MaskedAutoencoder(**fields)
 
 
 def _block_params(block, d, heads, mlp_ratio, qkv_bias):
-  del heads
-  if block == 'crate':  # U, W_o + b_o, D (or A), two LayerNorms
-    return 3 * d * d + 5 * d
-  hidden = int(d * mlp_ratio)
-  return 4 * d + (3 * d * d + (3 * d if qkv_bias else 0)) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+    del heads
+    if block == 'crate':  # U, W_o + b_o, D (or A), two LayerNorms
+        return 3 * d * d + 5 * d
+    hidden = int(d * mlp_ratio)
+    return 4 * d + (3 * d * d + (3 * d if qkv_bias else 0)) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
 
 
 def count_params(cfg, include_unused: bool = True) -> int:
-  """Parameter count of ``config.model``.
+    """Parameter count of ``config.model``.
 
-  include_unused=True counts as the reference module does: the frozen sin-cos ``pos_embed`` and
-  ``decoder_pos_embed`` buffers and the ``decoder_embed`` Linear that the CRATE-MAE forward never uses (spec §1:
-  Base 44,638,464). include_unused=False counts the trainable parameters the forward pass uses (Base 43,745,280),
-  which is the size of our Flax parameter tree.
-  """
-  d, dd = cfg.width, cfg.decoder_width
-  patch_dim = cfg.patch_size ** 2 * cfg.channels
-  tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
-  used = (patch_dim * d + d) + d + (d if cfg.encoder_sees_mask_tokens else dd)  # patch embed, cls, mask token
-  used += cfg.depth * _block_params(cfg.encoder_block, d, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) + 2 * d
-  used += cfg.decoder_depth * _block_params(cfg.decoder_block, dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.qkv_bias)
-  used += 2 * dd + (dd * patch_dim + patch_dim)
-  decoder_embed = d * dd + dd
-  if not cfg.encoder_sees_mask_tokens:
-    used += decoder_embed
-  if not include_unused:
-    return used
-  unused = tokens * d + tokens * dd  # frozen position embeddings
-  if cfg.encoder_sees_mask_tokens:
-    unused += decoder_embed
-  return used + unused
+    include_unused=True counts as the reference module does: the frozen sin-cos ``pos_embed`` and
+    ``decoder_pos_embed`` buffers and the ``decoder_embed`` Linear that the CRATE-MAE forward never uses (spec §1:
+    Base 44,638,464). include_unused=False counts the trainable parameters the forward pass uses (Base 43,745,280),
+    which is the size of our Flax parameter tree.
+    """
+    d, dd = cfg.width, cfg.decoder_width
+    patch_dim = cfg.patch_size**2 * cfg.channels
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    used = (patch_dim * d + d) + d + (d if cfg.encoder_sees_mask_tokens else dd)  # patch embed, cls, mask token
+    used += cfg.depth * _block_params(cfg.encoder_block, d, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) + 2 * d
+    used += cfg.decoder_depth * _block_params(cfg.decoder_block, dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.qkv_bias)
+    used += 2 * dd + (dd * patch_dim + patch_dim)
+    decoder_embed = d * dd + dd
+    if not cfg.encoder_sees_mask_tokens:
+        used += decoder_embed
+    if not include_unused:
+        return used
+    unused = tokens * d + tokens * dd  # frozen position embeddings
+    if cfg.encoder_sees_mask_tokens:
+        unused += decoder_embed
+    return used + unused
 
 
 __all__ = ['MaskedAutoencoder', 'build', 'count_params', 'default_model_config', 'validate_model_config', 'ops']

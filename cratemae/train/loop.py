@@ -4,6 +4,7 @@
 sees (one CPU, a GPU host, a TPU pod slice with one process per host), checkpoints with Orbax, resumes exactly, and
 writes metrics and reconstruction pictures to the workdir.
 """
+
 import functools
 import logging
 import os
@@ -28,175 +29,231 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss or gradient became NaN/inf; the last good checkpoint was left untouched."""
+    """The loss or gradient became NaN/inf; the last good checkpoint was left untouched."""
 
 
 def validate_config(config, num_devices_for_batch: int, process_count: int) -> None:
-  """Every check that can fail before compiling: model, data, and how the batch splits over devices."""
-  models.validate_model_config(config.model)
-  data.validate_data_config(config.data)
-  m, d = config.model, config.data
-  if (d.image_size, d.channels) != (m.image_size, m.channels):
-    raise ValueError(f'data gives {d.image_size}px images with {d.channels} channel(s) but the model expects '
-                     f'{m.image_size}px with {m.channels}; set --config.data.image_size/channels or '
-                     '--config.model.image_size/channels to agree.')
-  batch, accum = config.train.global_batch, config.optim.accum_steps
-  if batch < 1 or accum < 1 or batch % accum:
-    raise ValueError(f'train.global_batch={batch} must be a positive multiple of optim.accum_steps={accum}.')
-  if (batch // accum) % num_devices_for_batch:
-    raise ValueError(f'Each microbatch of {batch // accum} images (global_batch={batch} / accum_steps={accum}) '
-                     f'must split evenly over the {num_devices_for_batch} devices of the data axes; choose a '
-                     f'global batch that is a multiple of {num_devices_for_batch * accum}.')
-  if batch % process_count or config.train.eval_batch % num_devices_for_batch:
-    raise ValueError(f'train.global_batch={batch} must divide over {process_count} processes and '
-                     f'train.eval_batch={config.train.eval_batch} over {num_devices_for_batch} devices.')
-  if config.train.steps < 1:
-    raise ValueError(f'train.steps={config.train.steps} must be at least 1.')
+    """Every check that can fail before compiling: model, data, and how the batch splits over devices."""
+    models.validate_model_config(config.model)
+    data.validate_data_config(config.data)
+    m, d = config.model, config.data
+    if (d.image_size, d.channels) != (m.image_size, m.channels):
+        raise ValueError(
+            f'data gives {d.image_size}px images with {d.channels} channel(s) but the model expects '
+            f'{m.image_size}px with {m.channels}; set --config.data.image_size/channels or '
+            '--config.model.image_size/channels to agree.'
+        )
+    batch, accum = config.train.global_batch, config.optim.accum_steps
+    if batch < 1 or accum < 1 or batch % accum:
+        raise ValueError(f'train.global_batch={batch} must be a positive multiple of optim.accum_steps={accum}.')
+    if (batch // accum) % num_devices_for_batch:
+        raise ValueError(
+            f'Each microbatch of {batch // accum} images (global_batch={batch} / accum_steps={accum}) '
+            f'must split evenly over the {num_devices_for_batch} devices of the data axes; choose a '
+            f'global batch that is a multiple of {num_devices_for_batch * accum}.'
+        )
+    if batch % process_count or config.train.eval_batch % num_devices_for_batch:
+        raise ValueError(
+            f'train.global_batch={batch} must divide over {process_count} processes and '
+            f'train.eval_batch={config.train.eval_batch} over {num_devices_for_batch} devices.'
+        )
+    if config.train.steps < 1:
+        raise ValueError(f'train.steps={config.train.steps} must be at least 1.')
 
 
-def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
-                       fault_kill_at_step: int | None = None) -> dict:
-  """Runs (or resumes) the experiment in ``config`` into ``workdir``; returns the last logged metrics."""
-  # ----------------------------------------------------------------------------------------------------------
-  # Set up. Everything that can be wrong with the config or the workdir fails here, before any compile.
-  sharding.maybe_initialize_distributed()
-  mesh = sharding.make_mesh(config.mesh)
-  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
-  validate_config(config, batch_devices, jax.process_count())
-  checkpoint.ensure_writable(workdir)
-  checkpoint.check_compatible(workdir, config, allow_change=allow_config_change)
-  checkpoint.save_config(workdir, config)
-  log.info('Devices: %d x %s on %d process(es); mesh %s', jax.device_count(), jax.devices()[0].device_kind,
-           jax.process_count(), dict(mesh.shape))
+def train_and_evaluate(
+    config, workdir: str, *, allow_config_change: bool = False, fault_kill_at_step: int | None = None
+) -> dict:
+    """Runs (or resumes) the experiment in ``config`` into ``workdir``; returns the last logged metrics."""
+    # ----------------------------------------------------------------------------------------------------------
+    # Set up. Everything that can be wrong with the config or the workdir fails here, before any compile.
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(config.mesh)
+    batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
+    validate_config(config, batch_devices, jax.process_count())
+    checkpoint.ensure_writable(workdir)
+    checkpoint.check_compatible(workdir, config, allow_change=allow_config_change)
+    checkpoint.save_config(workdir, config)
+    log.info(
+        'Devices: %d x %s on %d process(es); mesh %s',
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+        jax.process_count(),
+        dict(mesh.shape),
+    )
 
-  # ----------------------------------------------------------------------------------------------------------
-  # Input pipeline: the batch at step s is a pure function of (seed, s, host), so the data position is the step.
-  train_data = data.make_pipeline(config.data, split=config.data.split_train, global_batch=config.train.global_batch,
-                                  seed=config.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), train=True)
-  eval_data = data.make_pipeline(config.data, split=config.data.split_eval, global_batch=config.train.eval_batch,
-                                 seed=config.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), train=False)
+    # ----------------------------------------------------------------------------------------------------------
+    # Input pipeline: the batch at step s is a pure function of (seed, s, host), so the data position is the step.
+    train_data = data.make_pipeline(
+        config.data,
+        split=config.data.split_train,
+        global_batch=config.train.global_batch,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        train=True,
+    )
+    eval_data = data.make_pipeline(
+        config.data,
+        split=config.data.split_eval,
+        global_batch=config.train.eval_batch,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        train=False,
+    )
 
-  # ----------------------------------------------------------------------------------------------------------
-  # Model and optimizer.
-  model = models.build(config.model)
-  total_steps = config.train.steps
-  schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch, total_steps)
-  tx = optimizer.make_optimizer(config.optim, config.train.global_batch, total_steps)
+    # ----------------------------------------------------------------------------------------------------------
+    # Model and optimizer.
+    model = models.build(config.model)
+    total_steps = config.train.steps
+    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch, total_steps)
+    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, total_steps)
 
-  # ----------------------------------------------------------------------------------------------------------
-  # Shard and initialise: shapes first (eval_shape), then shardings from the config's regex rules, then the real
-  # initialisation under jit so every parameter is created directly on the devices that hold it.
-  image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-  init_fn = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
-  abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32))
-  replicated = sharding.replicated(mesh)
-  state_shardings = step_lib.TrainState(
-      step=replicated, params=sharding.param_shardings(abstract_state.params, config.sharding_rules, mesh),
-      opt_state=sharding.param_shardings(abstract_state.opt_state, config.sharding_rules, mesh),
-      rng=replicated, nonfinite_step=replicated)
+    # ----------------------------------------------------------------------------------------------------------
+    # Shard and initialise: shapes first (eval_shape), then shardings from the config's regex rules, then the real
+    # initialisation under jit so every parameter is created directly on the devices that hold it.
+    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
+    init_fn = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
+    abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    replicated = sharding.replicated(mesh)
+    state_shardings = step_lib.TrainState(
+        step=replicated,
+        params=sharding.param_shardings(abstract_state.params, config.sharding_rules, mesh),
+        opt_state=sharding.param_shardings(abstract_state.opt_state, config.sharding_rules, mesh),
+        rng=replicated,
+        nonfinite_step=replicated,
+    )
 
-  # ----------------------------------------------------------------------------------------------------------
-  # Restore the newest good checkpoint, if any (a corrupt newest one is reported and skipped).
-  ckpt = checkpoint.Checkpointer.from_config(workdir, config.checkpoint)
-  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_shardings)
-  restored = ckpt.restore_latest(abstract_sharded)
-  if restored is None:
-    state = jax.jit(init_fn, out_shardings=state_shardings)(jnp.zeros(image_shape, jnp.float32))
-    start_step, core_hours = 0, 0.0
-    log.info('Starting from scratch: %s parameters.', f'{models.count_params(config.model, False):,}')
-  else:
-    start_step, state, meta = restored
-    core_hours = float(meta.get('core_hours', 0.0))
-    log.info('Resumed from step %d.', start_step)
+    # ----------------------------------------------------------------------------------------------------------
+    # Restore the newest good checkpoint, if any (a corrupt newest one is reported and skipped).
+    ckpt = checkpoint.Checkpointer.from_config(workdir, config.checkpoint)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+    )
+    restored = ckpt.restore_latest(abstract_sharded)
+    if restored is None:
+        state = jax.jit(init_fn, out_shardings=state_shardings)(jnp.zeros(image_shape, jnp.float32))
+        start_step, core_hours = 0, 0.0
+        log.info('Starting from scratch: %s parameters.', f'{models.count_params(config.model, False):,}')
+    else:
+        start_step, state, meta = restored
+        core_hours = float(meta.get('core_hours', 0.0))
+        log.info('Resumed from step %d.', start_step)
 
-  # ----------------------------------------------------------------------------------------------------------
-  # The jitted steps: explicit shardings, the train state donated so parameters are updated in place.
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
-                       in_shardings=(state_shardings, {'image': batch_sharding}),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(model, config.train.eval_mask_ratio),
-                      in_shardings=(state_shardings.params, {'image': batch_sharding, 'valid': batch_sharding},
-                                    replicated))
+    # ----------------------------------------------------------------------------------------------------------
+    # The jitted steps: explicit shardings, the train state donated so parameters are updated in place.
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
+        in_shardings=(state_shardings, {'image': batch_sharding}),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        step_lib.make_eval_step(model, config.train.eval_mask_ratio),
+        in_shardings=(state_shardings.params, {'image': batch_sharding, 'valid': batch_sharding}, replicated),
+    )
 
-  writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step)
-  throughput = metrics_lib.Throughput(config.train.global_batch, jax.device_count(), start_step=start_step,
-                                      core_hours=core_hours)
-  train_flops = flops.train_flops(config.model) * config.train.global_batch
-  device_kind = jax.devices()[0].device_kind
+    writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step)
+    throughput = metrics_lib.Throughput(
+        config.train.global_batch, jax.device_count(), start_step=start_step, core_hours=core_hours
+    )
+    train_flops = flops.train_flops(config.model) * config.train.global_batch
+    device_kind = jax.devices()[0].device_kind
 
-  def evaluate(step):
-    """Reconstruction loss on the held-out split, and a picture of the first batch."""
-    loss_sum, count, picture = 0.0, 0.0, None
-    key = jax.random.key(config.seed + 1)  # the same masks at every evaluation, so the curve is comparable
-    for i in range(min(config.train.eval_batches, eval_data.num_batches)):
-      local = eval_data.batch(i)
-      batch = sharding.host_local_to_global({'image': local['image'], 'valid': local['valid']}, mesh)
-      out = eval_step(state.params, batch, jax.random.fold_in(key, i))
-      loss_sum, count = loss_sum + float(out['loss_sum']), count + float(out['count'])
-      if picture is None and jax.process_index() == 0:
-        n = min(config.eval.images, local['image'].shape[0])
-        pred, mask = (np.asarray(jax.experimental.multihost_utils.process_allgather(out[k], tiled=True))[:n]
-                      if jax.process_count() > 1 else np.asarray(out[k])[:n] for k in ('pred', 'mask'))
-        picture = diagnostics.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size,
-                                                  eval_data.info.mean, eval_data.info.std, config.model.norm_pix_loss)
-    scalars = {'eval/reconstruction_loss': loss_sum / max(count, 1.0)}
-    writer.write_scalars(step, scalars)
-    if picture is not None:
-      writer.write_images(step, {'reconstructions': picture}, png=True)
-    log.info('step %d: eval reconstruction loss %.4f', step, scalars['eval/reconstruction_loss'])
-    return scalars
+    def evaluate(step):
+        """Reconstruction loss on the held-out split, and a picture of the first batch."""
+        loss_sum, count, picture = 0.0, 0.0, None
+        key = jax.random.key(config.seed + 1)  # the same masks at every evaluation, so the curve is comparable
+        for i in range(min(config.train.eval_batches, eval_data.num_batches)):
+            local = eval_data.batch(i)
+            batch = sharding.host_local_to_global({'image': local['image'], 'valid': local['valid']}, mesh)
+            out = eval_step(state.params, batch, jax.random.fold_in(key, i))
+            loss_sum, count = loss_sum + float(out['loss_sum']), count + float(out['count'])
+            if picture is None and jax.process_index() == 0:
+                n = min(config.eval.images, local['image'].shape[0])
+                pred, mask = (
+                    np.asarray(jax.experimental.multihost_utils.process_allgather(out[k], tiled=True))[:n]
+                    if jax.process_count() > 1
+                    else np.asarray(out[k])[:n]
+                    for k in ('pred', 'mask')
+                )
+                picture = diagnostics.reconstruction_grid(
+                    local['image'][:n],
+                    pred,
+                    mask,
+                    config.model.patch_size,
+                    eval_data.info.mean,
+                    eval_data.info.std,
+                    config.model.norm_pix_loss,
+                )
+        scalars = {'eval/reconstruction_loss': loss_sum / max(count, 1.0)}
+        writer.write_scalars(step, scalars)
+        if picture is not None:
+            writer.write_images(step, {'reconstructions': picture}, png=True)
+        log.info('step %d: eval reconstruction loss %.4f', step, scalars['eval/reconstruction_loss'])
+        return scalars
 
-  def save(step, force=False):
-    if int(state.nonfinite_step) >= 0:
-      raise NonFiniteLossError(
-          f'The loss or gradient became NaN/inf at step {int(state.nonfinite_step)}; stopping without saving, so '
-          f'the newest checkpoint in {ckpt.directory} is the last good state. Lower optim.base_lr or set '
-          'optim.grad_clip, then rerun the same command to resume from it.')
-    return ckpt.save(step, state, {'data_step': step, 'seed': config.seed, 'core_hours': throughput.core_hours,
-                                   'config_hash': checkpoint.config_hash(config)}, force=force)
+    def save(step, force=False):
+        if int(state.nonfinite_step) >= 0:
+            raise NonFiniteLossError(
+                f'The loss or gradient became NaN/inf at step {int(state.nonfinite_step)}; stopping without saving, so '
+                f'the newest checkpoint in {ckpt.directory} is the last good state. Lower optim.base_lr or set '
+                'optim.grad_clip, then rerun the same command to resume from it.'
+            )
+        return ckpt.save(
+            step,
+            state,
+            {
+                'data_step': step,
+                'seed': config.seed,
+                'core_hours': throughput.core_hours,
+                'config_hash': checkpoint.config_hash(config),
+            },
+            force=force,
+        )
 
-  # ----------------------------------------------------------------------------------------------------------
-  # The loop: plain Python around the jitted step.
-  ckpt.install_preemption_handler()
-  last = {}
-  try:
-    with train_data.iterate(start_step) as batches:
-      for step, local_batch in batches:
-        if step >= total_steps:
-          break
-        state, step_metrics = train_step(state, sharding.host_local_to_global({'image': local_batch['image']}, mesh))
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total_steps:
-          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          if int(state.nonfinite_step) >= 0:
-            save(done)  # raises NonFiniteLossError naming the step
-          last.update(throughput.measure(done))
-          last['mfu'] = flops.mfu(train_flops, last.get('step_time_s', 0.0), device_kind, jax.device_count())
-          writer.write_scalars(done, {k: v for k, v in last.items() if v is not None})
-        writer.update(done, **({'loss': last['loss']} if 'loss' in last else {}))
-        if done % config.train.eval_every == 0 or done == total_steps:
-          with throughput.exclude():
-            last.update(evaluate(done))
-        with throughput.exclude():
-          save(done, force=done == total_steps)  # the last step is always saved
-        if fault_kill_at_step is not None and done == fault_kill_at_step:
-          # Fault injection for the resume tests: let started saves commit (so the test knows where the rerun
-          # resumes), then die without any cleanup.
-          ckpt.wait_until_finished()
-          os.kill(os.getpid(), signal.SIGKILL)
-        if done < total_steps and ckpt.reached_preemption(done):
-          log.warning('Preemption: saving step %d and exiting; rerun the same command to resume.', done)
-          save(done, force=True)
-          break
-    if start_step >= total_steps:
-      log.info('Nothing to do: the workdir already holds the final step %d.', start_step)
-    ckpt.wait_until_finished()
-  finally:
-    ckpt.uninstall_preemption_handler()
-    ckpt.close()
-    writer.close()
-  return last
+    # ----------------------------------------------------------------------------------------------------------
+    # The loop: plain Python around the jitted step.
+    ckpt.install_preemption_handler()
+    last = {}
+    try:
+        with train_data.iterate(start_step) as batches:
+            for step, local_batch in batches:
+                if step >= total_steps:
+                    break
+                state, step_metrics = train_step(
+                    state, sharding.host_local_to_global({'image': local_batch['image']}, mesh)
+                )
+                done = step + 1
+                if done % config.train.log_every == 0 or done == total_steps:
+                    last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    if int(state.nonfinite_step) >= 0:
+                        save(done)  # raises NonFiniteLossError naming the step
+                    last.update(throughput.measure(done))
+                    last['mfu'] = flops.mfu(train_flops, last.get('step_time_s', 0.0), device_kind, jax.device_count())
+                    writer.write_scalars(done, {k: v for k, v in last.items() if v is not None})
+                writer.update(done, **({'loss': last['loss']} if 'loss' in last else {}))
+                if done % config.train.eval_every == 0 or done == total_steps:
+                    with throughput.exclude():
+                        last.update(evaluate(done))
+                with throughput.exclude():
+                    save(done, force=done == total_steps)  # the last step is always saved
+                if fault_kill_at_step is not None and done == fault_kill_at_step:
+                    # Fault injection for the resume tests: let started saves commit (so the test knows where the rerun
+                    # resumes), then die without any cleanup.
+                    ckpt.wait_until_finished()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if done < total_steps and ckpt.reached_preemption(done):
+                    log.warning('Preemption: saving step %d and exiting; rerun the same command to resume.', done)
+                    save(done, force=True)
+                    break
+        if start_step >= total_steps:
+            log.info('Nothing to do: the workdir already holds the final step %d.', start_step)
+        ckpt.wait_until_finished()
+    finally:
+        ckpt.uninstall_preemption_handler()
+        ckpt.close()
+        writer.close()
+    return last
