@@ -83,10 +83,13 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict | None = None, force: bool = False) -> bool:
         """Save `state` (any pytree of arrays) and JSON `meta` at `step`; True if a save started.
 
-        Without force, only multiples of `every` are saved (orbax's own policy would also save
-        the first step it sees; we want the schedule to be a function of the step alone).
+        A step that is already saved is skipped (returns False). Without force, only multiples
+        of `every` are saved (orbax's own policy would also save the first step it sees; the
+        schedule should depend on the step alone).
         """
         if not force and step % self.every:
+            return False
+        if int(step) in self._mngr.all_steps():  # cached; e.g. preemption right after a save
             return False
         meta = _to_json_value(dict(meta or {}, step=int(step)))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -136,6 +139,7 @@ class Checkpointer:
             if errors:
                 log.warning('Resumed from step %d after skipping %d unreadable newer step(s).',
                             step, len(errors))
+                self._quarantine([s for s in steps if s > step])
             return step, state, meta
         if errors:
             raise RuntimeError(
@@ -144,6 +148,22 @@ class Checkpointer:
                 '\nMove or delete the damaged step directories (or the whole checkpoints '
                 'directory) to proceed.')
         return None
+
+    def _quarantine(self, steps):
+        """Moves unreadable steps to <workdir>/checkpoints_damaged/ (kept for inspection), so the resumed run
+        can save those step numbers again instead of tripping over the damaged directories."""
+        if jax.process_index() == 0:
+            target = self.directory.parent / f'{CKPT_DIR}_damaged'
+            target.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+            for step in steps:
+                destination = target / f'{step}-{stamp}'
+                (self.directory / str(step)).rename(destination)
+                log.warning('Moved the unreadable checkpoint step %d to %s.', step, destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices('cratemae_checkpoint_quarantine')
+        self._mngr.reload()
 
     # -- preemption -----------------------------------------------------------------------------
 
@@ -187,7 +207,7 @@ class Checkpointer:
             return True
         try:
             return bool(self._mngr.reached_preemption(int(step)))
-        except Exception:  # noqa: BLE001 - no preemption service (CPU, single process)
+        except Exception:  # noqa: BLE001 - no preemption service (CPU, 1 process)
             return False
 
 
@@ -215,7 +235,7 @@ def ensure_writable(workdir):
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text(datetime.datetime.now().isoformat())
         probe.unlink()
-    except Exception as e:  # noqa: BLE001 - PermissionError, OSError, GCS errors
+    except Exception as e:  # PermissionError, OSError, GCS errors: all mean "not writable"
         raise PermissionError(
             f'Workdir {workdir} is not writable ({type(e).__name__}: {e}). Pass a --workdir you '
             'can write to (a local directory or a gs:// bucket with write access).') from e
@@ -255,6 +275,10 @@ def save_config(workdir, config):
             json.dumps(_config_dict(config), indent=2, sort_keys=True))
 
 
+def _show(value, missing):
+    return '<absent>' if value is missing else json.dumps(value)
+
+
 def check_compatible(workdir, config, ignore=DEFAULT_IGNORE, allow_change=False):
     """Compare `config` with <workdir>/config.json; return the list of differing keys.
 
@@ -274,8 +298,7 @@ def check_compatible(workdir, config, ignore=DEFAULT_IGNORE, allow_change=False)
             continue
         a, b = old.get(key, missing), new.get(key, missing)
         if a != b:
-            show = lambda v: '<absent>' if v is missing else json.dumps(v)  # noqa: E731
-            diffs.append(f'{key}: {show(a)} -> {show(b)}')
+            diffs.append(f'{key}: {_show(a, missing)} -> {_show(b, missing)}')
     if diffs and not allow_change:
         raise ValueError(
             f'The config differs from the one saved in {path} by the run being resumed:\n  ' +

@@ -44,9 +44,10 @@ PEAK_FLOPS = {
     'cpu': None,             # no meaningful peak; pass peak= to mfu() to use a measured one
 }
 
-_DEFAULTS = dict(image_size=224, patch_size=16, channels=3, encoder_block='crate',
-                 decoder_block='crate', width=768, depth=12, decoder_width=768, decoder_depth=12,
-                 mlp_ratio=4.0, encoder_sees_mask_tokens=True, mask_ratio=0.75, fused_ista=False)
+_DEFAULTS = {'image_size': 224, 'patch_size': 16, 'channels': 3, 'encoder_block': 'crate',
+             'decoder_block': 'crate', 'width': 768, 'depth': 12, 'decoder_width': 768,
+             'decoder_depth': 12, 'mlp_ratio': 4.0, 'encoder_sees_mask_tokens': True,
+             'mask_ratio': 0.75, 'fused_ista': False}
 
 
 def _config(model_config) -> dict:

@@ -144,7 +144,43 @@ def per_sample_reconstruction_loss(
 # Compression (MSSA) and sparsification (ISTA) steps, and their decoder inverses.
 
 
-def subspace_attention(w: jax.Array, heads: int, implementation: str = 'einsum'):
+ATTENTION_IMPLEMENTATIONS = ('einsum', 'dot_product_attention', 'cudnn')
+
+
+def padded_length(n: int, pad_multiple: int) -> int:
+    """N' = m * ceil(N / m), the token count inside attention when padding to a multiple of m (m <= 1: N' = N)."""
+    return -(-n // pad_multiple) * pad_multiple if pad_multiple > 1 else n
+
+
+def dot_product_attention(q, k, v, scale: float, implementation: str = 'dot_product_attention', pad_multiple: int = 0):
+    """softmax_row(Q_k K_k^T * scale) V_k per head through ``jax.nn.dot_product_attention``; (B, N, K, h) in and out.
+
+    implementation 'dot_product_attention' lets JAX choose (XLA today); 'cudnn' asks for cuDNN's fused flash kernel
+    (GPU only, bf16/fp16 only; it never materialises the (B, K, N, N) logits, which is most of the memory and time
+    of the einsum form at 197 tokens).
+
+    pad_multiple m > 1 zero-pads the token axis to N' = m * ceil(N / m) inside this function only (197 -> 256 for
+    m = 64 or 128), because fused kernels work on tiles of 64/128 rows and some shapes only have fast kernels when
+    aligned. key_value_seq_lengths = N drops the padded keys from every softmax (their logits are replaced by a large
+    negative number before the exponential, so they get exactly zero weight in float32), which makes the first N
+    output rows equal the unpadded attention; the N' - N padded query rows are computed and sliced off, so they get
+    no gradient.
+    """
+    backend = {'dot_product_attention': None, 'cudnn': 'cudnn'}[implementation]
+    b, n = q.shape[:2]
+    n_pad = padded_length(n, pad_multiple)
+    if n_pad == n:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=backend)
+    widths = ((0, 0), (0, n_pad - n), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))  # one pad when q, k, v are the same array (XLA CSE)
+    lengths = jnp.full((b,), n, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=backend
+    )
+    return out[:, :n]
+
+
+def subspace_attention(w: jax.Array, heads: int, implementation: str = 'einsum', pad_multiple: int = 0):
     """Multi-head subspace self-attention on the shared projection W = Y U^T.
 
     Split W (B, N, d) into K column blocks W_k (B, N, h), h = d / K. The same block serves as query, key and value:
@@ -156,8 +192,10 @@ def subspace_attention(w: jax.Array, heads: int, implementation: str = 'einsum')
     Args:
       w: (B, N, d) shared projection.
       heads: K.
-      implementation: 'einsum' (XLA; also returns the attention maps) or 'dot_product_attention'
-        (``jax.nn.dot_product_attention``, which can pick a fused kernel on GPU; returns no maps).
+      implementation: 'einsum' (XLA; also returns the attention maps), 'dot_product_attention'
+        (``jax.nn.dot_product_attention``, XLA today; returns no maps) or 'cudnn' (its cuDNN flash kernel; GPU, bf16).
+      pad_multiple: for the two dot_product_attention forms, pad the tokens to a multiple of this inside attention
+        only, with the padded keys masked (see ``dot_product_attention``); 0 or 1 = no padding.
     Returns:
       O (B, N, d) in w's dtype, and A (B, K, N, N) float32 or None.
     """
@@ -165,13 +203,11 @@ def subspace_attention(w: jax.Array, heads: int, implementation: str = 'einsum')
     h = d // heads
     wh = w.reshape(b, n, heads, h)
     scale = 1.0 / math.sqrt(h)
-    if implementation == 'dot_product_attention':
-        out = jax.nn.dot_product_attention(wh, wh, wh, scale=scale)
+    if implementation in ('dot_product_attention', 'cudnn'):
+        out = dot_product_attention(wh, wh, wh, scale, implementation, pad_multiple)
         return out.reshape(b, n, d), None
     if implementation != 'einsum':
-        raise ValueError(
-            f"attention implementation must be 'einsum' or 'dot_product_attention', got {implementation!r}."
-        )
+        raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}.')
     logits = jnp.einsum('bqkh,bskh->bkqs', wh, wh, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum('bkqs,bskh->bqkh', probs.astype(w.dtype), wh)

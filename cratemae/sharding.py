@@ -26,7 +26,8 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,8 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
     if jax.distributed.is_initialized():
         return True
     if coordinator_address is not None:
-        reason, kw = 'arguments', dict(coordinator_address=coordinator_address,
-                                       num_processes=num_processes, process_id=process_id)
+        reason, kw = 'arguments', {'coordinator_address': coordinator_address,
+                                       'num_processes': num_processes, 'process_id': process_id}
     else:
         request = distributed_request(env)
         if request is None:

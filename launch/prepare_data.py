@@ -36,11 +36,12 @@ def tensorflow_available():
 
 
 def prepare(name, data_dir=None, manual_dir=None):
-    """Downloads (if needed) and writes `name` as array_record; returns builder."""
+    """Downloads (if needed) and writes `name` as array_record; returns the
+    builder, or None for a dataset that needs no preparation."""
     if name not in tfds_source.TFDS_NAMES:
         if name in data.DATASETS:
-            raise SystemExit(f"'{name}' needs no preparation (it is embedded or "
-                             'read from a folder).')
+            print(f"'{name}' needs no preparation (it is embedded or read from a folder).")
+            return None
         raise SystemExit(f'unknown dataset {name!r}; tfds datasets: '
                          f'{", ".join(tfds_source.TFDS_NAMES)}')
     if name == 'imagenet2012' and not manual_dir:
@@ -63,6 +64,8 @@ def prepare(name, data_dir=None, manual_dir=None):
 def main(argv=None):
     args = _parser().parse_args(argv)
     builder = prepare(args.name, args.data_dir, args.manual_dir)
+    if builder is None:
+        return 0
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
     print(f'{args.name}: {splits} in {builder.data_dir}')
     print(f'train with: --config.data.name={args.name}'

@@ -11,6 +11,10 @@ import pytest
 
 from cratemae import checkpoint, sharding
 
+# A failed tensorstore read can leave an asyncio callback behind that fires "Event loop is closed"
+# when collected, possibly during a later test; harmless.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
 
 def _state(seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
@@ -64,6 +68,7 @@ def test_max_to_keep_and_interval(tmp_path):
     saved = [s for s in range(1, 7) if ckpt.save(s, _state(s))]
     assert saved == [2, 4, 6]
     assert ckpt.save(7, _state(7), force=True)
+    assert not ckpt.save(7, _state(7), force=True)    # already saved: skipped, not an error
     ckpt.wait_until_finished()
     assert ckpt.all_steps() == [6, 7]
     ckpt.close()
@@ -82,8 +87,6 @@ def _damage(step_dir, what):
             fh.truncate(size // 2)
 
 
-# A failed tensorstore read leaves an asyncio callback behind ("Event loop is closed"); harmless.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('what', ['data', 'manifest.ocdbt', '_METADATA'])
 def test_corrupt_newest_falls_back(tmp_path, what, caplog):
     _save_steps(tmp_path, [1, 2, 3])
@@ -97,7 +100,6 @@ def test_corrupt_newest_falls_back(tmp_path, what, caplog):
     assert 'step 3' in caplog.text and 'failed to restore' in caplog.text
 
 
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_all_corrupt_raises(tmp_path):
     _save_steps(tmp_path, [1, 2])
     for s in (1, 2):

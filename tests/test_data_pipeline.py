@@ -222,3 +222,13 @@ def test_skimage_crops():
     assert b['image'].shape == (32, 64, 64, 3)
     # Natural crops normalised with ImageNet statistics: roughly zero mean, unit scale.
     assert abs(float(b['image'].mean())) < 1.0 and 0.3 < float(b['image'].std()) < 2.0
+
+
+def test_digits_registered_only_with_sklearn():
+    assert ('digits' in data.DATASETS) == embedded.sklearn_available()
+    if not embedded.sklearn_available():
+        pytest.skip('scikit-learn not installed')
+    pipe = data.make_pipeline(mnist_cfg(name='digits', image_size=8), 'test', 60, seed=0,
+                              train=False)
+    assert pipe.info.num_examples == 180 and pipe.info.num_classes == 10
+    assert pipe.batch(0)['image'].shape == (60, 8, 8, 1)

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from cratemae import data
@@ -53,7 +54,6 @@ def test_unprepared_imagenet_message_mentions_manual_dir(tmp_path):
 
 
 def test_mock_cifar10_through_the_pipeline(tmp_path):
-    import tensorflow_datasets as tfds
     cfg = cfg_for('cifar10', data_dir=str(tmp_path))
     with tfds.testing.mock_data(num_examples=20):
         pipe = data.make_pipeline(cfg, 'train', 8, seed=0)
@@ -71,7 +71,6 @@ def test_mock_cifar10_through_the_pipeline(tmp_path):
 
 
 def test_mock_variable_size_tfds_images_are_resized(tmp_path):
-    import tensorflow_datasets as tfds
     cfg = cfg_for('oxford_iiit_pet', data_dir=str(tmp_path), image_size=24, channels=1)
     with tfds.testing.mock_data(num_examples=6):
         pipe = data.make_pipeline(cfg, 'train', 4, seed=0)
@@ -81,12 +80,58 @@ def test_mock_variable_size_tfds_images_are_resized(tmp_path):
     assert pipe.info.num_classes == 37
 
 
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+    """A real tfds builder that needs no TF: variable-size uint8 Tensor images."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding='zlib'),
+            'label': tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+        return {'train': self._generate_examples(12), 'test': self._generate_examples(5)}
+
+    def _generate_examples(self, n):
+        rng = np.random.default_rng(n)
+        for i in range(n):
+            yield i, {'image': _noise(rng, (10 + i, 12, 3)), 'label': i % 3}
+
+
+@pytest.fixture
+def tiny_tfds(tmp_path, monkeypatch):
+    """TinyImages prepared as array_record in tmp_path and registered as a dataset."""
+    TinyImages(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+    spec = data.DatasetSpec('tiny_images', 'tfds', 3, None, (0.5,) * 3, (0.25,) * 3, 0.875)
+    monkeypatch.setitem(data.DATASETS, 'tiny_images', spec)
+    return str(tmp_path)
+
+
+def test_real_array_record_dataset_end_to_end(tiny_tfds):
+    cfg = cfg_for('tiny_images', data_dir=tiny_tfds, image_size=16)
+    pipe = data.make_pipeline(cfg, 'train', 4, seed=0)
+    assert pipe.info.num_examples == 12 and pipe.info.num_classes == 3
+    b = pipe.batch(2)
+    assert b['image'].shape == (4, 16, 16, 3) and set(b['label'].tolist()) <= {0, 1, 2}
+    half = data.make_pipeline(cfg, 'train[:50%]', 4, seed=0, train=False)
+    assert half.info.num_examples == 6 and half.num_batches == 2
+    with pytest.raises(ValueError, match="no split 'validation'.*'train', 'test'"):
+        data.make_pipeline(cfg, 'validation', 4, seed=0)
+    # A grain worker process opens the pickled array_record source itself.
+    with data.make_pipeline(cfg_for('tiny_images', data_dir=tiny_tfds, image_size=16,
+                                    num_workers=1), 'train', 4, seed=0).iterate(2) as it:
+        step, got = next(it)
+    assert step == 2
+    np.testing.assert_array_equal(got['image'], b['image'])
+    assert not NETWORK_CALLS
+
+
 # ------------------------------------------------------------------------------------------
 # launch.prepare_data (the download itself is never run here)
 
-def test_prepare_data_refuses_what_it_cannot_prepare(monkeypatch):
-    with pytest.raises(SystemExit, match='needs no preparation'):
-        prepare_data.main(['mnist'])
+def test_prepare_data_refuses_what_it_cannot_prepare(monkeypatch, capsys):
+    assert prepare_data.main(['mnist']) == 0
+    assert 'needs no preparation' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='unknown dataset'):
         prepare_data.main(['nope'])
     with pytest.raises(SystemExit, match='manual_dir'):
@@ -97,7 +142,6 @@ def test_prepare_data_refuses_what_it_cannot_prepare(monkeypatch):
 
 
 def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
-    import tensorflow_datasets as tfds
     calls = {}
 
     class FakeBuilder:

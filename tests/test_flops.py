@@ -6,9 +6,10 @@ import pytest
 
 from cratemae import flops
 
-BASE = dict(image_size=224, patch_size=16, channels=3, encoder_block='crate',
-            decoder_block='crate', width=768, depth=12, heads=12, decoder_width=768,
-            decoder_depth=12, decoder_heads=12, mask_ratio=0.75, encoder_sees_mask_tokens=True)
+BASE = {'image_size': 224, 'patch_size': 16, 'channels': 3, 'encoder_block': 'crate',
+        'decoder_block': 'crate', 'width': 768, 'depth': 12, 'heads': 12, 'decoder_width': 768,
+        'decoder_depth': 12, 'decoder_heads': 12, 'mask_ratio': 0.75,
+        'encoder_sees_mask_tokens': True}
 
 
 def test_base_hand_figures():
@@ -97,7 +98,7 @@ def test_block_against_xla_cost_analysis(kind, block):
     # value_and_grad, as in a train step (plain grad lets XLA drop forward work the gradient
     # does not need), and a random cotangent (with sum(), dot(x, ones) becomes a reduce).
     r = jax.random.normal(keys[-2], (n, d))
-    loss = lambda p, z: (block(p, z) * r).sum()  # noqa: E731
+    loss = lambda p, z: (block(p, z) * r).sum()
     train = _xla_flops(jax.value_and_grad(loss, argnums=(0, 1)), p, z)
     # XLA also counts LayerNorm/softmax/ReLU element ops (a few %), never fewer matmul FLOPs.
     assert 1.0 <= fwd / analytic < 1.06, fwd / analytic
@@ -105,21 +106,23 @@ def test_block_against_xla_cost_analysis(kind, block):
 
 
 @pytest.mark.parametrize('overrides', [
-    dict(depth=2, decoder_depth=2, scan_unroll=2),              # reference CRATE-MAE, unrolled scan
-    dict(depth=1, decoder_depth=1, encoder_sees_mask_tokens=False, encoder_block='vit',
-         decoder_width=64, decoder_heads=2),        # visible-only ViT encoder, decoder_embed
+    # reference CRATE-MAE with an unrolled scan
+    {'depth': 2, 'decoder_depth': 2, 'scan_unroll': 2},
+    # visible-only ViT encoder, decoder_embed, CRATE decoder of another width
+    {'depth': 1, 'decoder_depth': 1, 'encoder_sees_mask_tokens': False, 'encoder_block': 'vit',
+     'decoder_width': 64, 'decoder_heads': 2},
 ])
 def test_model_against_xla_cost_analysis(overrides):
     models = pytest.importorskip('cratemae.models')
     cfg = models.default_model_config()
-    cfg.update(dict(dict(image_size=32, patch_size=4, channels=3, width=128, heads=4,
-                         decoder_width=128, decoder_heads=4), **overrides))
+    cfg.update(dict({'image_size': 32, 'patch_size': 4, 'channels': 3, 'width': 128, 'heads': 4,
+                         'decoder_width': 128, 'decoder_heads': 4}, **overrides))
     model, batch = models.build(cfg), 2
     images = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
     noise = jax.random.uniform(jax.random.key(1), (batch, 64))
     params = model.init({'params': jax.random.key(2)}, images, noise=noise)['params']
     fwd = _xla_flops(lambda p, x, n: model.apply({'params': p}, x, noise=n), params, images, noise)
-    loss = lambda p, x, n: model.apply({'params': p}, x, noise=n)['loss']  # noqa: E731
+    loss = lambda p, x, n: model.apply({'params': p}, x, noise=n)['loss']
     train = _xla_flops(jax.value_and_grad(loss), params, images, noise)
     # XLA (a scan body is counted once, hence depth 1 or an unrolled scan) adds the element ops:
     # LayerNorm, softmax, GELU, masking, loss; measured 4-9 % above the matmul count here.

@@ -36,19 +36,19 @@ def test_make_mesh_defaults_and_config():
     assert mesh.axis_names == ('data', 'fsdp', 'model')
     assert dict(mesh.shape) == {'data': 8, 'fsdp': 1, 'model': 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, model=2))
+    cfg = ml_collections.ConfigDict({'data': -1, 'fsdp': 2, 'model': 2})
     assert dict(sharding.make_mesh(cfg).shape) == {'data': 2, 'fsdp': 2, 'model': 2}
 
 
-@pytest.mark.parametrize('cfg', [dict(fsdp=3), dict(data=2, fsdp=2), dict(data=16),
-                                 dict(fsdp=0)])
+@pytest.mark.parametrize('cfg', [{'fsdp': 3}, {'data': 2, 'fsdp': 2}, {'data': 16},
+                                 {'fsdp': 0}])
 def test_make_mesh_errors(cfg):
     with pytest.raises(ValueError, match='mesh|Invalid'):
         sharding.make_mesh(cfg)
 
 
 def test_fsdp_rules_params_and_adamw_state():
-    mesh = sharding.make_mesh(dict(data=2, fsdp=4))
+    mesh = sharding.make_mesh({'data': 2, 'fsdp': 4})
     params = _params()
     specs = _specs(params, sharding.FSDP_RULES, mesh)
     assert specs['encoder/layers/mssa/qkv/kernel'] == P(None, 'fsdp')  # d=16 > depth=2
@@ -74,7 +74,7 @@ def test_fsdp_rules_params_and_adamw_state():
 
 
 def test_explicit_rules_first_match_and_fallback(caplog):
-    mesh = sharding.make_mesh(dict(data=2, fsdp=2, model=2))
+    mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'model': 2})
     rules = [('mssa/qkv/kernel$', (None, 'fsdp', 'model')),
              ('kernel$', [None, ['data', 'fsdp']]),     # ConfigDict-style lists
              ('dictionary', P(None, None, 'model')),
@@ -105,7 +105,7 @@ def test_bad_rules_raise():
 
 
 def test_sharded_jit_matches_unsharded():
-    mesh = sharding.make_mesh(dict(data=2, fsdp=2, model=2))
+    mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'model': 2})
     rng = np.random.default_rng(0)
     params = {'w1': rng.normal(size=(16, 32)).astype(np.float32),
               'w2': rng.normal(size=(32, 8)).astype(np.float32)}
@@ -130,7 +130,7 @@ def test_sharded_jit_matches_unsharded():
 
 
 def test_host_local_to_global():
-    mesh = sharding.make_mesh(dict(fsdp=2))
+    mesh = sharding.make_mesh({'fsdp': 2})
     batch = {'image': np.arange(8 * 4 * 4 * 3, dtype=np.float32).reshape(8, 4, 4, 3),
              'label': np.arange(8)}
     out = sharding.host_local_to_global(batch, mesh)
@@ -150,6 +150,6 @@ def test_distributed_request_env():
     assert req({'JAX_COORDINATOR_ADDRESS': 'h:1234'}) is not None
     assert req({'OMPI_COMM_WORLD_SIZE': '2'}) is not None
     assert req({'CRATEMAE_COORDINATOR_ADDRESS': 'h:1', 'CRATEMAE_NUM_PROCESSES': '2',
-                'CRATEMAE_PROCESS_ID': '1'})[1] == dict(coordinator_address='h:1',
-                                                        num_processes=2, process_id=1)
+                'CRATEMAE_PROCESS_ID': '1'})[1] == {'coordinator_address': 'h:1',
+                                                        'num_processes': 2, 'process_id': 1}
     assert sharding.maybe_initialize_distributed(env={}) is False

@@ -149,17 +149,22 @@ def _final_params(workdir, step):
     return restored.state['params']
 
 
-def test_resume_after_sigkill_is_bit_exact(tmp_path):
-    straight = _launch(tmp_path / 'straight')
-    assert straight.returncode == 0, straight.stderr[-3000:]
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+    """The uninterrupted 20-step run that the interrupted ones must reproduce bit for bit."""
+    workdir = tmp_path_factory.mktemp('straight')
+    result = _launch(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, straight_run):
     killed = _launch(tmp_path / 'killed', '--fault_kill_at_step=13')
     assert killed.returncode == -signal.SIGKILL
     resumed = _launch(tmp_path / 'killed')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'Resumed from step 10' in resumed.stderr
-    jax.tree.map(
-        np.testing.assert_array_equal, _final_params(tmp_path / 'killed', 20), _final_params(tmp_path / 'straight', 20)
-    )
+    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / 'killed', 20), _final_params(straight_run, 20))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -246,3 +251,39 @@ def test_invalid_model_values_are_rejected_at_config_time(key, value, message):
     config.model[key] = value
     with pytest.raises(ValueError, match=message):
         models.validate_model_config(config.model)
+
+
+def test_damaged_newest_checkpoint_falls_back_and_training_recovers(tmp_path, straight_run):
+    damaged = tmp_path / 'damaged'
+    first = _launch(damaged)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for data_file in (damaged / 'checkpoints' / '20' / 'state' / 'd').iterdir():
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    rerun = _launch(damaged, '--config.train.steps=20')
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert 'step 20' in rerun.stderr and 'failed to restore' in rerun.stderr
+    assert 'Resumed from step 10' in rerun.stderr
+    assert list((damaged / 'checkpoints_damaged').iterdir())  # kept for inspection, out of the way
+    jax.tree.map(np.testing.assert_array_equal, _final_params(damaged, 20), _final_params(straight_run, 20))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from cratemae.train import loop
+
+    real = loop.sharding.host_local_to_global
+    calls = {'train': 0}
+
+    def poisoned(batch, mesh):
+        if set(batch) == {'image'}:  # a train batch (eval batches also carry 'valid')
+            calls['train'] += 1
+            if calls['train'] == 13:  # the batch of step index 12
+                batch = {'image': np.full_like(batch['image'], np.nan)}
+        return real(batch, mesh)
+
+    monkeypatch.setattr(loop.sharding, 'host_local_to_global', poisoned)
+    with pytest.raises(train.NonFiniteLossError, match='at step 12'):
+        train.train_and_evaluate(_config(), str(tmp_path))
+    steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+    assert steps == [10]
+    params = _final_params(tmp_path, 10)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))

@@ -182,6 +182,10 @@ class Pipeline:
         self._batcher = _Batcher(source, transform, seed, global_batch,
                                  process_index, process_count, train,
                                  augment_train=cfg.augment == 'mae')
+        log.info('data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
+                 spec.name, split, len(source),
+                 f'augment={cfg.augment}' if train else f'eval crop_pct={crop_pct}',
+                 process_index, process_count, self.local_batch, global_batch)
 
     @property
     def steps_per_epoch(self):

@@ -59,6 +59,13 @@ class TfdsSource:
         return record[self.image_key], int(record[self.label_key])
 
 
+def _file_formats(info):
+    """Formats a prepared dataset is stored in (tfds >= 4.9.5 lists several)."""
+    available = getattr(info, 'available_file_formats', None)
+    formats = list(available()) if callable(available) else []
+    return formats or [info.file_format]
+
+
 def open_split(name, split, data_dir=None):
     """Opens split of tfds dataset `name` for random access, never downloading."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -66,17 +73,20 @@ def open_split(name, split, data_dir=None):
         source = tfds.data_source(
             name, split=split, data_dir=data_dir, download=False, try_gcs=False,
             builder_kwargs={'file_format': 'array_record'})
-    except (KeyError, AssertionError, FileNotFoundError, NotImplementedError) as e:
-        # tfds says "splits is empty" (KeyError) for an absent dataset and
-        # NotImplementedError for one prepared only as tfrecord.
+    except (KeyError, AssertionError, FileNotFoundError, NotImplementedError,
+            ValueError) as e:
+        # Absent dataset: tfds says "splits is empty" (KeyError); prepared only
+        # as tfrecord: NotImplementedError / ValueError. Say what to run.
         builder = tfds.builder(name, data_dir=data_dir)
         if not builder.is_prepared():
             raise _not_prepared(name, split, data_dir, 'no prepared version found') from e
-        if isinstance(e, NotImplementedError):
-            raise _not_prepared(name, split, data_dir,
-                                f'found format {builder.info.file_format}') from e
+        formats = [str(getattr(f, 'value', f)) for f in _file_formats(builder.info)]
+        if 'array_record' not in formats:
+            raise _not_prepared(name, split, data_dir, f'found formats {formats}') from e
         splits = list(builder.info.splits)
-        raise ValueError(f"tfds dataset '{name}' has no split {split!r}; "
-                         f'prepared splits: {splits}') from e
+        if split.split('[')[0] not in splits:
+            raise ValueError(f"tfds dataset '{name}' has no split {split!r}; "
+                             f'prepared splits: {splits}') from e
+        raise
     label = source.dataset_info.features['label']
     return TfdsSource(source, num_classes=getattr(label, 'num_classes', None))

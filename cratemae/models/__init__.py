@@ -9,7 +9,7 @@ from cratemae import ops
 from cratemae.models.mae import MaskedAutoencoder, check_mask_ratio
 
 _BLOCKS = ('crate', 'vit')
-_ATTENTION = ('einsum', 'dot_product_attention')
+_ATTENTION = ops.ATTENTION_IMPLEMENTATIONS  # ('einsum', 'dot_product_attention', 'cudnn')
 _REMAT = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -33,6 +33,7 @@ def validate_model_config(cfg) -> None:
     need(cfg.decoder_block in _BLOCKS, f'model.decoder_block={cfg.decoder_block!r}; choose one of {_BLOCKS}.')
     need(cfg.attention in _ATTENTION, f'model.attention={cfg.attention!r}; choose one of {_ATTENTION}.')
     need(cfg.remat in _REMAT, f'model.remat={cfg.remat!r}; choose one of {_REMAT}.')
+    _validate_attention_options(cfg, need)
     for key in ('dtype', 'param_dtype'):
         need(cfg[key] in _DTYPES, f'model.{key}={cfg[key]!r}; choose one of {tuple(_DTYPES)}.')
     for key in (
@@ -75,6 +76,28 @@ def validate_model_config(cfg) -> None:
         raise ValueError(f'Invalid model config: {e}') from None
     need(cfg.ista_step > 0, f'ista_step={cfg.ista_step} must be positive.')
     need(cfg.ista_lambda >= 0, f'ista_lambda={cfg.ista_lambda} must be non-negative.')
+
+
+def _validate_attention_options(cfg, need):
+    """The performance options of the attention kernel (configs saved before attention_pad existed lack it)."""
+    pad = cfg.get('attention_pad', 0)
+    need(int(pad) == pad and pad >= 0, f'model.attention_pad={pad} must be a non-negative integer (0 = no padding).')
+    need(
+        pad <= 1 or cfg.attention != 'einsum',
+        f'model.attention_pad={pad} pads tokens for jax.nn.dot_product_attention only; set '
+        "model.attention='dot_product_attention' or 'cudnn', or attention_pad=0.",
+    )
+    if cfg.attention == 'cudnn':
+        need(
+            cfg.dtype in ('bfloat16', 'float16'),
+            f"model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' (cuDNN flash attention has no float32 "
+            f"kernel), got {cfg.dtype!r}.",
+        )
+        for width, heads in ((cfg.width, cfg.heads), (cfg.decoder_width, cfg.decoder_heads)):
+            need(
+                (width // heads) % 8 == 0 and width // heads <= 256,
+                f"model.attention='cudnn' needs head dims that are multiples of 8 and <= 256, got {width}/{heads}.",
+            )
 
 
 def build(cfg) -> MaskedAutoencoder:

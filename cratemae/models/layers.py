@@ -42,6 +42,7 @@ class MSSA(nn.Module):
     attention: str = 'einsum'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_pad: int = 0  # pad the tokens to a multiple of this inside attention (dot_product_attention, cudnn)
 
     @nn.compact
     def __call__(self, y):
@@ -50,7 +51,7 @@ class MSSA(nn.Module):
             width, use_bias=False, kernel_init=_xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='qkv'
         )(y)
         self.sow('intermediates', 'projection', w)
-        out, probs = ops.subspace_attention(w, self.heads, self.attention)
+        out, probs = ops.subspace_attention(w, self.heads, self.attention, self.attention_pad)
         if probs is not None:
             self.sow('intermediates', 'attention', probs)
         return nn.Dense(width, kernel_init=_xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='out')(out)
@@ -83,6 +84,7 @@ class _Layer(nn.Module):
     mlp_ratio: float = 4.0
     qkv_bias: bool = False
     attention: str = 'einsum'
+    attention_pad: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -92,7 +94,7 @@ class _Layer(nn.Module):
         )
 
     def mssa(self, name='mssa'):
-        return MSSA(self.heads, self.attention, self.dtype, self.param_dtype, name=name)
+        return MSSA(self.heads, self.attention, self.dtype, self.param_dtype, self.attention_pad, name=name)
 
 
 class CrateEncoderLayer(_Layer):
@@ -140,8 +142,9 @@ class VitLayer(_Layer):
         q, k, v = jnp.split(dense(3 * width, 'qkv', self.qkv_bias)(y), 3, axis=-1)
         b, n, _ = q.shape
         heads = lambda t: t.reshape(b, n, self.heads, width // self.heads)  # noqa: E731
-        if self.attention == 'dot_product_attention':
-            attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v))
+        if self.attention != 'einsum':
+            scale = 1.0 / (width // self.heads) ** 0.5
+            attn = ops.dot_product_attention(heads(q), heads(k), heads(v), scale, self.attention, self.attention_pad)
         else:
             logits = jnp.einsum('bqkh,bskh->bkqs', heads(q), heads(k), preferred_element_type=jnp.float32)
             probs = jax.nn.softmax(logits / (width // self.heads) ** 0.5, axis=-1)

@@ -47,7 +47,8 @@ class MaskedAutoencoder(nn.Module):
     norm_pix_loss: bool = False
     block_norm_eps: float = 1e-5
     final_norm_eps: float = 1e-6
-    attention: str = 'einsum'  # or 'dot_product_attention'
+    attention: str = 'einsum'  # or 'dot_product_attention', 'cudnn' (GPU, bf16): see ops.subspace_attention
+    attention_pad: int = 0  # dot_product_attention/cudnn: pad tokens to a multiple of this inside attention, 0 = none
     remat: str = 'none'  # 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'
     scan_unroll: int = 1
     dtype: Any = jnp.float32
@@ -71,6 +72,7 @@ class MaskedAutoencoder(nn.Module):
             mlp_ratio=self.mlp_ratio,
             qkv_bias=self.qkv_bias,
             attention=self.attention,
+            attention_pad=self.attention_pad,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

@@ -238,8 +238,9 @@ def train_and_evaluate(
                 if done % config.train.eval_every == 0 or done == total_steps:
                     with throughput.exclude():
                         last.update(evaluate(done))
-                with throughput.exclude():
-                    save(done, force=done == total_steps)  # the last step is always saved
+                if done % config.checkpoint.every == 0 or done == total_steps:  # the last step is always saved
+                    with throughput.exclude():
+                        save(done, force=True)
                 if fault_kill_at_step is not None and done == fault_kill_at_step:
                     # Fault injection for the resume tests: let started saves commit (so the test knows where the rerun
                     # resumes), then die without any cleanup.

@@ -1,0 +1,360 @@
+"""Loading encoder weights for downstream work, from any of the three places they live, and exporting them.
+
+A checkpoint path is one of:
+
+* a training workdir: ``<workdir>/config.json`` (the resolved config) and ``<workdir>/checkpoints/<step>/state``
+  (Orbax Composite item 'state' = TrainState(step, params, opt_state, rng, nonfinite_step)). Only the parameters are
+  read (an Orbax partial restore: the optimizer state, three times the size of the model, never leaves the disk);
+  without ``step`` the newest step that restores is used and damaged newer steps are skipped with a warning, the
+  rule of ``cratemae.checkpoint.Checkpointer.restore_latest``.
+* an export of ours: a reference-layout ``.safetensors`` / ``.npz`` whose metadata holds the model config, or a
+  params-only Orbax directory written by ``export_checkpoint(..., 'orbax')`` with ``<dir>.json`` beside it.
+* a reference-format file (``.safetensors`` / ``.npz``, ``.pth`` / ``.pt`` when torch is importable) without our
+  metadata: the caller names the architecture (``model_config``), and ``export.from_reference_state_dict`` checks
+  every key and shape against it.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from cratemae import checkpoint as checkpoint_lib
+from cratemae import export
+from cratemae import models
+
+log = logging.getLogger(__name__)
+
+ENCODER_KEYS = ('patch_embed', 'cls_token', 'mask_token', 'encoder', 'encoder_norm')
+ORBAX_FORMAT = 'cratemae.params.v1'
+FORMATS = ('safetensors', 'npz', 'orbax')
+# Keys of config.model that change what the encoder computes; image_size may differ (the sin-cos position table is
+# rebuilt for any grid, so a model pretrained at 224 px fine-tunes at another size without interpolation).
+ARCHITECTURE_KEYS = ('encoder_block', 'patch_size', 'channels', 'width', 'depth', 'heads', 'mlp_ratio', 'qkv_bias',
+                     'ista_step', 'ista_lambda', 'encoder_sees_mask_tokens', 'block_norm_eps', 'final_norm_eps')
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Weights plus what is needed to use them: the model config, and the training config when known."""
+
+    params: dict  # Flax params (numpy); the encoder's only when loaded with encoder_only=True
+    model_config: ml_collections.ConfigDict
+    source: str  # 'workdir' | 'safetensors' | 'npz' | 'orbax' | 'torch' | 'random'
+    path: str
+    step: int | None = None
+    data_config: ml_collections.ConfigDict | None = None  # the data the weights were trained on, when recorded
+    fingerprint: str = ''  # identifies the weights (path, step, modification time) for the feature cache
+
+    @property
+    def name(self):
+        return os.path.basename(os.path.normpath(self.path)) or 'checkpoint'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of another architecture; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter trees.
+
+
+def encoder_params(params) -> dict:
+    """The encoder's part of a CRATE-MAE params tree (what ``model.encode`` reads)."""
+    return {k: params[k] for k in ENCODER_KEYS if k in params}
+
+
+def abstract_params(model_config, encoder_only=True):
+    """ShapeDtypeStructs of the params of ``config.model`` (no memory, no compile)."""
+    model = models.build(model_config)
+    images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), jnp.float32)
+    tree = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0), 'masking': jax.random.key(1)}, x),
+                          images)['params']
+    return encoder_params(tree) if encoder_only else tree
+
+
+def check_params(params, model_config, encoder_only=True, what='checkpoint'):
+    """Raises CheckpointError naming missing, unexpected and mismatched-shape keys against ``config.model``."""
+    want = {'/'.join(map(str, k)): tuple(v.shape)
+            for k, v in _flat(abstract_params(model_config, encoder_only)).items()}
+    have = {'/'.join(map(str, k)): tuple(np.shape(v)) for k, v in _flat(params).items()}
+    if encoder_only:
+        have = {k: v for k, v in have.items() if k.split('/')[0] in ENCODER_KEYS}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = [f'{k} (model {want[k]}, {what} {have[k]})' for k in sorted(want) if k in have and want[k] != have[k]]
+    if missing or unexpected or shapes:
+        parts = [f'{title} ({len(v)}): {", ".join(v[:12])}{" ..." if len(v) > 12 else ""}.'
+                 for title, v in (('Missing keys', missing), ('Unexpected keys', unexpected),
+                                  ('Mismatched shapes', shapes)) if v]
+        raise CheckpointError(f'The {what} does not fit the model config (width {model_config.width}, depth '
+                              f'{model_config.depth}, patch {model_config.patch_size}). ' + ' '.join(parts))
+
+
+def check_architecture(checkpoint_config, config_model, what='checkpoint'):
+    """Raises CheckpointError listing the architecture keys on which the checkpoint and the config disagree."""
+    diffs = [f'model.{k}: {what} {checkpoint_config.get(k)!r}, config {config_model.get(k)!r}'
+             for k in ARCHITECTURE_KEYS if checkpoint_config.get(k) != config_model.get(k)]
+    if diffs:
+        raise CheckpointError(f'The {what} was trained with another architecture than the config asks for:\n  '
+                              + '\n  '.join(diffs) + '\nChoose the matching registry entry or override the keys '
+                              '(e.g. --config.model.width=...).')
+
+
+def _flat(tree):
+    return {k: v for k, v in _flatten(tree, ())}
+
+
+def _flatten(tree, prefix):
+    if isinstance(tree, dict) or hasattr(tree, 'items'):
+        for k, v in tree.items():
+            yield from _flatten(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training workdirs.
+
+
+def is_workdir(path) -> bool:
+    path = epath.Path(path)
+    return path.is_dir() and (path / checkpoint_lib.CKPT_DIR).is_dir()
+
+
+def read_workdir_config(workdir) -> ml_collections.ConfigDict:
+    path = epath.Path(workdir) / checkpoint_lib.CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f'{workdir} has checkpoints but no {checkpoint_lib.CONFIG_FILE}: the model config is '
+                              'unknown. Pass --config=experiments/registry.py:NAME (or --model NAME).')
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _manager(directory):
+    handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    absl_logger = logging.getLogger('absl')
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # read_only=True logs two warnings that are expected here
+    try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _restore_params(manager, step):
+    """Params of one step as numpy arrays, by a partial restore (the optimizer state is not read)."""
+    metadata = manager.item_metadata(step)['state']
+    tree = getattr(metadata, 'tree', metadata)
+    if 'params' not in tree:
+        raise CheckpointError(f'step {step} holds no params (keys {sorted(tree)}).')
+    item = {'params': jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree['params']))}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+    return manager.restore(step, args=ocp.args.Composite(state=args)).state['params']
+
+
+def restore_workdir_params(workdir, step=None):
+    """(step, params) from a training workdir: ``step``, or the newest step that restores (older on damage)."""
+    directory = epath.Path(workdir) / checkpoint_lib.CKPT_DIR
+    manager = _manager(directory)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f'{directory} holds no finished checkpoint (an interrupted first save leaves only '
+                                  'a *.orbax-checkpoint-tmp folder); train longer or pick another workdir.')
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f'{directory} has no step {step}; saved steps: {steps}.')
+            try:
+                return step, _restore_params(manager, step)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types on damaged files
+                raise CheckpointError(f'Step {step} in {directory} could not be read (truncated or corrupt?): '
+                                      f'{type(e).__name__}: {checkpoint_lib._first_line(e)}') from e
+        errors = []
+        for candidate in reversed(steps):
+            try:
+                params = _restore_params(manager, candidate)
+            except Exception as e:  # noqa: BLE001
+                msg = f'{type(e).__name__}: {checkpoint_lib._first_line(e)}'
+                log.warning('Checkpoint step %d in %s failed to restore (%s); trying the next older step.',
+                            candidate, directory, msg)
+                errors.append(f'  step {candidate}: {msg}')
+                continue
+            return candidate, params
+        raise CheckpointError(f'None of the checkpoints in {directory} (steps {steps}) could be restored:\n'
+                              + '\n'.join(errors))
+    finally:
+        manager.close()
+
+
+def _load_workdir(path, step, encoder_only):
+    config = read_workdir_config(path)
+    step, params = restore_workdir_params(path, step)
+    params = encoder_params(params) if encoder_only else params
+    stamp = _mtime(epath.Path(path) / checkpoint_lib.CKPT_DIR / str(step))
+    return Checkpoint(params, config.model, 'workdir', str(path), step, config.get('data'),
+                      f'workdir:{os.path.abspath(path)}:{step}:{stamp}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files and exports.
+
+
+def _mtime(path):
+    try:
+        return os.stat(os.fspath(path)).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _config_from_json(text):
+    return ml_collections.ConfigDict(json.loads(text)) if text else None
+
+
+def _load_file(path, model_config, encoder_only):
+    try:
+        state_dict, metadata = export.load_state_dict(path)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise CheckpointError(str(e)) from e
+    source = _FILE_SOURCES.get(os.path.splitext(path)[1].lower(), 'file')
+    stored = export.model_config_from_metadata(metadata) if 'model_config' in metadata else None
+    if stored is None and model_config is None:
+        raise CheckpointError(f'{path} is a reference-format file without our metadata, so its architecture is '
+                              'unknown: pass --config=experiments/registry.py:NAME (or --model NAME).')
+    if stored is not None and model_config is not None:
+        check_architecture(stored, model_config, what=f'file {os.path.basename(path)}')
+    cfg = stored if stored is not None else model_config
+    try:
+        params = export.from_reference_state_dict(state_dict, cfg, encoder_only=encoder_only)
+    except ValueError as e:
+        raise CheckpointError(f'{path}: {e}') from e
+    step = json.loads(metadata['step']) if 'step' in metadata else None
+    return Checkpoint(params, cfg, source, path, step, _config_from_json(metadata.get('data_config')),
+                      f'{source}:{os.path.abspath(path)}:{_mtime(path)}')
+
+
+_FILE_SOURCES = {'.safetensors': 'safetensors', '.npz': 'npz', '.pth': 'torch', '.pt': 'torch'}
+
+
+def _sidecar(path):
+    return os.path.normpath(os.fspath(path)) + '.json'
+
+
+def _load_orbax(path, model_config, encoder_only):
+    sidecar = _sidecar(path)
+    meta = json.loads(epath.Path(sidecar).read_text()) if os.path.exists(sidecar) else {}
+    stored = ml_collections.ConfigDict(meta['model_config']) if 'model_config' in meta else None
+    if stored is None and model_config is None:
+        raise CheckpointError(f'{path} is an Orbax params directory without {sidecar}: pass '
+                              '--config=experiments/registry.py:NAME (or --model NAME) to say which architecture.')
+    if stored is not None and model_config is not None:
+        check_architecture(stored, model_config, what=f'export {path}')
+    cfg = stored if stored is not None else model_config
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        tree = checkpointer.metadata(os.path.abspath(path))
+        tree = getattr(tree, 'item_metadata', tree)
+        tree = getattr(tree, 'tree', tree)
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree))
+        params = checkpointer.restore(os.path.abspath(path), target)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f'Could not read the Orbax params in {path} (truncated or corrupt?): '
+                              f'{type(e).__name__}: {checkpoint_lib._first_line(e)}') from e
+    finally:
+        checkpointer.close()
+    params = jax.tree.map(np.asarray, params)
+    params = encoder_params(params) if encoder_only else params
+    check_params(params, cfg, encoder_only, what=f'export {path}')
+    return Checkpoint(params, cfg, 'orbax', str(path), meta.get('step'),
+                      _config_from_json(json.dumps(meta['data_config'])) if meta.get('data_config') else None,
+                      f'orbax:{os.path.abspath(path)}:{_mtime(os.path.join(path, "_CHECKPOINT_METADATA"))}')
+
+
+def load(path, *, step=None, model_config=None, encoder_only=True) -> Checkpoint:
+    """Loads a training workdir, an export of ours, or a reference-format file (see the module docstring).
+
+    model_config: the architecture for files that do not record one; for files that do, it must agree on
+    ``ARCHITECTURE_KEYS``. Errors (missing or damaged files, other architectures) are ``CheckpointError``s.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f'Checkpoint not found: {path} (expected a training workdir, a .safetensors/.npz/.pth '
+                              'file or an Orbax params directory).')
+    if is_workdir(path):
+        ckpt = _load_workdir(path, step, encoder_only)
+        if model_config is not None:
+            check_architecture(ckpt.model_config, model_config, what=f'workdir {path}')
+        return ckpt
+    if step is not None:
+        raise CheckpointError(f'--step applies to training workdirs only; {path} holds a single set of weights.')
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')) and not os.path.exists(_sidecar(path)):
+            raise CheckpointError(f'{path} is a directory but neither a training workdir (no checkpoints/) nor an '
+                                  'Orbax params export (no _CHECKPOINT_METADATA).')
+        return _load_orbax(path, model_config, encoder_only)
+    return _load_file(path, model_config, encoder_only)
+
+
+def random_init(model_config, seed=0, encoder_only=True) -> Checkpoint:
+    """A randomly initialised model of ``config.model``: the baseline a pretrained encoder must beat."""
+    model = models.build(model_config)
+    images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
+    params = jax.jit(lambda x: model.init({'params': jax.random.key(seed), 'masking': jax.random.key(seed + 1)},
+                                          x))(images)['params']
+    params = jax.tree.map(np.asarray, encoder_params(params) if encoder_only else params)
+    digest = hashlib.sha256(json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    return Checkpoint(params, model_config, 'random', f'random_init_seed{seed}', None, None,
+                      f'random:{digest[:16]}:{seed}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export.
+
+
+def _json_dict(cfg) -> dict[str, Any] | None:
+    return None if cfg is None else json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg),
+                                                          default=checkpoint_lib._jsonable))
+
+
+def export_checkpoint(ckpt: Checkpoint, fmt: str, out, *, encoder_only=False) -> str:
+    """Writes ``ckpt`` as ``fmt`` to ``out``; returns the path written.
+
+    safetensors / npz: the reference PyTorch state dict (``export.to_reference_state_dict``), metadata = model config,
+    data config, step, source. orbax: the Flax params tree (``ocp.StandardCheckpointer``) in the directory ``out`` and
+    the same metadata as JSON in ``out.json`` beside it.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f'Unknown export format {fmt!r}; choose one of {FORMATS}.')
+    out = os.fspath(out)
+    if not encoder_only and 'decoder' not in ckpt.params:
+        raise CheckpointError(f'{ckpt.path} was loaded without its decoder; export it with encoder_only=True or '
+                              'load it with encoder_only=False.')
+    params = encoder_params(ckpt.params) if encoder_only else ckpt.params
+    extra = {'step': ckpt.step, 'source': ckpt.path, 'encoder_only': encoder_only,
+             'data_config': _json_dict(ckpt.data_config)}
+    if fmt in ('safetensors', 'npz'):
+        state_dict = export.to_reference_state_dict(params, ckpt.model_config, encoder_only=encoder_only)
+        metadata = export.make_metadata(ckpt.model_config, **extra)
+        (export.save_safetensors if fmt == 'safetensors' else export.save_npz)(out, state_dict, metadata)
+        return out
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(os.path.abspath(out), jax.tree.map(np.asarray, params), force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+    meta = {'format': ORBAX_FORMAT, 'model_config': _json_dict(ckpt.model_config), **extra}
+    epath.Path(_sidecar(out)).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out

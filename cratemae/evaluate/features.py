@@ -1,0 +1,157 @@
+"""Frozen-encoder features of a whole split, sharded over the mesh and cached on disk.
+
+The encoder sees each image once, unmasked, through the eval transform (centre crop + resize, no augmentation):
+z = LN_enc(encoder([c; e_1..e_L] + P)) (``MaskedAutoencoder.encode``), and the feature is
+
+    cls:    f = z_0                         (the class token after the final norm; FAIR's linear-probe feature)
+    mean:   f = (1/L) sum_{i=1..L} z_i      (the mean of the patch tokens after the final norm)
+    pixels: f = x, flattened                (the normalised image itself: the baseline every encoder must beat)
+
+The batch is split over the mesh's ('data', 'fsdp') devices (``cratemae.sharding``); the parameters are replicated
+unless sharding rules say otherwise. Features are cached as ``<cache_dir>/<key>.npz``, where the key hashes the
+checkpoint's fingerprint (path, step, modification time), the dataset, split and preprocessing, and the feature type,
+so probing the same checkpoint again (another probe, another k) does not run the encoder.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cratemae import data
+from cratemae import models
+from cratemae import sharding
+from cratemae.data import embedded
+
+log = logging.getLogger(__name__)
+
+FEATURES = ('cls', 'mean', 'pixels')
+_CACHE_VERSION = 1
+# (train, eval) splits per dataset when the checkpoint's own data config does not name them.
+DEFAULT_SPLITS = {'imagenet2012': ('train', 'validation')}
+
+
+@dataclasses.dataclass
+class Features:
+    x: np.ndarray  # (N, d) float32
+    y: np.ndarray  # (N,) int32
+    num_classes: int | None
+    cached: bool = False  # True when read from the cache
+
+
+def default_cache_dir():
+    """$CRATEMAE_CACHE/features (default ~/.cache/cratemae/features), next to the embedded datasets' cache."""
+    return os.path.join(embedded.cache_dir(), 'features')
+
+
+def probe_data_config(ckpt, dataset=None, data_dir=None):
+    """The data config for probing ``ckpt``: its training data by default, at the model's size, no augmentation."""
+    trained = ckpt.data_config
+    if dataset is None and trained is None:
+        raise ValueError(f'{ckpt.path} does not record the dataset it was trained on; pass --dataset NAME '
+                         f'(one of {", ".join(data.dataset_names())}).')
+    cfg = data.default_data_config()
+    same = trained is not None and (dataset is None or dataset == trained.get('name'))
+    if same:
+        cfg.update({k: v for k, v in trained.items() if k in cfg})
+    else:
+        cfg.name = dataset
+        cfg.split_train, cfg.split_eval = DEFAULT_SPLITS.get(dataset, ('train', 'test'))
+    cfg.update(image_size=ckpt.model_config.image_size, channels=ckpt.model_config.channels, augment='none')
+    if data_dir is not None:
+        cfg.data_dir = data_dir
+    data.validate_data_config(cfg)
+    return cfg
+
+
+def _pool(model, feature, params, images):
+    if feature == 'pixels':
+        return images.reshape(images.shape[0], -1)
+    z = model.apply({'params': params}, images, method=model.encode)
+    return z[:, 0] if feature == 'cls' else jnp.mean(z[:, 1:], axis=1)
+
+
+def _gather(x):
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x)
+
+
+def extract(model_config, params, pipe, feature, mesh, rules=()):
+    """(features (N, d) float32, labels (N,)) of every example of the eval-mode pipeline ``pipe``, in stored order."""
+    if feature not in FEATURES:
+        raise ValueError(f'Unknown feature {feature!r}; choose one of {FEATURES}.')
+    model = models.build(model_config)
+    param_sharding = sharding.param_shardings(params, rules, mesh)
+    params = jax.device_put(params, param_sharding)
+    batch_sharding = sharding.batch_sharding(mesh)
+    fn = jax.jit(lambda p, x: _pool(model, feature, p, x).astype(jnp.float32),
+                 in_shardings=(param_sharding, batch_sharding), out_shardings=batch_sharding)
+    outs, labels, valid = [], [], []
+    with pipe.iterate() as batches:
+        for _, local in batches:
+            outs.append(fn(params, sharding.host_local_to_global(local['image'], mesh)))  # dispatched asynchronously
+            labels.append(_gather(local['label']) if jax.process_count() > 1 else local['label'])
+            valid.append(_gather(local['valid']) if jax.process_count() > 1 else local['valid'])
+    x = np.concatenate([_gather(o) for o in outs])
+    keep = np.concatenate(valid)
+    return x[keep], np.concatenate(labels)[keep].astype(np.int32)
+
+
+def cache_key(ckpt, data_cfg, split, feature) -> str:
+    """sha256 over what determines the features: weights, dataset + preprocessing, split, feature type."""
+    weights = 'pixels' if feature == 'pixels' else ckpt.fingerprint
+    keys = ('name', 'image_size', 'channels', 'normalize', 'eval_crop_pct', 'data_dir', 'folder')
+    what = {'v': _CACHE_VERSION, 'weights': weights, 'data': {k: data_cfg.get(k) for k in keys}, 'split': split,
+            'feature': feature}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _read_cache(path):
+    try:
+        with np.load(path) as f:
+            num_classes = int(f['num_classes'])
+            return Features(f['x'], f['y'], None if num_classes < 0 else num_classes, cached=True)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError) as e:  # a damaged cache entry is recomputed, not fatal
+        log.warning('Ignoring unreadable feature cache %s (%s).', path, e)
+        return None
+
+
+def _write_cache(path, feats):
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, x=feats.x, y=feats.y, num_classes=-1 if feats.num_classes is None else feats.num_classes)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError as e:
+        log.warning('Could not write the feature cache %s (%s).', path, e)
+
+
+def split_features(ckpt, data_cfg, split, feature, *, mesh=None, batch_size=256, cache_dir=None,
+                   use_cache=True, rules=()) -> Features:
+    """Features of ``split``, from the cache when this checkpoint's were computed before (``.cached`` says)."""
+    path = os.path.join(cache_dir or default_cache_dir(), cache_key(ckpt, data_cfg, split, feature) + '.npz')
+    if use_cache and (hit := _read_cache(path)) is not None:  # every process reads the same (shared) cache
+        log.info('Features of %s/%s (%s) from the cache %s', data_cfg.name, split, feature, path)
+        return hit
+    mesh = mesh or sharding.make_mesh()
+    devices = mesh.shape['data'] * mesh.shape['fsdp']
+    batch = max(devices, -(-batch_size // devices) * devices)  # round up to a multiple of the batch devices
+    pipe = data.make_pipeline(data_cfg, split=split, global_batch=batch, seed=0, process_index=jax.process_index(),
+                              process_count=jax.process_count(), train=False)
+    if pipe.info.num_classes is None:
+        raise ValueError(f'Dataset {data_cfg.name!r} (split {split!r}) has no labels (num_classes is None): a probe '
+                         'needs labelled examples.')
+    x, y = extract(ckpt.model_config, ckpt.params, pipe, feature, mesh, rules)
+    feats = Features(x, y, pipe.info.num_classes)
+    if use_cache and jax.process_index() == 0:
+        _write_cache(path, feats)
+    return feats

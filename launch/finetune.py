@@ -1,0 +1,54 @@
+"""Fine-tune a pretrained encoder with a classification head.
+
+  python -m launch.finetune --checkpoint=PATH --config=experiments/registry.py:NAME [--workdir=DIR] [--config.KEY=V]
+
+PATH is a pretraining workdir, an export (safetensors / npz / orbax) or a reference-format file; NAME a fine-tuning
+entry (experiments/downstream.py, e.g. finetune_mnist, finetune_cifar10). Rerunning the same command resumes from
+the newest good checkpoint in the workdir. Reports top-1 accuracy on the eval split (also in
+DIR/finetune_results.json).
+"""
+
+import json
+import logging
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from cratemae.evaluate import checkpoints
+from cratemae.evaluate import finetune
+
+_REGISTRY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'registry.py')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'experiments/registry.py:NAME (a fine-tuning entry), optionally followed by --config.KEY=VALUE.',
+    lock_config=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Pretrained weights: workdir, export, or reference file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (default runs/NAME).')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger('cratemae').setLevel(logging.INFO)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError('Pass --config=experiments/registry.py:NAME with a fine-tuning entry.')
+    if 'finetune' not in config:
+        raise app.UsageError(f'{config.name} is a pretraining entry; pass a fine-tuning entry (finetune_*).')
+    if _CHECKPOINT.value:
+        config.finetune.checkpoint = _CHECKPOINT.value
+    workdir = _WORKDIR.value or os.path.join('runs', config.name)
+    print(f'Fine-tuning {config.name} from {config.finetune.checkpoint} -> {workdir}', flush=True)
+    try:
+        result = finetune.finetune_and_evaluate(config, workdir)
+    except checkpoints.CheckpointError as e:
+        raise SystemExit(f'error: {e}') from None
+    print(json.dumps({k: v for k, v in result.items() if v is not None}), flush=True)
+    if 'eval/top1' in result:
+        print(f'top-1 on {config.data.name}/{config.data.split_eval}: {100 * result["eval/top1"]:.2f}%', flush=True)
+
+
+if __name__ == '__main__':
+    app.run(main)

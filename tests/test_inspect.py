@@ -1,0 +1,84 @@
+"""launch.inspect on a tiny saved run and on exports: pictures, numbers, and the messages for bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import experiments
+from cratemae import checkpoint
+from cratemae import export
+from cratemae import models
+from cratemae.train import optimizer
+from cratemae.train import step as step_lib
+from launch import inspect as inspect_cli
+
+_COMMON = ['--images', '2', '--batch', '8', '--mask-ratios', '0.5,0.75']
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """A crate_mae_test workdir with steps 0 and 5 (step 5: perturbed weights), as the training loop saves them."""
+    config = experiments.get_config('crate_mae_test')
+    workdir = str(tmp_path_factory.mktemp('run'))
+    checkpoint.save_config(workdir, config)
+    model = models.build(config.model)
+    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, config.train.steps)
+    state = jax.jit(lambda x: step_lib.create_state(model, tx, x, config.seed))(jnp.zeros((1, 28, 28, 1)))
+    ckpt = checkpoint.Checkpointer(workdir, every=1, max_to_keep=None, async_save=False)
+    ckpt.save(0, state)
+    perturbed = jax.tree.map(lambda p: p * 1.5, state.params)
+    ckpt.save(5, state.replace(step=jnp.int32(5), params=perturbed))
+    ckpt.close()
+    return workdir, config, state.params, perturbed
+
+
+def test_inspect_workdir_all_steps(run, tmp_path):
+    workdir, _, _, perturbed = run
+    out = str(tmp_path / 'out')
+    assert inspect_cli.main(['--checkpoint', workdir, '--out', out, '--all-steps', '--random-init'] + _COMMON) == 0
+    summary = json.load(open(os.path.join(out, 'whitebox.json')))
+    expected = ['curves.png', 'attention_layers.png', 'attention_heads.png', 'pca.png', 'reconstructions.png']
+    assert summary['files'] == expected
+    for name in expected:
+        assert 0 < os.path.getsize(os.path.join(out, name)) < 150_000, name
+    labels = [r['label'] for r in summary['runs']]
+    assert labels[0] == 'random init (step 0)' and labels[1:] == [f'{os.path.basename(workdir)} step {s}' for s in (0, 5)]
+    init, step0 = summary['runs'][0]['measures'], summary['runs'][1]['measures']
+    # The random init is the run's own step 0.
+    np.testing.assert_allclose(init['compression_after'], step0['compression_after'], rtol=1e-5)
+    assert len(init['inversion_error']) == 2 and summary['pictures_from'].endswith('step 5')
+    # The restored step-5 params are the saved ones.
+    loaded = inspect_cli.load(os.path.join(workdir, 'checkpoints', '5'))[0]
+    np.testing.assert_allclose(loaded.params['cls_token'], perturbed['cls_token'])
+
+
+def test_bad_layer_and_head_name_the_valid_range(run, tmp_path, capsys):
+    workdir = run[0]
+    assert inspect_cli.main(['--checkpoint', workdir, '--out', str(tmp_path), '--layers', '0,2']) == 2
+    assert 'valid 0..1' in capsys.readouterr().err
+    assert inspect_cli.main(['--checkpoint', workdir, '--out', str(tmp_path), '--heads', '7']) == 2
+    assert '2 heads (valid 0..1)' in capsys.readouterr().err
+    assert inspect_cli.main(['--checkpoint', workdir, '--out', str(tmp_path), '--step', '3']) == 2
+    assert 'saved steps: [0, 5]' in capsys.readouterr().err
+
+
+def test_encoder_only_export_and_a_wrong_size_image(run, tmp_path, capsys):
+    _, config, params, _ = run
+    path = str(tmp_path / 'encoder.npz')
+    state_dict = export.to_reference_state_dict(params, config.model, encoder_only=True)
+    export.save_npz(path, state_dict, export.make_metadata(config.model))
+    picture = str(tmp_path / 'digit.png')
+    Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)).save(picture)
+    out = str(tmp_path / 'out')
+    argv = ['--checkpoint', path, '--out', out, '--image-files', picture, '--layers', '1', '--heads', '0,mean']
+    assert inspect_cli.main(argv + _COMMON) == 0
+    printed = capsys.readouterr().out
+    assert 'skipped reconstructions.png' in printed and '30x40 resized to the model input 28x28' in printed
+    summary = json.load(open(os.path.join(out, 'whitebox.json')))
+    assert 'reconstructions.png' not in summary['files'] and 'inversion_error' not in summary['runs'][0]['measures']
+    assert 'mnist' in ' '.join(summary['notes'])  # no training config: the dataset was chosen and said so
