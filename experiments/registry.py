@@ -14,6 +14,7 @@ override only that thing, so the difference is visible in a few lines.
 import ml_collections
 
 from cratemae import data
+from experiments import ablations
 from cratemae import models
 
 DEFAULT = 'crate_mae_mnist'
@@ -118,13 +119,19 @@ def _size(c, width, depth, heads):
 
 @register
 def crate_mae_tiny():
-    """CRATE-MAE-Tiny (reference mae_crate_tiny), 12x384x6 encoder and decoder; 11,555,328 parameters."""
+    """CRATE-MAE-Tiny (reference mae_crate_tiny), 12x384x6 encoder and decoder; 11,555,328 parameters.
+
+    python -m launch.train --config=experiments/registry.py:crate_mae_tiny --workdir=runs/crate_mae_tiny
+    """
     return _size(base_config(), 384, 12, 6)
 
 
 @register
 def crate_mae_small():
-    """CRATE-MAE-Small (paper's CRATE-MAE-S), 12x576x12 encoder and decoder; 25,405,824 parameters."""
+    """CRATE-MAE-Small (paper's CRATE-MAE-S), 12x576x12 encoder and decoder; 25,405,824 parameters.
+
+    python -m launch.train --config=experiments/registry.py:crate_mae_small --workdir=runs/crate_mae_small
+    """
     return _size(base_config(), 576, 12, 12)
 
 
@@ -140,7 +147,10 @@ def crate_mae_base():
 
 @register
 def crate_mae_large():
-    """CRATE-MAE-Large (reference mae_crate_large), 24x1024x16 encoder and decoder; 154,274,560 parameters."""
+    """CRATE-MAE-Large (reference mae_crate_large), 24x1024x16 encoder and decoder; 154,274,560 parameters.
+
+    python -m launch.train --config=experiments/registry.py:crate_mae_large --workdir=runs/crate_mae_large
+    """
     return _size(base_config(), 1024, 24, 16)
 
 
@@ -150,6 +160,7 @@ def mae_vit_base():
 
     ViT-B encoder (no qkv bias) and an 8x768x16 ViT decoder; mask tokens enter the encoder as in CRATE-MAE. CRATE-MAE-B
     has 31.0% of its parameters (the paper's "about 30%").
+    python -m launch.train --config=experiments/registry.py:mae_vit_base --workdir=runs/mae_vit_base
     """
     c = crate_mae_base()
     c.model.update(encoder_block='vit', decoder_block='vit', decoder_depth=8, decoder_heads=16, block_norm_eps=1e-6)
@@ -158,7 +169,10 @@ def mae_vit_base():
 
 @register
 def fair_mae_base():
-    """FAIR's MAE-Base (mae_vit_base_patch16, dec512d8b): visible-only encoder, qkv bias; 111,907,840 parameters."""
+    """FAIR's MAE-Base (mae_vit_base_patch16, dec512d8b): visible-only encoder, qkv bias; 111,907,840 parameters.
+
+    python -m launch.train --config=experiments/registry.py:fair_mae_base --workdir=runs/fair_mae_base
+    """
     c = crate_mae_base()
     c.model.update(
         encoder_block='vit',
@@ -208,7 +222,10 @@ def crate_mae_mnist():
 
 @register
 def crate_mae_test():
-    """A tiny CRATE-MAE for tests and smoke runs: 2 layers of width 32 on MNIST; seconds per hundred steps."""
+    """A tiny CRATE-MAE for tests and smoke runs: 2 layers of width 32 on MNIST; seconds per hundred steps.
+
+    python -m launch.train --config=experiments/registry.py:crate_mae_test --workdir=runs/crate_mae_test
+    """
     c = crate_mae_mnist()
     c.model.update(patch_size=7, width=32, depth=2, heads=2, decoder_width=32, decoder_depth=2, decoder_heads=2)
     c.train.update(global_batch=16, steps=20, log_every=5, eval_every=10, eval_batches=1, eval_batch=16)
@@ -216,3 +233,31 @@ def crate_mae_test():
     c.checkpoint.update(every=10, max_to_keep=2)
     c.eval.images = 4
     return c
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paper's ablations (experiments/ablations.py): one override on a base entry each.
+
+
+def declared_overrides(name):
+    """The model keys an ablation entry changes relative to its base, with their values."""
+    for entry_name, base, overrides, _ in ablations.entries():
+        if entry_name == name:
+            return base, overrides(_ENTRIES[base]().model)
+    raise ValueError(f'{name!r} is not an ablation entry.')
+
+
+def _register_ablation(name, base, overrides, question):
+    def entry():
+        config = _ENTRIES[base]()
+        config.model.update(overrides(config.model))
+        return config
+
+    entry.__name__ = name
+    entry.__doc__ = (f'{question} Override on {base}.\n\n'
+                     f'  python -m launch.train --config=experiments/registry.py:{name}\n')
+    _ENTRIES[name] = entry
+
+
+for _name, _base, _overrides, _question in ablations.entries():
+    _register_ablation(_name, _base, _overrides, _question)

@@ -1,0 +1,181 @@
+"""Export, import, features, the probe CLI and fine-tuning, from a tiny training workdir (crate_mae_test, 2 steps)."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import experiments
+from cratemae import data
+from cratemae import export
+from cratemae import train
+from cratemae.evaluate import checkpoints
+from cratemae.evaluate import features
+from cratemae.evaluate import finetune
+from experiments import downstream
+from experiments import registry
+from launch import probe as probe_cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A real training workdir: crate_mae_test trained for 2 steps through the training loop."""
+    path = tmp_path_factory.mktemp('pretrain')
+    config = experiments.get_config('crate_mae_test')
+    config.train.update(steps=2, eval_every=2, log_every=2)
+    config.checkpoint.update(every=2, async_save=False)
+    train.train_and_evaluate(config, str(path))
+    return path
+
+
+@pytest.fixture(scope='module')
+def test_split():
+    """The 500 embedded MNIST test digits, as the probe reads them."""
+    cfg = data.default_data_config()
+    cfg.update(image_size=28, augment='none')
+    return cfg
+
+
+def _equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_export_cli_round_trip(workdir, tmp_path):
+    out = tmp_path / 'encoder.safetensors'
+    cmd = [sys.executable, '-m', 'launch.export', f'--workdir={workdir}', '--format=safetensors', f'--out={out}',
+           '--encoder-only']
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'step 2' in result.stdout
+    state_dict, metadata = export.load_state_dict(out)
+    assert 'decoder_pred.weight' not in state_dict and 'blocks.1.layers.0.1.fn.weight' in state_dict
+    assert export.model_config_from_metadata(metadata).width == 32 and json.loads(metadata['step']) == 2
+    reference = checkpoints.load(workdir, encoder_only=False)
+    _equal(checkpoints.load(out).params, checkpoints.encoder_params(reference.params))
+    for fmt, name in (('npz', 'model.npz'), ('orbax', 'params')):  # full models, through the library
+        loaded = checkpoints.load(checkpoints.export_checkpoint(reference, fmt, tmp_path / name), encoder_only=False)
+        _equal(loaded.params, reference.params)
+        assert loaded.step == 2 and loaded.data_config.name == 'mnist'
+
+
+def test_features_identical_from_workdir_export_and_reference_file(workdir, tmp_path, test_split):
+    ckpt = checkpoints.load(workdir)
+    orbax_dir = checkpoints.export_checkpoint(ckpt, 'orbax', tmp_path / 'orbax', encoder_only=True)
+    bare = tmp_path / 'reference.safetensors'  # the reference layout without our metadata
+    export.save_safetensors(bare, export.to_reference_state_dict(ckpt.params, ckpt.model_config, encoder_only=True))
+    sources = [ckpt, checkpoints.load(orbax_dir), checkpoints.load(bare, model_config=ckpt.model_config)]
+    feats = [features.split_features(s, test_split, 'test', 'mean', use_cache=False) for s in sources]
+    assert feats[0].x.shape == (500, 32) and feats[0].num_classes == 10
+    for f in feats[1:]:
+        np.testing.assert_array_equal(f.x, feats[0].x)
+        np.testing.assert_array_equal(f.y, feats[0].y)
+
+
+def test_second_probe_reads_cached_features(workdir, tmp_path, test_split, monkeypatch):
+    calls = []
+    real = features.extract
+    monkeypatch.setattr(features, 'extract', lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    ckpt = checkpoints.load(workdir)
+    first = features.split_features(ckpt, test_split, 'test', 'cls', cache_dir=tmp_path)
+    second = features.split_features(ckpt, test_split, 'test', 'cls', cache_dir=tmp_path)
+    assert calls == ['cls'] and not first.cached and second.cached
+    np.testing.assert_array_equal(first.x, second.x)
+    features.split_features(ckpt, test_split, 'test', 'mean', cache_dir=tmp_path)  # another feature type: a miss
+    features.split_features(checkpoints.random_init(ckpt.model_config), test_split, 'test', 'cls', cache_dir=tmp_path)
+    assert calls == ['cls', 'mean', 'cls']
+
+
+def test_probe_cli_writes_results_and_table(workdir, tmp_path, capsys):
+    args = [f'--checkpoint={workdir}', f'--out={tmp_path}', f'--cache_dir={tmp_path / "cache"}', '--methods=ridge,knn']
+    assert probe_cli.main(args) == 0
+    record = json.loads((tmp_path / 'probe_mnist_cls.json').read_text())
+    assert record['step'] == 2 and record['num_train'] == 4500 and record['num_test'] == 500
+    assert set(record['results']) == {'ridge', 'knn'} and 0.0 <= record['results']['knn']['top1'] <= 1.0
+    assert 'ridge' in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors name the problem.
+
+
+def test_checkpoint_errors(workdir, tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match='not found'):
+        checkpoints.load(tmp_path / 'nothing.safetensors')
+    ckpt = checkpoints.load(workdir)
+    good = checkpoints.export_checkpoint(ckpt, 'safetensors', tmp_path / 'enc.safetensors', encoder_only=True)
+    truncated = tmp_path / 'truncated.safetensors'
+    truncated.write_bytes(pathlib.Path(good).read_bytes()[:1000])
+    with pytest.raises(checkpoints.CheckpointError, match='truncated or corrupt'):
+        checkpoints.load(truncated)
+    bare = tmp_path / 'bare.npz'
+    export.save_npz(bare, export.load_state_dict(good)[0])
+    with pytest.raises(checkpoints.CheckpointError, match='--config=experiments/registry.py:NAME'):
+        checkpoints.load(bare)
+    with pytest.raises(checkpoints.CheckpointError, match=r'Mismatched shapes.*patch_embed\.proj\.weight'):
+        checkpoints.load(bare, model_config=experiments.get_config('crate_mae_mnist').model)
+    with pytest.raises(checkpoints.CheckpointError, match=r'model\.width: file enc.safetensors 32, config 128'):
+        checkpoints.load(good, model_config=experiments.get_config('crate_mae_mnist').model)
+    with pytest.raises(checkpoints.CheckpointError, match=r'no step 7; saved steps: \[2\]'):
+        checkpoints.load(workdir, step=7)
+    unfinished = tmp_path / 'unfinished'
+    (unfinished / 'checkpoints' / '2.orbax-checkpoint-tmp').mkdir(parents=True)
+    shutil.copy(workdir / 'config.json', unfinished / 'config.json')
+    with pytest.raises(checkpoints.CheckpointError, match='no finished checkpoint'):
+        checkpoints.load(unfinished)
+
+
+def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
+    folder = tmp_path / 'flat'
+    folder.mkdir()
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(folder / f'{i}.png')
+    cfg = data.default_data_config()
+    cfg.update(name='image_folder', folder=str(folder), image_size=28, augment='none')
+    with pytest.raises(ValueError, match='no labels'):
+        features.split_features(checkpoints.load(workdir), cfg, 'train', 'cls', use_cache=False)
+    with pytest.raises(SystemExit, match='launch.prepare_data cifar10'):
+        probe_cli.main([f'--checkpoint={workdir}', '--dataset=cifar10', f'--data_dir={tmp_path}',
+                        f'--cache_dir={tmp_path}'])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fine-tuning.
+
+
+def _finetune_config(checkpoint, **model):
+    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+                                        batch=16, image_size=28)
+    config.model.update(model)
+    config.data.update(crop_scale=(0.6, 1.0), hflip=False)
+    config.optim.base_lr = 1e-3
+    config.train.update(steps=4, log_every=2, eval_every=4, eval_batch=64)
+    config.checkpoint.update(every=2, async_save=False)
+    config.finetune.update(checkpoint=str(checkpoint), randaugment=None)
+    return config
+
+
+def test_finetune_trains_evaluates_and_resumes(workdir, tmp_path):
+    out = tmp_path / 'ft'
+    result = finetune.finetune_and_evaluate(_finetune_config(workdir), str(out))
+    assert 0.0 <= result['eval/top1'] <= 1.0 and np.isfinite(result['loss'])
+    saved = json.loads((out / finetune.RESULTS_FILE).read_text())
+    assert saved['top1'] == result['eval/top1'] and saved['step'] == 4
+    again = finetune.finetune_and_evaluate(_finetune_config(workdir), str(out))  # resumes at the final step
+    assert again['eval/top1'] == pytest.approx(result['eval/top1'])
+
+
+def test_finetune_rejects_another_architecture(workdir, tmp_path):
+    config = _finetune_config(workdir, width=64, decoder_width=64)
+    with pytest.raises(checkpoints.CheckpointError, match=r'model\.width: workdir .* 32, config 64'):
+        finetune.finetune_and_evaluate(config, str(tmp_path / 'ft'))
