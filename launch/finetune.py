@@ -19,7 +19,6 @@ from ml_collections import config_flags
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import finetune
 
-_REGISTRY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'registry.py')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiments/registry.py:NAME (a fine-tuning entry), optionally followed by --config.KEY=VALUE.',
     lock_config=True)
@@ -39,7 +38,7 @@ def main(argv):
         raise app.UsageError(f'{config.name} is a pretraining entry; pass a fine-tuning entry (finetune_*).')
     if _CHECKPOINT.value:
         config.finetune.checkpoint = _CHECKPOINT.value
-    workdir = _WORKDIR.value or os.path.join('runs', config.name)
+    workdir = checkpoints.absolute(_WORKDIR.value or os.path.join('runs', config.name))  # Orbax needs absolute
     print(f'Fine-tuning {config.name} from {config.finetune.checkpoint} -> {workdir}', flush=True)
     try:
         result = finetune.finetune_and_evaluate(config, workdir)

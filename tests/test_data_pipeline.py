@@ -95,9 +95,15 @@ def test_mnist_mean_std_constants_match_the_data():
 
 def test_cache_written_atomically(cache):
     files = os.listdir(cache)
-    assert 'mnist_v1.npz' in files and not [f for f in files if f.endswith('.tmp')]
-    with np.load(os.path.join(cache, 'mnist_v1.npz')) as f:
+    name = f'mnist_v{embedded._CACHE_VERSION}.npz'
+    assert name in files and not [f for f in files if f.endswith('.tmp')]
+    with np.load(os.path.join(cache, name)) as f:
         np.testing.assert_array_equal(f['test_label'], embedded.load_arrays('mnist')['test_label'])
+
+
+def test_embedded_eval_split_mixes_classes_in_its_first_batch():
+    labels = embedded.load_arrays('mnist')['test_label']
+    assert len(np.unique(labels[:32])) >= 8  # stored order is shuffled, not sorted by class
 
 
 def test_deterministic_across_objects_and_seeds():

@@ -126,6 +126,12 @@ def _flatten(tree, prefix):
 # Training workdirs.
 
 
+def absolute(path) -> str:
+    """An absolute local path (Orbax refuses relative ones); URLs such as gs://bucket/run are left as they are."""
+    path = os.fspath(path)
+    return path if '://' in path else os.path.abspath(path)
+
+
 def is_workdir(path) -> bool:
     path = epath.Path(path)
     return path.is_dir() and (path / checkpoint_lib.CKPT_DIR).is_dir()
@@ -165,7 +171,7 @@ def _restore_params(manager, step):
 
 def restore_workdir_params(workdir, step=None):
     """(step, params) from a training workdir: ``step``, or the newest step that restores (older on damage)."""
-    directory = epath.Path(workdir) / checkpoint_lib.CKPT_DIR
+    directory = epath.Path(absolute(workdir)) / checkpoint_lib.CKPT_DIR
     manager = _manager(directory)
     try:
         steps = sorted(manager.all_steps())

@@ -137,6 +137,7 @@ def _initial_backbone(config):
 def finetune_and_evaluate(config, workdir: str) -> dict:
     """Fine-tunes (or resumes fine-tuning) into ``workdir``; returns the last metrics incl. 'eval/top1'."""
     # Set up: everything that can be wrong fails before compiling.
+    workdir = checkpoints.absolute(workdir)  # Orbax refuses relative paths
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
