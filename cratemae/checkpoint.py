@@ -34,6 +34,7 @@ CONFIG_FILE = 'config.json'
 CKPT_DIR = 'checkpoints'
 # Keys that may change between a run and its resumption without changing what is trained.
 DEFAULT_IGNORE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+                  'train.eval_batch', 'train.eval_mask_ratio', 'eval.*',
                   'checkpoint.*', 'data.data_dir', 'data.num_workers', 'data.prefetch')
 
 

@@ -52,6 +52,30 @@ def l2_normalize(x, axis=-1):
     return x / jnp.maximum(norm, _TINY)
 
 
+def logdet_spd(m):
+    """log det M of symmetric positive-definite matrices M (..., n, n), by Gaussian elimination without pivoting:
+
+        det M = prod_j p_j,   p_j = the j-th pivot (diagonal of the j-th Schur complement), p_j > 0 for SPD M.
+
+    Written in jnp (a loop of n rank-1 updates) rather than ``jnp.linalg.cholesky``: on the CPU that calls jaxlib's
+    LAPACK kernel, which deadlocked here when two batched Cholesky calls ran at once on a 2-thread XLA pool (each
+    waits in ``ParallelBatchMap`` for sub-tasks no free thread can run; jaxlib 0.10.2). For M = I + PSD every pivot
+    is >= 1, so no pivoting is needed.
+    """
+    m = jnp.asarray(m, jnp.float32)
+    n = m.shape[-1]
+    index = jnp.arange(n)
+
+    def eliminate(j, carry):
+        a, total = carry
+        pivot = jnp.take(jnp.take(a, j, axis=-1), j, axis=-1)
+        column = jnp.where(index > j, jnp.take(a, j, axis=-1), 0.0)
+        a = a - column[..., :, None] * column[..., None, :] / pivot[..., None, None]
+        return a, total + jnp.log(pivot)
+
+    return jax.lax.fori_loop(0, n, eliminate, (m, jnp.zeros(m.shape[:-2], jnp.float32)))[1]
+
+
 def coding_rate(x, eps=CODING_RATE_EPS):
     """Compression term R^c of per-head token sets, summed over heads (the reference's ``vis_utils/coding_rate.py``).
 
@@ -60,18 +84,15 @@ def coding_rate(x, eps=CODING_RATE_EPS):
         R_k = 1/2 logdet(I_N + (h / (N eps)) X_k X_k^T) = 1/2 logdet(I_h + (h / (N eps)) X_k^T X_k),
         R^c = sum_k R_k.
 
-    The two forms are equal (Sylvester's determinant identity); the h x h one is used (cheaper when N > h), with the
-    log-determinant from a Cholesky factor in float32 (the matrix is I plus a PSD Gram, so well conditioned). Lower
-    R^c = tokens concentrated on fewer directions within each head's subspace. Known answers: zero tokens give 0; N
-    identical unit tokens give K/2 log(1 + h/eps); N <= h orthonormal tokens give K N/2 log(1 + h/(N eps)).
-    Returns (...) float32.
+    The two forms are equal (Sylvester's determinant identity); the h x h one is used (cheaper when N > h), in
+    float32 (the matrix is I plus a PSD Gram, so well conditioned). Lower R^c = tokens concentrated on fewer
+    directions within each head's subspace. Known answers: zero tokens give 0; N identical unit tokens give
+    K/2 log(1 + h/eps); N <= h orthonormal tokens give K N/2 log(1 + h/(N eps)). Returns (...) float32.
     """
     x = l2_normalize(jnp.asarray(x, jnp.float32))
     n, h = x.shape[-2:]
     gram = jnp.einsum('...nh,...ng->...hg', x, x, precision=jax.lax.Precision.HIGHEST)
-    chol = jnp.linalg.cholesky(jnp.eye(h, dtype=jnp.float32) + (h / (n * eps)) * gram)
-    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-    return 0.5 * jnp.sum(logdet, axis=-1)
+    return 0.5 * jnp.sum(logdet_spd(jnp.eye(h, dtype=jnp.float32) + (h / (n * eps)) * gram), axis=-1)
 
 
 def layer_norm(x, scale, bias, eps):
@@ -230,11 +251,11 @@ def _unmasked_pass(module, images, with_decoder):
 def unmasked_intermediates(model, params, images, with_decoder=None):
     """Tokens of every layer on unmasked images (traceable). Returns a dict of float32 arrays:
 
-      encoder_inputs (L, B, N, d)   Z^l, the input of encoder layer l
-      projection     (L, B, N, d)   W = LN1(Z^l) U_l^T of layer l (the reference's "key" features)
-      mssa_out       (L, B, N, d)   Z^{l+1/2}
-      ista_out       (L, B, N, d)   Z^{l+1}
-      decoder_tokens (L, B, N, d)   Y^{j+1}, output of decoder layer j (only with the decoder)
+    encoder_inputs (L, B, N, d)   Z^l, the input of encoder layer l
+    projection     (L, B, N, d)   W = LN1(Z^l) U_l^T of layer l (the reference's "key" features)
+    mssa_out       (L, B, N, d)   Z^{l+1/2}
+    ista_out       (L, B, N, d)   Z^{l+1}
+    decoder_tokens (L, B, N, d)   Y^{j+1}, output of decoder layer j (only with the decoder)
     """
     check_whitebox(model)
     if with_decoder is None:
@@ -247,7 +268,7 @@ def unmasked_intermediates(model, params, images, with_decoder=None):
         mutable=['intermediates'],
     )
     enc = state['intermediates']['encoder']['layers']
-    f32 = lambda x: jnp.asarray(x[0], jnp.float32)  # noqa: E731  (sow stores a 1-tuple)
+    f32 = lambda x: jnp.asarray(x[0], jnp.float32)  # sow stores a 1-tuple
     ista_out = f32(enc['ista_out'])
     out = {
         'encoder_inputs': jnp.concatenate([jnp.asarray(z0, jnp.float32)[None], ista_out[:-1]], axis=0),

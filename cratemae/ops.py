@@ -207,7 +207,9 @@ def subspace_attention(w: jax.Array, heads: int, implementation: str = 'einsum',
         out = dot_product_attention(wh, wh, wh, scale, implementation, pad_multiple)
         return out.reshape(b, n, d), None
     if implementation != 'einsum':
-        raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}.')
+        raise ValueError(
+            f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}.'
+        )
     logits = jnp.einsum('bqkh,bskh->bkqs', wh, wh, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum('bkqs,bskh->bqkh', probs.astype(w.dtype), wh)

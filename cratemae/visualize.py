@@ -3,11 +3,13 @@
 Every function takes NumPy arrays (from ``cratemae.diagnostics``), writes one PNG and returns its path.
 """
 
+import io
 import os
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 _DPI = 80
 
@@ -25,9 +27,18 @@ def _figure(width, height):
     return fig
 
 
-def _save(fig, path, dpi=_DPI):
+def _save(fig, path, dpi=_DPI, title=None):
+    """Writes the figure as a 256-colour PNG (a third of the RGBA size; maps and curves need no more colours)."""
+    if title:
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.95))
+    else:
+        fig.tight_layout(pad=0.2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches='tight', pad_inches=0.05)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, bbox_inches='tight', pad_inches=0.05)
+    buffer.seek(0)
+    Image.open(buffer).convert('RGB').quantize(256).save(path, optimize=True)
     return path
 
 
@@ -64,9 +75,11 @@ def layer_curves(runs, path, title=None):
     colors = _colors(len(runs))
     for ax, (key, ylabel, note) in zip(axes, panels):
         for (label, m), color in zip(runs, colors):
-            series = [('compression_before', '--', None), ('compression_after', '-', label)] if key == 'compression' else [
-                (key, '-', label)
-            ]
+            series = (
+                [('compression_before', '--', None), ('compression_after', '-', label)]
+                if key == 'compression'
+                else [(key, '-', label)]
+            )
             for name, style, line_label in series:
                 if name not in m:
                     continue
@@ -84,10 +97,7 @@ def layer_curves(runs, path, title=None):
     axes[0].plot([], [], 'k--', label='before (layer input)')
     axes[0].plot([], [], 'k-', label='after (layer output)')
     axes[0].legend(fontsize=6, loc='best')
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title=title)
 
 
 def overlay_grid(images, maps, path, col_labels, row_labels=None, title=None, alpha=0.6, cmap='inferno'):
@@ -114,10 +124,7 @@ def overlay_grid(images, maps, path, col_labels, row_labels=None, title=None, al
             if i == 0:
                 ax.set_title(col_labels[j], fontsize=7)
     axes[0, 0].set_title('image', fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.2)
-    return _save(fig, path)
+    return _save(fig, path, title=title)
 
 
 def pca_grid(images, rgb, path, title=None):
@@ -136,10 +143,7 @@ def pca_grid(images, rgb, path, title=None):
         axes[1, i].set_yticks([])
     axes[0, 0].set_ylabel('image', fontsize=7)
     axes[1, 0].set_ylabel('PCA (RGB)', fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.2)
-    return _save(fig, path)
+    return _save(fig, path, title=title)
 
 
 def labelled_grids(grids, path, title=None):
@@ -149,7 +153,4 @@ def labelled_grids(grids, path, title=None):
     for ax, (label, grid) in zip(axes, grids):
         _show_image(ax, grid)
         ax.set_title(label, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.2)
-    return _save(fig, path, dpi=110)
+    return _save(fig, path, dpi=110, title=title)

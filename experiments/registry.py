@@ -214,8 +214,8 @@ def crate_mae_mnist():
     c.data.update(
         name='mnist', split_train='train', split_eval='test', image_size=28, channels=1, augment='none', hflip=False
     )  # digits are not flip-invariant; the model sees each at native size
-    c.optim.update(base_lr=1e-3, warmup_steps=100)
-    c.train.update(global_batch=128, steps=1500, log_every=25, eval_every=250, eval_batches=4, eval_batch=100)
+    c.optim.update(base_lr=3e-3, warmup_steps=100)
+    c.train.update(global_batch=128, steps=1500, log_every=25, eval_every=250, eval_batches=4, eval_batch=128)
     c.checkpoint.update(every=250, max_to_keep=2)
     return c
 

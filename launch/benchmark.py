@@ -64,9 +64,10 @@ _MODEL_OPTIONS = (
 )
 
 
-def _define_flags(fv):
+def _define_flags(fv, argv):
     config_flags.DEFINE_config_file(
-        'config', f'{_REGISTRY}:crate_mae_mnist', 'experiments/registry.py:NAME.', flag_values=fv, lock_config=True
+        'config', f'{_REGISTRY}:crate_mae_mnist', 'experiments/registry.py:NAME.', flag_values=fv, lock_config=True,
+        sys_argv=argv,  # the --config.KEY overrides are defined from the argv being parsed, not sys.argv
     )
     flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s train.global_batch).', flag_values=fv)
     flags.DEFINE_integer('steps', 20, 'Timed steps per point.', flag_values=fv)
@@ -91,16 +92,16 @@ def _define_flags(fv):
 
 
 def parse_value(text, like=None):
-    """'true'/'false' -> bool, ints, floats, 'none' -> None, else the string; ``like`` (a current value) wins."""
+    """'true'/'false' -> bool, ints, floats, 'none' -> None, else the string; the type of ``like`` (the current value) wins."""
     low = text.strip().lower()
     if isinstance(like, bool) or (like is None and low in ('true', 'false')):
         if low not in ('true', 'false', '1', '0'):
             raise ValueError(f'{text!r} is not a boolean (true/false).')
         return low in ('true', '1')
+    if isinstance(like, str):  # e.g. remat='none' stays a string
+        return text
     if low == 'none':
         return None
-    if isinstance(like, str):
-        return text
     for kind in (int, float):
         if like is None or isinstance(like, (int, float)):
             try:
@@ -225,18 +226,17 @@ def _busy_seconds():
 
 def _memory(compiled, device):
     """Peak device memory: allocator statistics where the backend keeps them (GPU, TPU), else XLA's plan."""
-    analysis = {}
     try:
         m = compiled.memory_analysis()
         keys = ('argument', 'output', 'alias', 'temp', 'generated_code')
         analysis = {k: int(getattr(m, f'{k}_size_in_bytes')) for k in keys}
         analysis['planned_peak'] = analysis['argument'] + analysis['output'] + analysis['temp'] - analysis['alias']
-    except Exception:  # noqa: BLE001 - some backends have no memory analysis; the figure is then n/a
-        pass
+    except Exception as e:  # noqa: BLE001 - some backends have no memory analysis; the figure is then n/a
+        analysis = {'unavailable': f'{type(e).__name__}: {e}'[:200]}
     stats = device.memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
         return int(stats['peak_bytes_in_use']), 'memory_stats.peak_bytes_in_use', analysis
-    if analysis:
+    if 'planned_peak' in analysis:
         return analysis['planned_peak'], 'memory_analysis (argument + output + temp - alias)', analysis
     return None, 'n/a', analysis
 
@@ -310,10 +310,13 @@ def run_point(config, batch, steps, warmup, donate=True, compiler_options=None, 
         'forward_gflops_per_image': fwd / 1e9,
         'train_gflops_per_image': step_flops / 1e9,
         'achieved_tflops_per_device': step_flops * batch / median / jax.device_count() / 1e12,
-        'xla_tflops_per_step': None if xla_flops is None else xla_flops / 1e12,
+        'xla_tflops_per_device_step': None if xla_flops is None else xla_flops / 1e12,
         'mfu': mfu,
         'peak_flops_per_device': peak_device,
         'loss': float(metrics['loss']),
+        # Wall time on a shared CPU depends on the neighbours; CPU-seconds of this process (all its threads) much less.
+        'process_cpu_s_per_step': (cpu1 - cpu0) / steps,
+        'images_per_process_cpu_s': batch * steps / max(cpu1 - cpu0, 1e-9),
         'load_average': [round(x, 2) for x in load_before],
         'other_processes_cores_busy': None if other_cores is None else round(other_cores, 2),
     }
@@ -355,10 +358,13 @@ def _emit(record, output):
 
 def main(argv=None):
     """Runs the benchmark for argv (sys.argv when None); returns 0 if every point ran, else 1."""
+    argv = list(argv) if argv is not None else sys.argv
     fv = flags.FlagValues()
-    _define_flags(fv)
-    fv(list(argv) if argv is not None else sys.argv)
+    _define_flags(fv, argv)
+    fv(argv)
     base = fv['config'].value
+    if fv['steps'].value < 1 or fv['warmup'].value < 0:
+        raise flags.ValidationError('--steps must be >= 1 and --warmup >= 0.')
     compiler_base = {}
     for spec in fv['compiler_option'].value:
         name, _, value = spec.partition('=')

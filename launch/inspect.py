@@ -14,7 +14,6 @@ number, the settings, timings and notes). docs/whitebox.md explains the measures
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -25,20 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from PIL import Image
 
 from cratemae import checkpoint as checkpoint_lib
 from cratemae import data as data_lib
 from cratemae import diagnostics
-from cratemae import export
 from cratemae import models
 from cratemae import visualize
 from cratemae.data import registry as data_registry
-from cratemae.train import optimizer
+from cratemae.evaluate import checkpoints
 from cratemae.train import step as step_lib
-
-_EXPORT_SUFFIXES = ('.safetensors', '.npz', '.pth', '.pt')
 
 
 @dataclasses.dataclass
@@ -54,12 +49,11 @@ class Loaded:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading: training workdirs (Orbax) and exports. (cratemae/evaluate/checkpoints.py did not exist when this was
-# written; this loader covers the same two formats.)
+# Loading, through cratemae.evaluate.checkpoints (training workdirs by a params-only Orbax restore, and exports).
 
 
 def _workdir_and_step(path):
-    """(workdir, step or None) for a workdir or a <workdir>/checkpoints/<step> directory."""
+    """(workdir, step or None) for a workdir or a <workdir>/checkpoints/<step> directory; (path, None) otherwise."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if os.path.basename(path).isdigit() and os.path.basename(parent) == checkpoint_lib.CKPT_DIR:
@@ -67,95 +61,58 @@ def _workdir_and_step(path):
     return path, None
 
 
-def _read_config(workdir):
-    path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f'{workdir} is not a training workdir (no {checkpoint_lib.CONFIG_FILE}); pass a workdir, a '
-            f'<workdir>/checkpoints/<step> directory or an exported {"/".join(_EXPORT_SUFFIXES)} file.'
-        )
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def _manager(workdir):
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    return ocp.CheckpointManager(os.path.join(workdir, checkpoint_lib.CKPT_DIR), options=options)
-
-
 def workdir_steps(workdir):
-    """The saved (finalised) steps of a workdir, ascending."""
-    return sorted(_manager(workdir).all_steps())
+    """The finished steps of a workdir, ascending (a save in progress is a '<step>.orbax-checkpoint-tmp' folder)."""
+    directory = os.path.join(workdir, checkpoint_lib.CKPT_DIR)
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
 
 
-def _abstract_state(config):
-    """Shapes of the run's TrainState on one device (the optimizer gives opt_state's structure)."""
-    model = models.build(config.model)
-    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, config.train.steps)
-    shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    init = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
-    abstract = jax.eval_shape(init, jax.ShapeDtypeStruct(shape, jnp.float32))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-
-
-def restore_params(workdir, step, config):
-    """The params of <workdir>/checkpoints/<step> ('state' item, a TrainState), on the first local device."""
-    manager = _manager(workdir)
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract_state(config)))
-        )
-        return jax.device_get(restored['state'].params)
-    except (ValueError, KeyError, TypeError):  # the optimizer's structure changed since: read the tree as stored
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        return jax.device_get(restored['state']['params'])
+def _as_loaded(ckpt, label, seed=0):
+    return Loaded(label, ckpt.step, ckpt.model_config, ckpt.params, ckpt.data_config, seed)
 
 
 def random_init(model_config, seed, label='random init (step 0)'):
-    """The parameters a run with this seed starts from (``step.create_state``), i.e. the run's step 0."""
+    """The parameters a run with this seed starts from (``step.create_state``), i.e. the run's own step 0.
+
+    (``checkpoints.random_init`` draws another initialisation; this one is the training loop's, so the curves show
+    exactly where the run started even when step 0 was not saved.)
+    """
     model = models.build(model_config)
     shape = (1, model_config.image_size, model_config.image_size, model_config.channels)
     state = jax.jit(lambda x: step_lib.create_state(model, optax.identity(), x, seed))(jnp.zeros(shape, jnp.float32))
     return Loaded(label, 0, model_config, jax.device_get(state.params), None, seed)
 
 
-def load_export(path):
-    """An exported reference state dict; encoder-only files give params without the decoder."""
-    state_dict, metadata = export.load_state_dict(path)
-    model_config = export.model_config_from_metadata(metadata)
-    full = export.reference_shapes(model_config)
-    encoder_keys = export.reference_shapes(model_config, encoder_only=True)
-    encoder_only = any(k not in state_dict for k in set(full) - set(encoder_keys))
-    params = export.from_reference_state_dict(state_dict, model_config, encoder_only=encoder_only)
-    label = os.path.basename(path) + (' (encoder only)' if encoder_only else '')
-    return Loaded(label, None, model_config, params, None)
-
-
 def load(path, step=None, all_steps=False):
-    """[Loaded] for a --checkpoint/--compare path (several with all_steps)."""
-    if os.path.splitext(path)[1].lower() in _EXPORT_SUFFIXES:
-        return [load_export(path)]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'Checkpoint path not found: {path}')
+    """[Loaded] for a --checkpoint/--compare path: one step (the newest unless ``step``), or every step."""
     workdir, path_step = _workdir_and_step(path)
-    config = _read_config(workdir)
-    available = workdir_steps(workdir)
-    if not available:
-        raise FileNotFoundError(f'No finished checkpoint in {workdir}/{checkpoint_lib.CKPT_DIR} (yet?).')
-    if all_steps:
-        steps = available
-    else:
-        wanted = path_step if step is None else step
-        wanted = available[-1] if wanted is None else wanted
-        if wanted not in available:
-            raise ValueError(f'Step {wanted} is not saved in {workdir}; saved steps: {available}.')
-        steps = [wanted]
+    if not checkpoints.is_workdir(workdir):
+        if step is not None or all_steps:
+            raise ValueError(f'--step/--all-steps apply to training workdirs only; {path} is one set of weights.')
+        label = os.path.basename(os.path.normpath(path))
+        try:
+            ckpt = checkpoints.load(path, encoder_only=False)
+        except checkpoints.CheckpointError as full_error:  # an encoder-only export: encoder measures still work
+            try:
+                ckpt = checkpoints.load(path, encoder_only=True)
+            except checkpoints.CheckpointError:
+                raise full_error from None
+        if not diagnostics.has_decoder(ckpt.params):
+            label += ' (encoder only)'
+        return [_as_loaded(ckpt, label)]
+    seed = int(checkpoints.read_workdir_config(workdir).get('seed', 0))
     name = os.path.basename(os.path.normpath(workdir))
-    return [
-        Loaded(f'{name} step {s}', s, config.model, restore_params(workdir, s, config), config.data, config.seed)
-        for s in steps
-    ]
+    if all_steps:
+        steps = workdir_steps(workdir)
+    else:
+        steps = [path_step if step is None else step]  # None: the newest step that restores
+    loaded = []
+    for s in steps:
+        ckpt = checkpoints.load(workdir, step=s, encoder_only=False)
+        loaded.append(_as_loaded(ckpt, f'{name} step {ckpt.step}', seed))
+    if not loaded:
+        raise ValueError(f'{workdir} holds no finished checkpoint yet.')
+    return loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +125,7 @@ def _default_dataset(model_config):
 
 def load_images(args, loaded, notes):
     """(measured, shown, mean, std): the eval split's first --batch images (normalised float32 NHWC) for the measures,
-    and the first --images of them (or the --image-files) for the pictures."""
+    and for the pictures the first --images of the split (or the --image-ids of it, or the --image-files)."""
     model_config = loaded.model_config
     data_config = loaded.data_config
     if data_config is None or (args.dataset and args.dataset != data_config.name):
@@ -188,12 +145,22 @@ def load_images(args, loaded, notes):
             f'{data_config.name} images are {spec.native_size}px; the eval transform resizes them to the '
             f"model's {model_config.image_size}px."
         )
-    pipeline = data_lib.make_pipeline(data_config, split=data_config.split_eval, global_batch=args.batch, seed=0,
-                                      train=False)
+    pipeline = data_lib.make_pipeline(
+        data_config,
+        split=data_config.split_eval,
+        global_batch=max([args.batch] + [i + 1 for i in args.image_ids]),
+        seed=0,
+        train=False,
+    )
     batch = pipeline.batch(0)
     images = np.asarray(batch['image'], np.float32)[np.asarray(batch['valid'], bool)]
     mean, std = pipeline.info.mean, pipeline.info.std
-    shown = images[: args.images]
+    if any(i >= len(images) for i in args.image_ids):
+        raise ValueError(
+            f'--image-ids: the {data_config.split_eval} split has {len(images)} images (valid 0..{len(images) - 1}).'
+        )
+    shown = images[args.image_ids] if args.image_ids else images[: args.images]
+    images = images[: args.batch]
     if args.image_files:
         shown = np.concatenate([_read_image(p, model_config, mean, std, notes) for p in args.image_files])
     return images, shown, mean, std
@@ -355,8 +322,10 @@ def run(args):
     t = time.perf_counter()
     results = []
     for r in runs:
-        if (r.model_config.image_size, r.model_config.channels) != (base.model_config.image_size,
-                                                                     base.model_config.channels):
+        if (r.model_config.image_size, r.model_config.channels) != (
+            base.model_config.image_size,
+            base.model_config.channels,
+        ):
             raise ValueError(f'{r.label} takes other images than {base.label}; compare runs of one input size.')
         m = _measures(r, images)
         if 'inversion_error' not in m and not skipped.get('inversion'):
@@ -379,7 +348,7 @@ def run(args):
     summary = {
         'checkpoint': args.checkpoint,
         'pictures_from': base.label,
-        'images_measured': int(len(images)),
+        'images_measured': len(images),
         'model': base.model_config.to_dict(),
         'runs': [
             {'label': label, 'measures': {k: np.asarray(v).tolist() for k, v in sorted(m.items())}}
@@ -409,11 +378,18 @@ def parse_args(argv=None):
     p.add_argument('--image-files', nargs='*', help='image files to show instead of dataset images')
     p.add_argument('--layers', default='all', help="encoder layers for attention_layers.png, '0,3' or 'all'")
     p.add_argument('--heads', default='mean', help="heads for attention_layers.png: '0,2', 'all' or 'mean'")
-    p.add_argument('--images', type=int, default=4, help='images in the pictures')
+    p.add_argument('--images', type=int, default=4, help='images in the pictures (the first of the split)')
+    p.add_argument('--image-ids', default='', help="indices into the split of the images to show, e.g. '3,17'")
     p.add_argument('--batch', type=int, default=64, help='images the measures average over')
     p.add_argument('--mask-ratios', default='0.5,0.75,0.9', help='mask ratios of reconstructions.png')
     args = p.parse_args(argv)
     args.mask_ratios = [float(r) for r in args.mask_ratios.split(',') if r.strip()]
+    try:
+        args.image_ids = [int(i) for i in args.image_ids.split(',') if i.strip()]
+    except ValueError:
+        p.error(f'--image-ids must be comma-separated integers, got {args.image_ids!r}.')
+    if any(i < 0 for i in args.image_ids):
+        p.error('--image-ids must be non-negative.')
     if args.images < 1 or args.batch < 1:
         p.error('--images and --batch must be positive.')
     return args
@@ -430,7 +406,9 @@ def main(argv=None):
         print('note:', note)
     for name, why in summary['skipped'].items():
         print(f'skipped {name}: {why}')
-    print(f"wrote {', '.join(summary['files'])} and whitebox.json to {args.out} in {summary['timings']['total_s']:.1f} s")
+    print(
+        f'wrote {", ".join(summary["files"])} and whitebox.json to {args.out} in {summary["timings"]["total_s"]:.1f} s'
+    )
     return 0
 
 

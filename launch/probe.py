@@ -108,8 +108,9 @@ def run(args):
     data_cfg = features.probe_data_config(ckpt, args.dataset, args.data_dir)
     weights = ckpt
     if args.random_init:
-        weights = dataclasses.replace(checkpoints.random_init(ckpt.model_config, args.seed), data_config=ckpt.data_config)
-    kwargs = dict(batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+        weights = checkpoints.random_init(ckpt.model_config, args.seed)
+        weights = dataclasses.replace(weights, data_config=ckpt.data_config)
+    kwargs = {'batch_size': args.batch_size, 'cache_dir': args.cache_dir, 'use_cache': not args.no_cache}
     t0 = time.perf_counter()
     train = features.split_features(weights, data_cfg, data_cfg.split_train, args.feature, **kwargs)
     test = features.split_features(weights, data_cfg, data_cfg.split_eval, args.feature, **kwargs)
@@ -122,7 +123,7 @@ def run(args):
         'checkpoint': os.path.abspath(args.checkpoint), 'source': ckpt.source, 'step': ckpt.step,
         'weights': 'random_init' if args.random_init else 'checkpoint', 'dataset': data_cfg.name,
         'splits': [data_cfg.split_train, data_cfg.split_eval], 'feature': args.feature,
-        'num_train': int(len(train.y)), 'num_test': int(len(test.y)), 'feature_dim': int(train.x.shape[1]),
+        'num_train': len(train.y), 'num_test': len(test.y), 'feature_dim': int(train.x.shape[1]),
         'features_cached': bool(train.cached and test.cached), 'feature_seconds': round(t_features, 2),
         'results': results, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
         'command': 'python -m launch.probe ' + ' '.join(sys.argv[1:]),
@@ -142,9 +143,10 @@ def main(argv=None):
     name = f'probe_{record["dataset"]}_{record["feature"]}{"_random" if args.random_init else ""}.json'
     with open(os.path.join(out, name), 'w') as f:
         json.dump(record, f, indent=2)
+    cached = ', cached features' if record['features_cached'] else ''
     header = (f'{record["weights"]} of {args.checkpoint} (step {record["step"]}), {record["dataset"]} '
               f'{"/".join(record["splits"])}, feature {record["feature"]} ({record["feature_dim"]}-d, '
-              f'{record["num_train"]} train / {record["num_test"]} test{", cached" if record["features_cached"] else ""})')
+              f'{record["num_train"]} train / {record["num_test"]} test{cached})')
     print(_table(record['results'], header))
     print(f'Results: {os.path.join(out, name)}')
     return 0

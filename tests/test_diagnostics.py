@@ -52,6 +52,12 @@ def test_coding_rate_gram_form_equals_token_form(n, h):
     np.testing.assert_allclose(dg.coding_rate(x), _coding_rate_tokens_form(x), rtol=2e-5)
 
 
+def test_logdet_spd_matches_numpy():
+    a = np.random.default_rng(4).normal(size=(3, 6, 6))
+    m = np.eye(6) + 5.0 * a @ a.transpose(0, 2, 1)
+    np.testing.assert_allclose(dg.logdet_spd(m), np.linalg.slogdet(m)[1], rtol=1e-5)
+
+
 def test_compressed_tokens_have_lower_coding_rate():
     rng = np.random.default_rng(1)
     spread = rng.normal(size=(1, 1, 32, 8))
@@ -143,9 +149,11 @@ def test_intermediates_are_the_layer_inputs_and_outputs(tiny):
     for key in ('encoder_inputs', 'projection', 'mssa_out', 'ista_out', 'decoder_tokens'):
         assert inter[key].shape == (depth, 3, n, d), key
     # Z^0 = [cls; patch embeddings] + P, built by hand from the parameters.
-    patches = ops.patchify_cuv(images, model.patch_size) @ params['patch_embed']['kernel'].transpose(3, 2, 0, 1).reshape(
-        d, -1
-    ).T + params['patch_embed']['bias']
+    patches = (
+        ops.patchify_cuv(images, model.patch_size)
+        @ params['patch_embed']['kernel'].transpose(3, 2, 0, 1).reshape(d, -1).T
+        + params['patch_embed']['bias']
+    )
     cls = jnp.broadcast_to(params['cls_token'], (3, 1, d))
     z0 = jnp.concatenate([cls, patches], 1) + ops.sincos_pos_embed(d, model.grid_size)
     np.testing.assert_allclose(inter['encoder_inputs'][0], z0, atol=1e-4)

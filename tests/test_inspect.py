@@ -20,6 +20,11 @@ from launch import inspect as inspect_cli
 _COMMON = ['--images', '2', '--batch', '8', '--mask-ratios', '0.5,0.75']
 
 
+def _summary(out):
+    with open(os.path.join(out, 'whitebox.json')) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     """A crate_mae_test workdir with steps 0 and 5 (step 5: perturbed weights), as the training loop saves them."""
@@ -40,14 +45,17 @@ def run(tmp_path_factory):
 def test_inspect_workdir_all_steps(run, tmp_path):
     workdir, _, _, perturbed = run
     out = str(tmp_path / 'out')
-    assert inspect_cli.main(['--checkpoint', workdir, '--out', out, '--all-steps', '--random-init'] + _COMMON) == 0
-    summary = json.load(open(os.path.join(out, 'whitebox.json')))
+    argv = ['--checkpoint', workdir, '--out', out, '--all-steps', '--random-init', '--image-ids', '3,1']
+    assert inspect_cli.main(argv + _COMMON) == 0
+    summary = _summary(out)
     expected = ['curves.png', 'attention_layers.png', 'attention_heads.png', 'pca.png', 'reconstructions.png']
     assert summary['files'] == expected
     for name in expected:
         assert 0 < os.path.getsize(os.path.join(out, name)) < 150_000, name
     labels = [r['label'] for r in summary['runs']]
-    assert labels[0] == 'random init (step 0)' and labels[1:] == [f'{os.path.basename(workdir)} step {s}' for s in (0, 5)]
+    assert labels[0] == 'random init (step 0)' and labels[1:] == [
+        f'{os.path.basename(workdir)} step {s}' for s in (0, 5)
+    ]
     init, step0 = summary['runs'][0]['measures'], summary['runs'][1]['measures']
     # The random init is the run's own step 0.
     np.testing.assert_allclose(init['compression_after'], step0['compression_after'], rtol=1e-5)
@@ -65,6 +73,8 @@ def test_bad_layer_and_head_name_the_valid_range(run, tmp_path, capsys):
     assert '2 heads (valid 0..1)' in capsys.readouterr().err
     assert inspect_cli.main(['--checkpoint', workdir, '--out', str(tmp_path), '--step', '3']) == 2
     assert 'saved steps: [0, 5]' in capsys.readouterr().err
+    assert inspect_cli.main(['--checkpoint', workdir, '--out', str(tmp_path), '--image-ids', '0,999']) == 2
+    assert 'valid 0..' in capsys.readouterr().err
 
 
 def test_encoder_only_export_and_a_wrong_size_image(run, tmp_path, capsys):
@@ -79,6 +89,6 @@ def test_encoder_only_export_and_a_wrong_size_image(run, tmp_path, capsys):
     assert inspect_cli.main(argv + _COMMON) == 0
     printed = capsys.readouterr().out
     assert 'skipped reconstructions.png' in printed and '30x40 resized to the model input 28x28' in printed
-    summary = json.load(open(os.path.join(out, 'whitebox.json')))
+    summary = _summary(out)
     assert 'reconstructions.png' not in summary['files'] and 'inversion_error' not in summary['runs'][0]['measures']
     assert 'mnist' in ' '.join(summary['notes'])  # no training config: the dataset was chosen and said so

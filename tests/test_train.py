@@ -287,3 +287,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert steps == [10]
     params = _final_params(tmp_path, 10)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_eval_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
+    config = _config(eval_batch=12)
+    with pytest.raises(ValueError, match='eval_batch=12 must split evenly over the 8 devices'):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_every_registered_default_batch_divides_over_eight_devices():
+    for name in experiments.names():
+        config = experiments.get_config(name)
+        train.validate_config(config, 8, 1)

@@ -100,6 +100,18 @@ def check_params(params, model_config, encoder_only=True, what='checkpoint'):
                               f'{model_config.depth}, patch {model_config.patch_size}). ' + ' '.join(parts))
 
 
+def normalize_model_config(stored) -> ml_collections.ConfigDict:
+    """A stored model config (dict or ConfigDict) on top of today's defaults: keys added since it was written take
+    their defaults (which reproduce the old behaviour), keys this version does not know are dropped with a warning."""
+    stored = stored.to_dict() if hasattr(stored, 'to_dict') else dict(stored)
+    cfg = models.default_model_config()
+    unknown = sorted(set(stored) - set(cfg))
+    if unknown:
+        log.warning('Ignoring model config keys this version does not know: %s', unknown)
+    cfg.update({k: v for k, v in stored.items() if k in cfg})
+    return cfg
+
+
 def check_architecture(checkpoint_config, config_model, what='checkpoint'):
     """Raises CheckpointError listing the architecture keys on which the checkpoint and the config disagree."""
     diffs = [f'model.{k}: {what} {checkpoint_config.get(k)!r}, config {config_model.get(k)!r}'
@@ -210,7 +222,7 @@ def _load_workdir(path, step, encoder_only):
     step, params = restore_workdir_params(path, step)
     params = encoder_params(params) if encoder_only else params
     stamp = _mtime(epath.Path(path) / checkpoint_lib.CKPT_DIR / str(step))
-    return Checkpoint(params, config.model, 'workdir', str(path), step, config.get('data'),
+    return Checkpoint(params, normalize_model_config(config.model), 'workdir', str(path), step, config.get('data'),
                       f'workdir:{os.path.abspath(path)}:{step}:{stamp}')
 
 
@@ -235,7 +247,7 @@ def _load_file(path, model_config, encoder_only):
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise CheckpointError(str(e)) from e
     source = _FILE_SOURCES.get(os.path.splitext(path)[1].lower(), 'file')
-    stored = export.model_config_from_metadata(metadata) if 'model_config' in metadata else None
+    stored = normalize_model_config(export.model_config_from_metadata(metadata)) if 'model_config' in metadata else None
     if stored is None and model_config is None:
         raise CheckpointError(f'{path} is a reference-format file without our metadata, so its architecture is '
                               'unknown: pass --config=experiments/registry.py:NAME (or --model NAME).')
@@ -261,7 +273,7 @@ def _sidecar(path):
 def _load_orbax(path, model_config, encoder_only):
     sidecar = _sidecar(path)
     meta = json.loads(epath.Path(sidecar).read_text()) if os.path.exists(sidecar) else {}
-    stored = ml_collections.ConfigDict(meta['model_config']) if 'model_config' in meta else None
+    stored = normalize_model_config(meta['model_config']) if 'model_config' in meta else None
     if stored is None and model_config is None:
         raise CheckpointError(f'{path} is an Orbax params directory without {sidecar}: pass '
                               '--config=experiments/registry.py:NAME (or --model NAME) to say which architecture.')

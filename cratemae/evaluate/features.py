@@ -108,7 +108,7 @@ def cache_key(ckpt, data_cfg, split, feature) -> str:
     weights = 'pixels' if feature == 'pixels' else ckpt.fingerprint
     keys = ('name', 'image_size', 'channels', 'normalize', 'eval_crop_pct', 'data_dir', 'folder')
     what = {'v': _CACHE_VERSION, 'weights': weights, 'data': {k: data_cfg.get(k) for k in keys}, 'split': split,
-            'feature': feature}
+            'feature': feature, 'embedded': embedded._CACHE_VERSION}  # embedded arrays change with their version
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -112,7 +112,7 @@ def make_eval_step(model):
 
 
 def _pipelines(config):
-    kwargs = dict(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    kwargs = {'seed': config.seed, 'process_index': jax.process_index(), 'process_count': jax.process_count()}
     train_data = data.make_pipeline(config.data, split=config.data.split_train, global_batch=config.train.global_batch,
                                     train=True, **kwargs)
     eval_data = data.make_pipeline(config.data, split=config.data.split_eval, global_batch=config.train.eval_batch,

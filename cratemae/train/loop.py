@@ -52,10 +52,12 @@ def validate_config(config, num_devices_for_batch: int, process_count: int) -> N
             f'must split evenly over the {num_devices_for_batch} devices of the data axes; choose a '
             f'global batch that is a multiple of {num_devices_for_batch * accum}.'
         )
-    if batch % process_count or config.train.eval_batch % num_devices_for_batch:
+    if batch % process_count:
+        raise ValueError(f'train.global_batch={batch} must divide over the {process_count} processes.')
+    if config.train.eval_batch % num_devices_for_batch:
         raise ValueError(
-            f'train.global_batch={batch} must divide over {process_count} processes and '
-            f'train.eval_batch={config.train.eval_batch} over {num_devices_for_batch} devices.'
+            f'train.eval_batch={config.train.eval_batch} must split evenly over the {num_devices_for_batch} '
+            f'devices of the data axes; choose a multiple of {num_devices_for_batch}.'
         )
     if config.train.steps < 1:
         raise ValueError(f'train.steps={config.train.steps} must be at least 1.')

@@ -1,0 +1,77 @@
+"""Ahead-of-time compilation for TPU slices: names, early rejections, and the real compile (needs libtpu)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import experiments
+from cratemae import aot
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(
+    not aot.libtpu_available(),
+    reason=f"libtpu is not installed (pip install 'jax[tpu]=={jax.__version__}'); TPU AOT compilation needs it.",
+)
+
+
+def test_slice_names_map_to_libtpu_topologies():
+    expected = {
+        'v4-32': ('v4', 'v4:2x2x4', 'megacore', 16),
+        'v5e-256': ('v5e', 'v5e:16x16', None, 256),
+        'v5litepod-16': ('v5e', 'v5e:4x4', None, 16),
+        'v5p-128': ('v5p', 'v5:4x4x4', 'megacore', 64),
+        'v6e-256': ('v6e', 'v6e:16x16', None, 256),
+        'v5e:2x2': ('v5e', 'v5e:2x2', None, 4),
+        'v5p:2x2x4': ('v5p', 'v5:2x2x4', 'megacore', 16),
+    }
+    for name, (generation, topology, chip_config, devices) in expected.items():
+        s = aot.resolve_slice(name)
+        assert (s.generation, s.topology, s.chip_config, s.devices) == (generation, topology, chip_config, devices)
+    assert aot.resolve_slice('v5e-256').hbm_bytes == 16 * 2**30
+    for bad in ('v9-8', 'v5e-3', 'v4:4x4', 'v5e-256x'):
+        with pytest.raises(ValueError, match=r'Unknown TPU topology .*Valid: .*v4-32.*v5e-256'):
+            aot.resolve_slice(bad)
+
+
+def test_batch_that_does_not_split_over_the_devices_is_rejected_before_tracing():
+    config = aot.apply_overrides(experiments.get_config('crate_mae_test'), global_batch=12)
+    with pytest.raises(ValueError, match='must split evenly over the 8 devices'):
+        aot.build_train_step(config, jax.devices())
+
+
+def test_fsdp_override_shards_every_parameter_over_all_devices():
+    config = aot.apply_overrides(experiments.get_config('crate_mae_test'), global_batch=32, fsdp=True)
+    assert (config.mesh.data, config.mesh.fsdp, config.train.global_batch) == (1, -1, 32)
+    _, (state, batch), mesh = aot.build_train_step(config, jax.devices())
+    assert dict(mesh.shape) == {'data': 1, 'fsdp': 8, 'model': 1}
+    assert state.params['encoder']['layers']['mssa']['qkv']['kernel'].sharding.spec == jax.sharding.PartitionSpec(
+        None, 'fsdp')
+    assert batch['image'].shape == (32, 28, 28, 1)
+
+
+def _aot(*flags):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, '-m', 'launch.aot_compile', *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_libtpu
+def test_compiles_the_train_step_for_a_v5e_2x2_slice():
+    result = _aot('--config=experiments/registry.py:crate_mae_test', '--topology=v5e:2x2')
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "on v5e:2x2 (v5e:2x2, 4 devices, 16 GiB HBM each), mesh {'data': 4, 'fsdp': 1, 'model': 1}" in out, out
+    for words in ('arguments', 'temporaries', 'XLA peak', 'analytic', 'XLA cost analysis', 'compile', 'FITS'):
+        assert words in out, out
+
+
+@needs_libtpu
+def test_program_that_exceeds_hbm_exits_nonzero_with_the_compiler_message():
+    result = _aot('--config=experiments/registry.py:crate_mae_base', '--topology=v5e:2x2', '--global_batch=4096')
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert 'DOES NOT FIT' in result.stdout and 'RESOURCE_EXHAUSTED' in result.stdout, result.stdout
+    assert 'try --fsdp' in result.stderr

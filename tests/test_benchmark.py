@@ -1,0 +1,86 @@
+"""launch.benchmark prints one valid JSON line per point with the figures docs/performance.md quotes; the GPU sweep's
+plan is well formed. Runs in-process on the suite's 8 fake CPU devices."""
+
+import json
+import math
+import os
+import pathlib
+
+import pytest
+
+import experiments
+from cratemae import flops
+from launch import benchmark
+from launch import gpu_sweep
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f'--config={REPO}/experiments/registry.py:crate_mae_test'
+
+
+def _records(capsys):
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    return [json.loads(line) for line in lines]
+
+
+def test_benchmark_prints_the_figures_as_json(capsys, tmp_path):
+    code = benchmark.main(['benchmark', CONFIG, '--steps=2', '--warmup=1', f'--profile={tmp_path / "trace"}',
+                           '--profile_steps=1'])
+    (record,) = _records(capsys)
+    assert code == 0, record.get('error')
+    assert record['config'] == 'crate_mae_test' and record['batch'] == 16 and record['steps'] == 2
+    assert record['images_per_s'] > 0 and math.isfinite(record['loss'])
+    ms = record['ms_per_step']
+    assert 0 < ms['min'] <= ms['median'] <= ms['max']
+    assert record['images_per_s'] == pytest.approx(16 / ms['median'] * 1e3)
+    assert record['lower_s'] > 0 and record['compile_s'] > 0
+    assert record['first_step_compile_s'] == pytest.approx(record['lower_s'] + record['compile_s'])
+    model_config = experiments.get_config('crate_mae_test').model
+    assert record['forward_gflops_per_image'] == pytest.approx(flops.forward_flops(model_config, 16) / 1e9)
+    assert record['train_gflops_per_image'] == pytest.approx(flops.train_flops(model_config, 16) / 1e9)
+    # A CPU has no peak in the table (MFU n/a) and no allocator statistics (XLA's memory plan instead).
+    assert record['device_kind'] == 'cpu' and record['num_devices'] == 8 and record['mfu'] is None
+    assert record['peak_memory_bytes'] > 0 and record['peak_memory_source'].startswith('memory_analysis')
+    for key in ('jax', 'jaxlib', 'flax', 'optax', 'date', 'load_average', 'xla_flags'):
+        assert key in record
+    assert record['options']['attention'] == 'einsum' and record['options']['donate'] is True
+    assert any(tmp_path.joinpath('trace').rglob('*')), 'no profiler trace written'
+
+
+def test_a_point_that_cannot_run_is_a_record_with_its_error(capsys):
+    """cuDNN attention on a CPU: the point reports the error and the exit code says a point failed."""
+    code = benchmark.main(['benchmark', CONFIG, '--steps=1', '--warmup=0', '--config.model.attention=cudnn',
+                           '--config.model.dtype=bfloat16'])
+    (record,) = _records(capsys)
+    assert code == 1 and record['error'] and record['options']['attention'] == 'cudnn'
+
+
+def test_sweep_keys_values_and_modes():
+    config = experiments.get_config('crate_mae_test')
+    axes = benchmark.parse_sweep(config, ['remat=none,full', 'batch=16,32', 'model.fused_ista=true',
+                                          'xla.xla_cpu_enable_fast_math=false', 'donate=false'])
+    assert axes == [('model.remat', ['none', 'full']), ('batch', [16, 32]), ('model.fused_ista', [True]),
+                    ('xla.xla_cpu_enable_fast_math', [False]), ('donate', [False])]
+    assert len(benchmark.sweep_points(axes, 'product')) == 4
+    each = benchmark.sweep_points(axes, 'each')
+    assert len(each) == 7 and each[0] == {'model.remat': 'none'}
+    point = benchmark.apply_overrides(config, {'model.remat': 'full', 'batch': 32, 'optim.grad_clip': 1.0})
+    assert point.model.remat == 'full' and point.optim.grad_clip == 1.0 and config.model.remat == 'none'
+    assert benchmark.parse_sweep(config, ['scan_unroll=2'])[0][1] == [2]
+    with pytest.raises(KeyError, match='not a config key'):
+        benchmark.parse_sweep(config, ['model.flash=1'])
+    with pytest.raises(ValueError, match='boolean'):
+        benchmark.parse_sweep(config, ['fused_ista=maybe'])
+
+
+def test_gpu_sweep_plan(tmp_path):
+    """The dry run writes every planned point; the first stage compares the attention kernels on Base in bf16."""
+    assert gpu_sweep.main(['--out', str(tmp_path), '--dry_run']) == 0
+    records = [json.loads(line) for line in (tmp_path / 'gpu_sweep.jsonl').read_text().splitlines()]
+    names = [r['sweep']['name'] for r in records]
+    assert names[:5] == ['smoke', 'einsum', 'cudnn', 'cudnn_pad64', 'xla_dpa']
+    assert {'remat_full', 'visible_only', 'small', 'large'} <= set(names)
+    cudnn = records[3]['sweep']['command']
+    for flag in ('crate_mae_base', '--batch=256', '--config.model.dtype=bfloat16', '--config.model.attention=cudnn',
+                 '--config.model.attention_pad=64'):
+        assert flag in cudnn
+    assert os.path.exists(tmp_path / 'gpu_sweep_summary.md')

@@ -1,0 +1,187 @@
+"""Two JAX processes (2 x 4 fake CPU devices on 127.0.0.1) train exactly like one process with 8 devices.
+
+Each child runs the real entry point, launch.train's main, after jax.distributed.initialize() that
+cratemae.sharding.maybe_initialize_distributed performs because CRATEMAE_COORDINATOR_ADDRESS / _NUM_PROCESSES /
+_PROCESS_ID are set. The only thing added to the child is a recorder of the example positions its input pipeline
+reads, to check that each process reads only its own half of every global batch.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import experiments
+from cratemae import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GLOBAL_BATCH, PROCESSES = 16, 2  # crate_mae_test: global batch 16, 20 steps, checkpoints every 10
+NO_EVAL = '--config.train.eval_batches=0'  # evaluation deadlocks with several processes: see the xfail test below
+
+_CHILD = """
+import json, os
+from cratemae.data import pipeline
+
+_reads = open(os.environ['CRATEMAE_TEST_READS'], 'a')
+_make_batch = pipeline._Batcher.__call__
+
+def _recording(self, step):
+    if self.train:
+        g = self.positions(step)
+        _reads.write(json.dumps([int(step), int(g[0]), len(g)]) + '\\n')
+        _reads.flush()
+    return _make_batch(self, step)
+
+pipeline._Batcher.__call__ = _recording
+from absl import app
+from launch import train
+app.run(train.main)
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _env(process_id, port, reads):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('CRATEMAE_', 'JAX_COORDINATOR'))}
+    env.update(
+        XLA_FLAGS='--xla_force_host_platform_device_count=4',  # the parent (conftest) has 8
+        JAX_PLATFORMS='cpu',
+        JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache',
+        PYTHONUNBUFFERED='1',
+        CRATEMAE_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+        CRATEMAE_NUM_PROCESSES=str(PROCESSES),
+        CRATEMAE_PROCESS_ID=str(process_id),
+        CRATEMAE_TEST_READS=str(reads / f'reads{process_id}.jsonl'),
+    )
+    return env
+
+
+class _Group:
+    """The processes of one multi-process run, started together and always cleaned up (kill on exit)."""
+
+    def __init__(self, tmp_path, tag, flags):
+        port = _free_port()
+        self.paths = [tmp_path / f'{tag}{i}.log' for i in range(PROCESSES)]
+        self.procs = []
+        for i, path in enumerate(self.paths):
+            with open(path, 'w') as log:
+                self.procs.append(subprocess.Popen([sys.executable, '-c', _CHILD, *flags], cwd=REPO,
+                                                   env=_env(i, port, tmp_path), stdout=log, stderr=subprocess.STDOUT))
+
+    def logs(self):
+        return [p.read_text(errors='replace') for p in self.paths]
+
+    def wait(self, timeout, ok_codes=(0,), grace=30.0, stalled=None):
+        """Return codes once all exited. Fails fast: a process exiting with a code not in ok_codes, a peer still
+        running `grace` s after another exited, `stalled(logs)` turning true, or the timeout kill the rest."""
+        deadline, first_exit = time.monotonic() + timeout, None
+        try:
+            while True:
+                codes = [p.poll() for p in self.procs]
+                now = time.monotonic()
+                if all(c is not None for c in codes) or any(c not in (None, *ok_codes) for c in codes):
+                    break
+                if any(c is not None for c in codes):
+                    first_exit = first_exit or now
+                    if now - first_exit > grace:
+                        break
+                if now > deadline or (stalled is not None and stalled(self.logs())):
+                    break
+                time.sleep(0.25)
+        finally:
+            self.kill()
+        return [p.returncode for p in self.procs]
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+    def report(self):
+        return '\n'.join(f'--- process {i} ---\n{log[-2500:]}' for i, log in enumerate(self.logs()))
+
+
+def _run(tmp_path, tag, *flags, timeout=300, ok_codes=(0,)):
+    group = _Group(tmp_path, tag, ['--config=experiments/registry.py:crate_mae_test', *flags])
+    codes = group.wait(timeout, ok_codes=ok_codes)
+    assert all(c in ok_codes for c in codes), f'return codes {codes}, expected {ok_codes}\n{group.report()}'
+    return group.logs()
+
+
+def _state(workdir, step, like=None):
+    """The saved train state at `step`, on this process's first device. The checkpoint records the devices of the
+    run that wrote it (2 processes' device ids differ from this process's), so a multi-process checkpoint is read
+    with an explicit single-device target built from `like`."""
+    manager = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints')
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = None if like is None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, restored.state)
+
+
+def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path):
+    workdir = tmp_path / 'multi'
+    # Both processes SIGKILL themselves after step 13 (the step-10 checkpoint committed), as a pod losing its hosts.
+    _run(tmp_path, 'killed', f'--workdir={workdir}', NO_EVAL, '--fault_kill_at_step=13', ok_codes=(-9,))
+    logs = _run(tmp_path, 'resumed', f'--workdir={workdir}', NO_EVAL)
+    for i, log in enumerate(logs):
+        assert 'on 2 process(es)' in log and f'host {i}/2 gets 8 of 16 per step' in log, log[-2000:]
+        assert 'Resumed from step 10.' in log, log[-2000:]
+
+    # Each process read exactly its contiguous half of every global batch, and nothing else.
+    steps = set()
+    for i in range(PROCESSES):
+        reads = [json.loads(line) for line in (tmp_path / f'reads{i}.jsonl').read_text().splitlines()]
+        local = GLOBAL_BATCH // PROCESSES
+        assert all(first == step * GLOBAL_BATCH + i * local and n == local for step, first, n in reads), reads
+        steps |= {step for step, _, _ in reads}
+    assert steps >= set(range(20))
+
+    # The same config on one process with all 8 devices (this pytest process), straight through.
+    config = experiments.get_config('crate_mae_test')
+    config.train.eval_batches = 0
+    train.train_and_evaluate(config, str(tmp_path / 'single'))
+    single = _state(tmp_path / 'single', 20)
+    multi = _state(workdir, 20, like=single)
+    assert int(multi['step']) == 20
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), multi, single)
+
+
+def _stalled_evaluation(logs):
+    """True once one process finished an evaluation and another has not 30 s later (a collective deadlock)."""
+    done = ['eval reconstruction loss' in log for log in logs]
+    if any(done) and not all(done):
+        _stalled_evaluation.since = getattr(_stalled_evaluation, 'since', None) or time.monotonic()
+        return time.monotonic() - _stalled_evaluation.since > 30
+    return False
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='cratemae/train/loop.py evaluate() calls multihost_utils.process_allgather (a collective) on process 0 '
+    'only, so with several processes process 0 waits forever for the others; fix: gather on every process '
+    '(patch in the issue-7 report).',
+)
+def test_evaluation_with_two_processes(tmp_path):
+    _stalled_evaluation.since = None
+    group = _Group(tmp_path, 'eval', ['--config=experiments/registry.py:crate_mae_test', f'--workdir={tmp_path}/w',
+                                      '--config.train.steps=2', '--config.train.eval_every=1'])
+    codes = group.wait(300, stalled=_stalled_evaluation)
+    assert codes == [0, 0], f'return codes {codes}\n{group.report()}'

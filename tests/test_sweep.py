@@ -1,0 +1,43 @@
+"""launch.sweep: which entries a pattern runs, the overrides it applies, the tables it writes, one real run."""
+import csv
+
+from launch import sweep
+
+
+def test_a_family_pattern_runs_its_base_first():
+    names = sweep.sweep_names('mnist_ablate_mask_*')
+    assert names[0] == 'crate_mae_mnist'
+    assert set(names[1:]) == {'mnist_ablate_mask_25', 'mnist_ablate_mask_50', 'mnist_ablate_mask_90'}
+    assert 'crate_mae_mnist' not in sweep.sweep_names('mnist_ablate_mask_*', include_base=False)
+
+
+def test_unknown_pattern_says_how_to_list_names():
+    try:
+        sweep.sweep_names('no_such_family_*')
+    except ValueError as e:
+        assert 'launch.list' in str(e)
+    else:
+        raise AssertionError('expected a ValueError')
+
+
+def test_sweep_config_shortens_the_schedule():
+    config = sweep.sweep_config('mnist_ablate_lambda_5', steps=7, dataset='skimage_crops')
+    assert (config.train.steps, config.train.eval_every, config.checkpoint.every) == (7, 7, 7)
+    assert config.data.name == 'skimage_crops' and config.model.ista_lambda == 5.0
+
+
+def test_end_to_end_on_one_entry_writes_the_tables(tmp_path):
+    name = 'mnist_ablate_lambda_5'
+    config = sweep.sweep_config(name, steps=3)
+    config.train.global_batch = 32
+    from cratemae import train
+
+    train.train_and_evaluate(config, str(tmp_path / name))
+    row = sweep.evaluate_run(name, config, str(tmp_path / name))
+    assert row['changes'] == 'ista_lambda=5.0'
+    assert 0.0 <= row['ridge'] <= 1.0 and 0.0 <= row['knn'] <= 1.0
+    assert 0.0 <= row['sparsity'] <= 1.0 and row['compression'] > 0 and row['reconstruction'] > 0
+    sweep.write_tables([row], str(tmp_path / 'table'))
+    with open(tmp_path / 'table.csv') as f:
+        assert next(csv.DictReader(f))['name'] == name
+    assert (tmp_path / 'table.md').read_text().count('\n') == 3 and (tmp_path / 'table.png').stat().st_size > 0
