@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 import signal
 import uuid
 
@@ -62,7 +63,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir, *, every=1, max_to_keep=3, async_save=True):
-        self.directory = epath.Path(workdir) / CKPT_DIR
+        self.directory = _absolute(workdir) / CKPT_DIR  # Orbax refuses relative paths
         self.every = int(every)
         self._preempted = False
         self._previous_handlers = {}
@@ -210,6 +211,12 @@ class Checkpointer:
             return bool(self._mngr.reached_preemption(int(step)))
         except Exception:  # noqa: BLE001 - no preemption service (CPU, 1 process)
             return False
+
+
+def _absolute(path) -> epath.Path:
+    """A local path made absolute; a URL (gs://...) as it is."""
+    path = os.fspath(path)
+    return epath.Path(path if '://' in path else os.path.abspath(path))
 
 
 def _as_abstract(x):

@@ -301,18 +301,19 @@ def run(args):
     timings, notes, skipped = {}, [], {}
     os.makedirs(args.out, exist_ok=True)
     primary = load(args.checkpoint, args.step, args.all_steps)
-    runs = list(primary)
-    for path in args.compare or ():
-        runs += load(path)
     base = primary[-1]  # pictures come from the newest step of --checkpoint
-    if args.random_init:
-        runs.insert(0, random_init(base.model_config, base.seed))
-    # Bad selections fail before any work.
+    # What cannot work fails before anything else is loaded or compiled.
+    diagnostics.check_whitebox(models.build(base.model_config))
     parse_indices(args.layers, base.model_config.depth, 'layers')
     parse_indices(args.heads or 'mean', base.model_config.heads, 'heads', allow_mean=True)
     num_patches = (base.model_config.image_size // base.model_config.patch_size) ** 2
     for ratio in args.mask_ratios:
         models.check_mask_ratio(ratio, num_patches)
+    runs = list(primary)
+    for path in args.compare or ():
+        runs += load(path)
+    if args.random_init:
+        runs.insert(0, random_init(base.model_config, base.seed))
     timings['load_s'] = time.perf_counter() - start
 
     t = time.perf_counter()

@@ -299,3 +299,10 @@ def test_every_registered_default_batch_divides_over_eight_devices():
     for name in experiments.names():
         config = experiments.get_config(name)
         train.validate_config(config, 8, 1)
+
+
+def test_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _config(steps=10)
+    train.train_and_evaluate(config, 'runs/relative')
+    assert (tmp_path / 'runs' / 'relative' / 'checkpoints' / '10').is_dir()
