@@ -5,10 +5,10 @@ slice shape; a mesh over them plus ``jax.jit(...).lower(ShapeDtypeStruct...).com
 the host CPU. No TPU, network or credentials are needed (measured: /work/shared/docs/tpu_aot.md). The compiled
 program then tells, per device:
 
-  memory    argument + output - alias + temporaries = what must be resident during one step (the donated state
-            aliases its output, so it is counted once), compared with the chip's HBM; ``peak_memory`` as XLA
-            reports it is shown beside it. A program that cannot fit fails in the compiler itself with
-            RESOURCE_EXHAUSTED, as it would on the TPU.
+  memory    arguments, outputs (the donated state aliases its output), temporaries and XLA's heap-simulated peak,
+            held against the chip's HBM. A program whose temporaries cannot fit fails in the compiler itself with
+            RESOURCE_EXHAUSTED, as it would on the TPU; one that compiles fits when its peak is within HBM.
+            argument + output - alias + temporaries is shown as an upper bound (it can exceed the peak).
   FLOPs     XLA's ``cost_analysis()['flops']`` counts the body of every while loop once: the ``nn.scan`` over
             layers (so it reads about 1/depth of the truth) and, on small meshes, the SPMD partitioner's windowed
             einsum loops. The analytic count of cratemae.flops (train = 3 x forward matmuls) is the one to trust.
@@ -223,7 +223,7 @@ class Report:
 
     @property
     def total(self) -> int:
-        """argument + output - alias + temp: resident during the step (donated state counted once)."""
+        """argument + output - alias + temp: an upper bound on the HBM the step holds (donated state counted once)."""
         return self.argument + self.output - self.alias + self.temp
 
 
@@ -248,7 +248,7 @@ def compile_report(config, tpu_slice: Slice, devices=None) -> Report:
     t0 = time.perf_counter()
     try:
         compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - JaxRuntimeError RESOURCE_EXHAUSTED is the only expected one
+    except Exception as e:
         if not _is_oom(e):
             raise
         report.compile_s = time.perf_counter() - t0
@@ -263,7 +263,10 @@ def compile_report(config, tpu_slice: Slice, devices=None) -> Report:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax, a dict in 0.10
     report.xla_flops = float(cost['flops']) if cost and 'flops' in cost else None
-    report.fits = max(report.total, report.peak) <= tpu_slice.hbm_bytes
+    # The compiler refuses a program whose temporaries exceed HBM (handled above); past that, XLA's heap-simulated
+    # peak is the figure to hold against HBM. argument + output - alias + temp can exceed it (measured: 19.8 GiB
+    # against a 13.4 GiB peak on v5e, accepted by the compiler), so it is shown as an upper bound only.
+    report.fits = report.peak <= tpu_slice.hbm_bytes
     return report
 
 
@@ -274,22 +277,28 @@ def _gib(n) -> str:
 def format_report(r: Report, name: str = '') -> str:
     """Human-readable lines for one report."""
     s = r.slice
+    hbm = HBM_GIB[s.generation]
     lines = [
-        f'{name} on {s.name} ({s.topology}, {s.devices} devices, {HBM_GIB[s.generation]} GiB HBM each), '
-        f'mesh {r.mesh}, global batch {r.global_batch} ({r.global_batch // s.devices} per device)',
+        (f'{name} on {s.name} ({s.topology}, {s.devices} devices, {hbm} GiB HBM each), mesh {r.mesh}, '
+         f'global batch {r.global_batch} ({r.global_batch // s.devices} per device)'),
         f'  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s',
     ]
     if r.error:
         lines.append(f'  DOES NOT FIT: the compiler refused: {r.error}')
         return '\n'.join(lines)
+    flops_text = 'n/a'
+    if r.xla_flops:
+        flops_text = (f'{r.xla_flops:.4g} (x{r.xla_flops / r.analytic_flops:.3f}; XLA counts each while-loop body, '
+                      'e.g. the layer scan, once)')
     lines += [
-        f'  per device: arguments {_gib(r.argument)}, outputs {_gib(r.output)} (aliased {_gib(r.alias)}), '
-        f'temporaries {_gib(r.temp)}, code {_gib(r.code)}',
-        f'  resident (arguments + outputs - aliased + temporaries) {_gib(r.total)}, XLA peak {_gib(r.peak)} '
-        f'of {HBM_GIB[s.generation]} GiB HBM = {100 * max(r.total, r.peak) / s.hbm_bytes:.0f}%',
-        f'  FLOPs per device and step: analytic {r.analytic_flops:.4g}, XLA cost analysis '
-        + (f'{r.xla_flops:.4g} (x{r.xla_flops / r.analytic_flops:.3f}; XLA counts each while-loop body, e.g. the '
-           'layer scan, once)' if r.xla_flops else 'n/a'),
-        '  FITS' if r.fits else f'  DOES NOT FIT in {HBM_GIB[s.generation]} GiB HBM per device',
+        (f'  per device: arguments {_gib(r.argument)}, outputs {_gib(r.output)} (aliased {_gib(r.alias)}), '
+         f'temporaries {_gib(r.temp)}, code {_gib(r.code)}'),
+        (f'  XLA peak {_gib(r.peak)} of {hbm} GiB HBM = {100 * r.peak / s.hbm_bytes:.0f}%; upper bound '
+         f'arguments + outputs - aliased + temporaries {_gib(r.total)}'),
+        f'  FLOPs per device and step: analytic {r.analytic_flops:.4g}, XLA cost analysis {flops_text}',
+        '  FITS' if r.fits else f'  DOES NOT FIT in {hbm} GiB HBM per device (XLA peak)',
     ]
+    if r.fits and r.total > s.hbm_bytes:
+        lines[-1] += (" by XLA's peak, but the upper bound exceeds HBM: little headroom, confirm on hardware (or use "
+                      'remat / a smaller batch).')
     return '\n'.join(lines)

@@ -52,6 +52,7 @@ def l2_normalize(x, axis=-1):
     return x / jnp.maximum(norm, _TINY)
 
 
+@jax.jit
 def logdet_spd(m):
     """log det M of symmetric positive-definite matrices M (..., n, n), by Gaussian elimination without pivoting:
 
@@ -76,6 +77,7 @@ def logdet_spd(m):
     return jax.lax.fori_loop(0, n, eliminate, (m, jnp.zeros(m.shape[:-2], jnp.float32)))[1]
 
 
+@functools.partial(jax.jit, static_argnames='eps')
 def coding_rate(x, eps=CODING_RATE_EPS):
     """Compression term R^c of per-head token sets, summed over heads (the reference's ``vis_utils/coding_rate.py``).
 
@@ -236,12 +238,9 @@ def measures_inversion(model, params):
 def _unmasked_pass(module, images, with_decoder):
     """Flax method: encoder (and decoder) on all N tokens, no masking, as the reference's ``forward_encoder(x, 0)``.
 
-    Returns Z^0; the layers sow the rest. It builds Z^0 as ``encode`` does (mae.py has no public hook for the
-    encoder input; ``__call__`` rejects mask_ratio 0).
+    Returns Z^0 (``MaskedAutoencoder.embed``, as ``encode`` builds it); the layers sow the rest.
     """
-    module.check_images(images)
-    pos = ops.sincos_pos_embed(module.width, module.grid_size).astype(module.dtype)
-    z0 = module._with_cls(module._embed_patches(images)) + pos  # pylint: disable=protected-access
+    z0 = module.embed(images)
     z = module.encoder(z0)
     if with_decoder:
         module.decoder(module.encoder_norm(z))  # reference layout: the decoder reads the latent directly

@@ -17,8 +17,9 @@ One process keeps one allocator, so on a GPU ``peak_bytes_in_use`` after the fir
 the point's own; ``memory_analysis`` is per point, and ``launch/gpu_sweep.py`` runs each point in its own process.
 XLA_FLAGS act on the whole process: set them in the environment (they are recorded in the JSON).
 
-CPU timings on a shared machine are only as good as its idle cores: each record carries the load average and the
-cores other processes kept busy during the timed steps (from /proc/stat).
+CPU timings on a shared machine are only as good as its idle cores: each record carries the load average, the
+cores other processes kept busy during the timed steps (from /proc/stat) and this process's CPU-seconds per step,
+which depend much less on the neighbours than wall time. Set JAX_PLATFORMS=cpu where libtpu is installed but no TPU.
 """
 
 import copy

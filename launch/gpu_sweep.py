@@ -184,8 +184,8 @@ class Sweep:
         base = [r for r in self.results if r['sweep']['stage'] in ('attention', 'remat')]
         best = _fastest(base)
         fits = _fastest([r for r in base if (r.get('peak_memory_gib') or 1e9) <= 24])
-        lines = ['# GPU sweep', '', f"device: {self.results[0].get('device_kind', '?') if self.results else '?'}",
-                 '', *rows, '']
+        kinds = {r['device_kind'] for r in self.results if 'device_kind' in r}
+        lines = ['# GPU sweep', '', f"device: {', '.join(sorted(kinds)) or '?'}", '', *rows, '']
         for label, r in (('fastest (attention x remat)', best), ('fastest within 24 GiB', fits)):
             if r:
                 lines.append(f"- {label}: {r['sweep']['name']} {json.dumps(_settings(r))}: {r['images_per_s']:.0f} "

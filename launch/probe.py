@@ -72,15 +72,15 @@ def _config_from_file(spec):
     return module.get_config(name) if name else module.get_config()
 
 
-def architecture(args):
-    """The model config named by --config / --model, or None."""
+def named_config(args):
+    """The experiment config named by --config / --model (its model section is the architecture), or None."""
     if args.config and args.model:
         raise SystemExit('error: pass --config or --model, not both.')
     if args.model:
         import experiments  # pylint: disable=import-outside-toplevel
 
-        return experiments.get_config(args.model).model
-    return _config_from_file(args.config).model if args.config else None
+        return experiments.get_config(args.model)
+    return _config_from_file(args.config) if args.config else None
 
 
 def default_out(path):
@@ -104,7 +104,10 @@ def _table(results, header):
 def run(args):
     """Loads, extracts (or reads cached) features, probes; returns the results record."""
     methods = tuple(m.strip() for m in args.methods.split(',') if m.strip())
-    ckpt = checkpoints.load(args.checkpoint, step=args.step, model_config=architecture(args), encoder_only=True)
+    config = named_config(args)
+    ckpt = checkpoints.load(args.checkpoint, step=args.step, model_config=config and config.model, encoder_only=True)
+    if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
+        ckpt = dataclasses.replace(ckpt, data_config=config.data)
     data_cfg = features.probe_data_config(ckpt, args.dataset, args.data_dir)
     weights = ckpt
     if args.random_init:

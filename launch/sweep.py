@@ -19,7 +19,6 @@ import logging
 import os
 
 import matplotlib
-import numpy as np
 from absl import app
 from absl import flags
 

@@ -71,7 +71,8 @@ def gcloud_default(key: str):
     if not shutil.which('gcloud'):
         return None
     try:
-        out = subprocess.run(['gcloud', 'config', 'get-value', key], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(['gcloud', 'config', 'get-value', key], capture_output=True, text=True, timeout=60,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     value = out.stdout.strip()

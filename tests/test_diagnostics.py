@@ -138,7 +138,7 @@ def tiny():
     config = experiments.get_config('crate_mae_test')
     model = models.build(config.model)
     images = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
-    params = model.init({'params': jax.random.key(1), 'masking': jax.random.key(2)}, images)['params']
+    params = jax.jit(model.init)({'params': jax.random.key(1), 'masking': jax.random.key(2)}, images)['params']
     inter = jax.jit(lambda p, x: dg.unmasked_intermediates(model, p, x))(params, images)
     return model, params, images, inter
 

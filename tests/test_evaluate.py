@@ -126,6 +126,12 @@ def test_checkpoint_errors(workdir, tmp_path):
         checkpoints.load(good, model_config=experiments.get_config('crate_mae_mnist').model)
     with pytest.raises(checkpoints.CheckpointError, match=r'no step 7; saved steps: \[2\]'):
         checkpoints.load(workdir, step=7)
+    orbax_dir = checkpoints.export_checkpoint(ckpt, 'orbax', tmp_path / 'orbax', encoder_only=True)
+    os.remove(f'{orbax_dir}.json')  # a bare params directory: the architecture must be named
+    with pytest.raises(checkpoints.CheckpointError, match='pass --config'):
+        checkpoints.load(orbax_dir)
+    with pytest.raises(checkpoints.CheckpointError, match=r'Mismatched shapes.*encoder/layers/ista/dictionary'):
+        checkpoints.load(orbax_dir, model_config=experiments.get_config('crate_mae_mnist').model)
     unfinished = tmp_path / 'unfinished'
     (unfinished / 'checkpoints' / '2.orbax-checkpoint-tmp').mkdir(parents=True)
     shutil.copy(workdir / 'config.json', unfinished / 'config.json')
@@ -179,3 +185,11 @@ def test_finetune_rejects_another_architecture(workdir, tmp_path):
     config = _finetune_config(workdir, width=64, decoder_width=64)
     with pytest.raises(checkpoints.CheckpointError, match=r'model\.width: workdir .* 32, config 64'):
         finetune.finetune_and_evaluate(config, str(tmp_path / 'ft'))
+
+
+def test_stored_model_configs_of_other_versions_load():
+    stored = experiments.get_config('crate_mae_test').model.to_dict()
+    del stored['attention']  # written before the key existed: takes today's default
+    stored['future_key'] = 1  # written by a newer version: dropped
+    cfg = checkpoints.normalize_model_config(stored)
+    assert cfg.attention == 'einsum' and 'future_key' not in cfg and cfg.width == 32

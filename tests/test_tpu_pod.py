@@ -24,19 +24,19 @@ def _printed(*argv):
 def test_v4_32_create_setup_run_tail_stop_delete():
     ssh = 'gcloud compute tpus tpu-vm ssh crate-v4 --project=my-project --zone=us-central2-b'
     assert _printed('create', '--accelerator-type=v4-32', *V4) == [
-        'gcloud compute tpus tpu-vm create crate-v4 --project=my-project --zone=us-central2-b '
-        '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base'
+        ('gcloud compute tpus tpu-vm create crate-v4 --project=my-project --zone=us-central2-b '
+        '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base')
     ]
     assert _printed('setup', *V4) == [
         f"{ssh} --worker=all --command='mkdir -p ~/cratemae'",
-        'gcloud compute tpus tpu-vm scp --project=my-project --zone=us-central2-b --worker=all --recurse '
-        'setup.py README.md cratemae experiments launch crate-v4:cratemae',
+        ('gcloud compute tpus tpu-vm scp --project=my-project --zone=us-central2-b --worker=all --recurse '
+        'setup.py README.md cratemae experiments launch crate-v4:cratemae'),
         f'{ssh} --worker=all {INSTALL}',
     ]
     assert _printed('run', '--experiment=crate_mae_base', '--bucket=gs://my-bucket', *V4) == [
-        f"{ssh} --worker=all --command='cd ~/cratemae || exit 1; {COORDINATOR}; nohup .venv/bin/python -m "
+        (f"{ssh} --worker=all --command='cd ~/cratemae || exit 1; {COORDINATOR}; nohup .venv/bin/python -m "
         'launch.train --config=experiments/registry.py:crate_mae_base --workdir=gs://my-bucket/crate_mae_base '
-        "> ~/cratemae-train.log 2>&1 < /dev/null & echo $! > ~/cratemae-train.pid'"
+        "> ~/cratemae-train.log 2>&1 < /dev/null & echo $! > ~/cratemae-train.pid'")
     ]
     assert _printed('tail', *V4) == [f"{ssh} --worker=0 --command='tail -n 100 -F ~/cratemae-train.log'"]
     assert _printed('stop', *V4) == [f"{ssh} --worker=all --command='kill -TERM $(cat ~/cratemae-train.pid)'"]
@@ -48,21 +48,21 @@ def test_v4_32_create_setup_run_tail_stop_delete():
 def test_v5e_256_spot_queued_resource_git_setup_and_overrides():
     ssh = 'gcloud compute tpus tpu-vm ssh crate-v5e --project=my-project --zone=us-west4-a'
     assert _printed('create', '--accelerator-type=v5e-256', '--spot', '--queued', *V5E) == [
-        'gcloud compute tpus queued-resources create crate-v5e --project=my-project --zone=us-west4-a '
-        '--node-id=crate-v5e --accelerator-type=v5litepod-256 --runtime-version=v2-alpha-tpuv5-lite --spot'
+        ('gcloud compute tpus queued-resources create crate-v5e --project=my-project --zone=us-west4-a '
+        '--node-id=crate-v5e --accelerator-type=v5litepod-256 --runtime-version=v2-alpha-tpuv5-lite --spot')
     ]
     assert _printed('setup', '--source=git', '--repo=https://github.com/me/cratemae.git', *V5E) == [
-        f"{ssh} --worker=all --command='sudo apt-get update -qq && sudo apt-get install -y -qq git && "
+        (f"{ssh} --worker=all --command='sudo apt-get update -qq && sudo apt-get install -y -qq git && "
         'if [ -d ~/cratemae/.git ]; then git -C ~/cratemae pull --ff-only; '
-        "else git clone https://github.com/me/cratemae.git ~/cratemae; fi'",
+        "else git clone https://github.com/me/cratemae.git ~/cratemae; fi'"),
         f'{ssh} --worker=all {INSTALL}',
     ]
     assert _printed('run', '--experiment=crate_mae_large', '--bucket=gs://b/', '--config.train.eval_batch=256',
                     '--config.model.remat=full', *V5E) == [
-        f"{ssh} --worker=all --command='cd ~/cratemae || exit 1; {COORDINATOR}; nohup .venv/bin/python -m "
+        (f"{ssh} --worker=all --command='cd ~/cratemae || exit 1; {COORDINATOR}; nohup .venv/bin/python -m "
         'launch.train --config=experiments/registry.py:crate_mae_large --workdir=gs://b/crate_mae_large '
         '--config.train.eval_batch=256 --config.model.remat=full '
-        "> ~/cratemae-train.log 2>&1 < /dev/null & echo $! > ~/cratemae-train.pid'"
+        "> ~/cratemae-train.log 2>&1 < /dev/null & echo $! > ~/cratemae-train.pid'")
     ]
     assert _printed('delete', '--queued', *V5E) == [
         'gcloud compute tpus queued-resources delete crate-v5e --project=my-project --zone=us-west4-a --force --quiet'

@@ -305,4 +305,10 @@ def test_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = _config(steps=10)
     train.train_and_evaluate(config, 'runs/relative')
-    assert (tmp_path / 'runs' / 'relative' / 'checkpoints' / '10').is_dir()
+    workdir = tmp_path / 'runs' / 'relative'
+    assert (workdir / 'checkpoints' / '10').is_dir()
+    # The evaluation also logs the white-box measures per layer and draws reconstructions and layer curves.
+    evals = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines() if 'eval/' in line]
+    assert {'whitebox/sparsity_zeros/layer_01', 'whitebox/compression_after/layer_00'} <= set(evals[-1])
+    assert {p.name for p in (workdir / 'images').iterdir()} >= {'reconstructions_00000010.png',
+                                                                'whitebox_00000010.png'}

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from cratemae import checkpoint as checkpoint_lib
 from cratemae import export
@@ -84,9 +85,9 @@ def abstract_params(model_config, encoder_only=True):
 
 def check_params(params, model_config, encoder_only=True, what='checkpoint'):
     """Raises CheckpointError naming missing, unexpected and mismatched-shape keys against ``config.model``."""
-    want = {'/'.join(map(str, k)): tuple(v.shape)
-            for k, v in _flat(abstract_params(model_config, encoder_only)).items()}
-    have = {'/'.join(map(str, k)): tuple(np.shape(v)) for k, v in _flat(params).items()}
+    flat = lambda tree: traverse_util.flatten_dict(tree, sep='/')  # noqa: E731
+    want = {k: tuple(v.shape) for k, v in flat(abstract_params(model_config, encoder_only)).items()}
+    have = {k: tuple(np.shape(v)) for k, v in flat(params).items()}
     if encoder_only:
         have = {k: v for k, v in have.items() if k.split('/')[0] in ENCODER_KEYS}
     missing = sorted(set(want) - set(have))
@@ -120,18 +121,6 @@ def check_architecture(checkpoint_config, config_model, what='checkpoint'):
         raise CheckpointError(f'The {what} was trained with another architecture than the config asks for:\n  '
                               + '\n  '.join(diffs) + '\nChoose the matching registry entry or override the keys '
                               '(e.g. --config.model.width=...).')
-
-
-def _flat(tree):
-    return {k: v for k, v in _flatten(tree, ())}
-
-
-def _flatten(tree, prefix):
-    if isinstance(tree, dict) or hasattr(tree, 'items'):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (k,))
-    else:
-        yield prefix, tree
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -139,12 +139,15 @@ class MaskedAutoencoder(nn.Module):
         cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
         return jnp.concatenate([cls, tokens], axis=1)
 
-    def encode(self, images):
-        """Features without masking: LN_enc(encoder([c; e_1..e_L] + P)), shape (B, N, d). For probes and diagnostics."""
+    def embed(self, images):
+        """The encoder's input without masking: Z^0 = [c; e_1..e_L] + P, shape (B, N, d)."""
         self.check_images(images)
         pos = ops.sincos_pos_embed(self.width, self.grid_size)
-        z = self._with_cls(self._embed_patches(images)) + pos.astype(self.dtype)
-        return self.encoder_norm(self.encoder(z))
+        return self._with_cls(self._embed_patches(images)) + pos.astype(self.dtype)
+
+    def encode(self, images):
+        """Features without masking: LN_enc(encoder(Z^0)), shape (B, N, d). For probes and diagnostics."""
+        return self.encoder_norm(self.encoder(self.embed(images)))
 
     def _masked_encoder_tokens(self, e, mask, ids_keep):
         """The encoder's input sequence after masking (spec §2.4 for the reference; FAIR's visible-only otherwise)."""

@@ -9,11 +9,12 @@ import functools
 import logging
 import os
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
 
 from cratemae import checkpoint
 from cratemae import data
@@ -22,6 +23,7 @@ from cratemae import flops
 from cratemae import metrics as metrics_lib
 from cratemae import models
 from cratemae import sharding
+from cratemae import visualize
 from cratemae.train import optimizer
 from cratemae.train import step as step_lib
 
@@ -165,37 +167,43 @@ def train_and_evaluate(
     device_kind = jax.devices()[0].device_kind
 
     def evaluate(step):
-        """Reconstruction loss on the held-out split, and a picture of the first batch."""
-        loss_sum, count, picture = 0.0, 0.0, None
+        """Held-out reconstruction loss; a picture of the first batch; the white-box measures on that batch."""
+        loss_sum, count, scalars = 0.0, 0.0, {}
         key = jax.random.key(config.seed + 1)  # the same masks at every evaluation, so the curve is comparable
         for i in range(min(config.train.eval_batches, eval_data.num_batches)):
             local = eval_data.batch(i)
             batch = sharding.host_local_to_global({'image': local['image'], 'valid': local['valid']}, mesh)
             out = eval_step(state.params, batch, jax.random.fold_in(key, i))
             loss_sum, count = loss_sum + float(out['loss_sum']), count + float(out['count'])
-            if picture is None and jax.process_index() == 0:
-                n = min(config.eval.images, local['image'].shape[0])
-                pred, mask = (
-                    np.asarray(jax.experimental.multihost_utils.process_allgather(out[k], tiled=True))[:n]
-                    if jax.process_count() > 1
-                    else np.asarray(out[k])[:n]
-                    for k in ('pred', 'mask')
-                )
-                picture = diagnostics.reconstruction_grid(
-                    local['image'][:n],
-                    pred,
-                    mask,
-                    config.model.patch_size,
-                    eval_data.info.mean,
-                    eval_data.info.std,
-                    config.model.norm_pix_loss,
-                )
-        scalars = {'eval/reconstruction_loss': loss_sum / max(count, 1.0)}
+            if i == 0:
+                scalars.update(first_batch_pictures(step, local, batch, out))
+        scalars['eval/reconstruction_loss'] = loss_sum / max(count, 1.0)
         writer.write_scalars(step, scalars)
-        if picture is not None:
-            writer.write_images(step, {'reconstructions': picture}, png=True)
         log.info('step %d: eval reconstruction loss %.4f', step, scalars['eval/reconstruction_loss'])
-        return scalars
+        return {'eval/reconstruction_loss': scalars['eval/reconstruction_loss']}
+
+    def first_batch_pictures(step, local, batch, out):
+        """Reconstruction grid and, for CRATE encoders, layer-wise compression and sparsity (scalars and curves)."""
+        n = min(config.eval.images, local['image'].shape[0])
+        # Every process takes part in the gathers (they are collectives); process 0 draws.
+        pred, mask = (np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:n] for k in ('pred', 'mask'))
+        measures = None
+        if config.eval.whitebox and config.model.encoder_block == 'crate':
+            measures = diagnostics.whitebox_measures(model, state.params, batch['image'], batch['valid'])
+        if jax.process_index() != 0:
+            return {}
+        info = eval_data.info
+        grid = diagnostics.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size, info.mean,
+                                               info.std, config.model.norm_pix_loss)
+        writer.write_images(step, {'reconstructions': grid}, png=True)
+        if measures is None:
+            return {}
+        if '://' in workdir:  # matplotlib writes local files; remote workdirs get the scalars only
+            return diagnostics.flatten_for_logging(measures)
+        path = visualize.layer_curves([(f'step {step}', measures)], os.path.join(workdir, 'images',
+                                                                                 f'whitebox_{step:08d}.png'))
+        writer.write_images(step, {'whitebox_curves': np.asarray(Image.open(path).convert('RGB'))})
+        return diagnostics.flatten_for_logging(measures)
 
     def save(step, force=False):
         if int(state.nonfinite_step) >= 0:
