@@ -20,7 +20,6 @@ v6e-256) or as libtpu does (v4:2x2x4, v5e:16x16, v5:4x4x4, v6e:16x16).
 """
 
 import dataclasses
-import functools
 import glob
 import importlib.util
 import os
@@ -32,11 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cratemae import flops
-from cratemae import models
 from cratemae import sharding
 from cratemae.train import loop
-from cratemae.train import optimizer
-from cratemae.train import step as step_lib
 
 GIB = 2**30
 # HBM per JAX device in GiB: v4 and v5p run one device per chip (megacore), v5e and v6e have one core per chip.
@@ -168,38 +164,17 @@ def resolve_mesh_config(mesh_config, num_devices) -> dict:
 def build_train_step(config, devices):
     """(jitted train step, abstract (state, batch) with shardings, mesh): what train_and_evaluate compiles.
 
-    Mirrors cratemae/train/loop.py (model, optimizer, eval_shape -> state shardings -> jit with donation); raises
+    Uses cratemae/train/loop.py build_program, the code train_and_evaluate runs; raises
     ValueError from loop.validate_config (e.g. a global batch that does not split over the devices) before tracing.
     """
     mesh = sharding.make_mesh(resolve_mesh_config(config.mesh, len(devices)), devices=devices)
     process_count = len({d.process_index for d in devices})
     loop.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], process_count)
-    model = models.build(config.model)
-    steps, batch = config.train.steps, config.train.global_batch
-    schedule = optimizer.learning_rate_schedule(config.optim, batch, steps)
-    tx = optimizer.make_optimizer(config.optim, batch, steps)
-    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    init_fn = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
-    abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32))
-    replicated = sharding.replicated(mesh)
-    state_shardings = step_lib.TrainState(
-        step=replicated,
-        params=sharding.param_shardings(abstract_state.params, config.sharding_rules, mesh),
-        opt_state=sharding.param_shardings(abstract_state.opt_state, config.sharding_rules, mesh),
-        rng=replicated,
-        nonfinite_step=replicated,
-    )
+    program = loop.build_program(config, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
-        in_shardings=(state_shardings, {'image': batch_sharding}),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         abstract_state, state_shardings)
-    images = jax.ShapeDtypeStruct((batch,) + image_shape[1:], jnp.float32, sharding=batch_sharding)
-    return train_step, (state, {'image': images}), mesh
+    images = jax.ShapeDtypeStruct((config.train.global_batch,) + program.image_shape[1:], jnp.float32,
+                                  sharding=batch_sharding)
+    return program.train_step, (program.abstract_state, {'image': images}), mesh
 
 
 @dataclasses.dataclass

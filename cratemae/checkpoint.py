@@ -277,10 +277,13 @@ def config_hash(config) -> str:
 
 
 def save_config(workdir, config):
-    """Write the resolved config as <workdir>/config.json (process 0 only)."""
+    """Write the resolved config as <workdir>/config.json (process 0 only), through a temporary file and a rename
+    so another process checking compatibility never reads half a file."""
     if jax.process_index() == 0:
-        (epath.Path(workdir) / CONFIG_FILE).write_text(
-            json.dumps(_config_dict(config), indent=2, sort_keys=True))
+        path = epath.Path(workdir) / CONFIG_FILE
+        tmp = path.parent / f'.{CONFIG_FILE}.{uuid.uuid4().hex}.tmp'
+        tmp.write_text(json.dumps(_config_dict(config), indent=2, sort_keys=True))
+        tmp.rename(path)
 
 
 def _show(value, missing):

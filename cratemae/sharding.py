@@ -38,22 +38,25 @@ FSDP_RULES = [('.*', FSDP_LARGEST)]
 
 
 def make_mesh(mesh_config=None, devices=None) -> Mesh:
-    """Mesh ('data','fsdp','model'); data=-1 takes the rest; the product must equal #devices."""
+    """Mesh ('data','fsdp','model'); one axis may be -1 (the devices left over; data=-1 by default, data=1
+    fsdp=-1 is FSDP over everything); the product must equal #devices."""
     cfg = dict(mesh_config or {})
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    data, fsdp, model = (int(cfg.get(a, -1 if a == 'data' else 1)) for a in AXES)
-    if fsdp < 1 or model < 1 or data == 0 or data < -1:
-        raise ValueError(f'Invalid mesh config data={data}, fsdp={fsdp}, model={model}: '
-                         'fsdp and model must be >= 1, data >= 1 or -1.')
-    if data == -1:
-        if n % (fsdp * model):
-            raise ValueError(f'mesh fsdp*model = {fsdp}*{model} = {fsdp * model} does not divide '
-                             f'the {n} available devices.')
-        data = n // (fsdp * model)
+    sizes = {a: int(cfg.get(a, -1 if a == 'data' else 1)) for a in AXES}
+    rest = [a for a, v in sizes.items() if v == -1]
+    if len(rest) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+        raise ValueError(f'Invalid mesh config {sizes}: each axis must be >= 1, and at most one may be -1.')
+    if rest:
+        known = int(np.prod([v for a, v in sizes.items() if a != rest[0]]))
+        if n % known:
+            raise ValueError(f'mesh axes other than {rest[0]} multiply to {known}, which does not divide the {n} '
+                             'available devices.')
+        sizes[rest[0]] = n // known
+    data, fsdp, model = (sizes[a] for a in AXES)
     if data * fsdp * model != n:
         raise ValueError(f'mesh data*fsdp*model = {data}*{fsdp}*{model} = {data * fsdp * model} '
-                         f'but there are {n} devices; set mesh.data=-1 to use all of them.')
+                         f'but there are {n} devices; set one axis (e.g. mesh.data) to -1 to use all of them.')
     return jax.make_mesh((data, fsdp, model), AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
 

@@ -89,7 +89,7 @@ def base_config():
     c.train.log_every = 50
     c.train.eval_every = 5000
     c.train.eval_batches = 8
-    c.train.eval_batch = 64
+    c.train.eval_batch = 256  # divides over pod slices of up to 256 chips
     c.train.eval_mask_ratio = ml_collections.config_dict.placeholder(float)  # None: the model's ratio
 
     c.checkpoint = ml_collections.ConfigDict()

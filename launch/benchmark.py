@@ -93,7 +93,7 @@ def _define_flags(fv, argv):
 
 
 def parse_value(text, like=None):
-    """'true'/'false' -> bool, ints, floats, 'none' -> None, else the string; the type of ``like`` (the current value) wins."""
+    """'true'/'false' -> bool, int, float, 'none' -> None, else the string; the type of ``like`` (if given) wins."""
     low = text.strip().lower()
     if isinstance(like, bool) or (like is None and low in ('true', 'false')):
         if low not in ('true', 'false', '1', '0'):

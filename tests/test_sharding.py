@@ -153,3 +153,10 @@ def test_distributed_request_env():
                 'CRATEMAE_PROCESS_ID': '1'})[1] == {'coordinator_address': 'h:1',
                                                         'num_processes': 2, 'process_id': 1}
     assert sharding.maybe_initialize_distributed(env={}) is False
+
+
+def test_fsdp_over_every_device_with_one_minus_one_axis():
+    mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'model': 1})
+    assert dict(mesh.shape) == {'data': 1, 'fsdp': 8, 'model': 1}
+    with pytest.raises(ValueError, match='at most one may be -1'):
+        sharding.make_mesh({'data': -1, 'fsdp': -1, 'model': 1})

@@ -1,6 +1,5 @@
 """The training engine: sharded step, accumulation, exact resume after SIGKILL, preemption, NaN, bad configs."""
 
-import functools
 import json
 import os
 import pathlib
@@ -19,8 +18,8 @@ import experiments
 from cratemae import models
 from cratemae import sharding
 from cratemae import train
+from cratemae.train import loop
 from cratemae.train import optimizer
-from cratemae.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,31 +31,12 @@ def _config(**train_overrides):
 
 
 def _run_steps(config, mesh, batches):
-    """Runs the real jitted train step on `mesh` over `batches`; returns the final state on the host."""
-    model = models.build(config.model)
-    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch, config.train.steps)
-    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, config.train.steps)
-    init = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
-    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    abstract = jax.eval_shape(init, jax.ShapeDtypeStruct(image_shape, jnp.float32))
-    rep = sharding.replicated(mesh)
-    shardings = step_lib.TrainState(
-        step=rep,
-        params=sharding.param_shardings(abstract.params, config.sharding_rules, mesh),
-        opt_state=sharding.param_shardings(abstract.opt_state, config.sharding_rules, mesh),
-        rng=rep,
-        nonfinite_step=rep,
-    )
-    state = jax.jit(init, out_shardings=shardings)(jnp.zeros(image_shape))
-    step = jax.jit(
-        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
-        in_shardings=(shardings, {'image': sharding.batch_sharding(mesh)}),
-        out_shardings=(shardings, rep),
-        donate_argnums=0,
-    )
+    """Runs the loop's own jitted train step on `mesh` over `batches`; returns the final state on the host."""
+    program = loop.build_program(config, mesh)
+    state = jax.jit(program.init_fn, out_shardings=program.state_shardings)(jnp.zeros(program.image_shape))
     losses = []
     for images in batches:
-        state, metrics = step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
+        state, metrics = program.train_step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
         losses.append(float(metrics['loss']))
     return jax.device_get(state), losses
 

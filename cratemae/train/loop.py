@@ -5,10 +5,13 @@ sees (one CPU, a GPU host, a TPU pod slice with one process per host), checkpoin
 writes metrics and reconstruction pictures to the workdir.
 """
 
+import dataclasses
 import functools
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +68,54 @@ def validate_config(config, num_devices_for_batch: int, process_count: int) -> N
         raise ValueError(f'train.steps={config.train.steps} must be at least 1.')
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What train_and_evaluate runs on a mesh; launch.aot_compile lowers the same train_step for a TPU slice."""
+
+    model: Any
+    init_fn: Callable  # images (1, H, W, C) -> TrainState; jit it with out_shardings=state_shardings
+    image_shape: tuple
+    state_shardings: step_lib.TrainState
+    abstract_state: step_lib.TrainState  # ShapeDtypeStructs carrying state_shardings (restore / AOT targets)
+    train_step: Callable  # jitted, the state donated
+    eval_step: Callable
+
+
+def build_program(config, mesh) -> Program:
+    """Model and optimizer; shapes first (eval_shape), then shardings from the config's regex rules; the jitted
+    steps with explicit shardings and the train state donated so parameters are updated in place."""
+    model = models.build(config.model)
+    batch, steps = config.train.global_batch, config.train.steps
+    schedule = optimizer.learning_rate_schedule(config.optim, batch, steps)
+    tx = optimizer.make_optimizer(config.optim, batch, steps)
+    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
+    init_fn = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
+    abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    replicated = sharding.replicated(mesh)
+    state_shardings = step_lib.TrainState(
+        step=replicated,
+        params=sharding.param_shardings(abstract_state.params, config.sharding_rules, mesh),
+        opt_state=sharding.param_shardings(abstract_state.opt_state, config.sharding_rules, mesh),
+        rng=replicated,
+        nonfinite_step=replicated,
+    )
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
+        in_shardings=(state_shardings, {'image': batch_sharding}),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        step_lib.make_eval_step(model, config.train.eval_mask_ratio),
+        in_shardings=(state_shardings.params, {'image': batch_sharding, 'valid': batch_sharding}, replicated),
+    )
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+    )
+    return Program(model, init_fn, image_shape, state_shardings, abstract_sharded, train_step, eval_step)
+
+
 def train_and_evaluate(
     config, workdir: str, *, allow_config_change: bool = False, fault_kill_at_step: int | None = None
 ) -> dict:
@@ -108,34 +159,16 @@ def train_and_evaluate(
     )
 
     # ----------------------------------------------------------------------------------------------------------
-    # Model and optimizer.
-    model = models.build(config.model)
-    total_steps = config.train.steps
-    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch, total_steps)
-    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, total_steps)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Shard and initialise: shapes first (eval_shape), then shardings from the config's regex rules, then the real
-    # initialisation under jit so every parameter is created directly on the devices that hold it.
-    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    init_fn = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
-    abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32))
-    replicated = sharding.replicated(mesh)
-    state_shardings = step_lib.TrainState(
-        step=replicated,
-        params=sharding.param_shardings(abstract_state.params, config.sharding_rules, mesh),
-        opt_state=sharding.param_shardings(abstract_state.opt_state, config.sharding_rules, mesh),
-        rng=replicated,
-        nonfinite_step=replicated,
-    )
+    # Model, optimizer, state shardings and the jitted steps (shared with launch.aot_compile).
+    program = build_program(config, mesh)
+    model, state_shardings = program.model, program.state_shardings
+    init_fn, image_shape, total_steps = program.init_fn, program.image_shape, config.train.steps
+    train_step, eval_step = program.train_step, program.eval_step
 
     # ----------------------------------------------------------------------------------------------------------
     # Restore the newest good checkpoint, if any (a corrupt newest one is reported and skipped).
     ckpt = checkpoint.Checkpointer.from_config(workdir, config.checkpoint)
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
-    )
-    restored = ckpt.restore_latest(abstract_sharded)
+    restored = ckpt.restore_latest(program.abstract_state)
     if restored is None:
         state = jax.jit(init_fn, out_shardings=state_shardings)(jnp.zeros(image_shape, jnp.float32))
         start_step, core_hours = 0, 0.0
@@ -144,20 +177,6 @@ def train_and_evaluate(
         start_step, state, meta = restored
         core_hours = float(meta.get('core_hours', 0.0))
         log.info('Resumed from step %d.', start_step)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # The jitted steps: explicit shardings, the train state donated so parameters are updated in place.
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
-        in_shardings=(state_shardings, {'image': batch_sharding}),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(
-        step_lib.make_eval_step(model, config.train.eval_mask_ratio),
-        in_shardings=(state_shardings.params, {'image': batch_sharding, 'valid': batch_sharding}, replicated),
-    )
 
     writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step)
     throughput = metrics_lib.Throughput(
