@@ -283,7 +283,7 @@ def save_config(workdir, config):
         path = epath.Path(workdir) / CONFIG_FILE
         tmp = path.parent / f'.{CONFIG_FILE}.{uuid.uuid4().hex}.tmp'
         tmp.write_text(json.dumps(_config_dict(config), indent=2, sort_keys=True))
-        tmp.rename(path)
+        tmp.replace(path)
 
 
 def _show(value, missing):

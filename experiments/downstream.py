@@ -64,25 +64,37 @@ def finetune_config(pretrain, dataset, splits, num_examples, epochs=200, batch=2
 
 @register
 def finetune_cifar10():
-    """CRATE-MAE-Base fine-tuned on CIFAR-10 at 224 px (reference transfer recipe, 200 epochs, batch 256)."""
+    """CRATE-MAE-Base fine-tuned on CIFAR-10 at 224 px (reference transfer recipe, 200 epochs, batch 256).
+
+    python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_cifar10
+    """
     return finetune_config(_registry().crate_mae_base(), 'cifar10', ('train', 'test'), 50_000)
 
 
 @register
 def finetune_cifar100():
-    """CRATE-MAE-Base fine-tuned on CIFAR-100 at 224 px (reference transfer recipe, 200 epochs, batch 256)."""
+    """CRATE-MAE-Base fine-tuned on CIFAR-100 at 224 px (reference transfer recipe, 200 epochs, batch 256).
+
+    python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_cifar100
+    """
     return finetune_config(_registry().crate_mae_base(), 'cifar100', ('train', 'test'), 50_000)
 
 
 @register
 def finetune_oxford_flowers102():
-    """CRATE-MAE-Base fine-tuned on Oxford Flowers-102 (1,020 train images, 6,149 test) at 224 px."""
+    """CRATE-MAE-Base fine-tuned on Oxford Flowers-102 (1,020 train images, 6,149 test) at 224 px.
+
+    python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_oxford_flowers102
+    """
     return finetune_config(_registry().crate_mae_base(), 'oxford_flowers102', ('train', 'test'), 1_020)
 
 
 @register
 def finetune_oxford_iiit_pet():
-    """CRATE-MAE-Base fine-tuned on Oxford-IIIT Pets (trainval 3,680 = tfds 'train', test 3,669) at 224 px."""
+    """CRATE-MAE-Base fine-tuned on Oxford-IIIT Pets (trainval 3,680 = tfds 'train', test 3,669) at 224 px.
+
+    python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_oxford_iiit_pet
+    """
     return finetune_config(_registry().crate_mae_base(), 'oxford_iiit_pet', ('train', 'test'), 3_680)
 
 
@@ -112,6 +124,8 @@ def finetune_skimage_crops():
     Pretrain its encoder first, e.g. python -m launch.train --workdir=runs/skimage --config.data.name=skimage_crops
     --config.data.image_size=64 --config.data.channels=3 --config.model.image_size=64 --config.model.channels=3
     --config.model.patch_size=8, then --checkpoint=runs/skimage.
+
+    python -m launch.finetune --checkpoint=runs/skimage --config=experiments/registry.py:finetune_skimage_crops
     """
     c = finetune_config(_registry().crate_mae_mnist(), 'skimage_crops', ('train', 'test'), 2_240, epochs=30,
                         batch=128, image_size=64)

@@ -262,3 +262,11 @@ def _register_ablation(name, base, overrides, question):
 
 for _name, _base, _overrides, _question in ablations.entries():
     _register_ablation(_name, _base, _overrides, _question)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fine-tuning entries for the downstream datasets (experiments/downstream.py; run with launch.finetune).
+
+from experiments import downstream  # noqa: E402
+
+_ENTRIES.update(downstream.ENTRIES)

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,8 @@ class Sweep:
                                     f'{self.left():.0f} s left < {estimate:.0f} s estimated'), 'error': 'skipped'}
             self._write(record)
             return record
+        if point.get('profile'):
+            shutil.rmtree(_TRACE, ignore_errors=True)  # a trace left by an earlier sweep on this machine
         t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30.0, self.left()), check=False)

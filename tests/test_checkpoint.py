@@ -1,4 +1,5 @@
 """Tests for cratemae.checkpoint: round trip, retention, corrupt-step fallback, config checks."""
+import json
 import os
 import signal
 
@@ -151,3 +152,12 @@ def test_sigterm_sets_preemption_flag(tmp_path):
         ckpt.uninstall_preemption_handler()
         ckpt.close()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_save_config_overwrites_an_existing_config(tmp_path):
+    import ml_collections
+
+    checkpoint.save_config(tmp_path, ml_collections.ConfigDict({'a': 1}))
+    checkpoint.save_config(tmp_path, ml_collections.ConfigDict({'a': 2}))
+    assert json.loads((tmp_path / 'config.json').read_text()) == {'a': 2}
+    assert [p.name for p in tmp_path.iterdir()] == ['config.json']

@@ -178,7 +178,8 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
     else:
         start_step, state, _ = restored
         log.info('Resumed fine-tuning from step %d.', start_step)
-    checkpoint.save_config(workdir, config)
+    if not (epath.Path(workdir) / checkpoint.CONFIG_FILE).exists():  # the first run's config (check_compatible)
+        checkpoint.save_config(workdir, config)
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
