@@ -36,6 +36,8 @@ CKPT_DIR = 'checkpoints'
 # Keys that may change between a run and its resumption without changing what is trained.
 DEFAULT_IGNORE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                   'train.eval_batch', 'train.eval_mask_ratio', 'eval.*',
+                  # How the same maths is computed (kernels, recomputation, unrolling), not what is trained:
+                  'model.attention', 'model.attention_pad', 'model.remat', 'model.scan_unroll', 'model.fused_ista',
                   'checkpoint.*', 'data.data_dir', 'data.num_workers', 'data.prefetch')
 
 

@@ -111,7 +111,7 @@ def finetune_mnist():
     # small encoder pretrained for minutes.
     c.data.update(crop_scale=(0.6, 1.0), hflip=False)
     c.optim.base_lr = 1e-3
-    c.train.update(log_every=25, eval_every=350, eval_batch=100)
+    c.train.update(log_every=25, eval_every=350, eval_batch=128)
     c.checkpoint.update(every=350)
     c.finetune.randaugment = None
     return c

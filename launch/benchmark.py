@@ -4,11 +4,11 @@
       [--config.KEY=VALUE ...] [--sweep KEY=V1,V2 ...] [--sweep_mode product|each] [--nodonate]
       [--compiler_option NAME=VALUE ...] [--profile DIR] [--output FILE] [--peak_flops F]
 
-Times the framework's real jitted train step (``cratemae.train.step.make_train_step`` with the optimizer of
-``cratemae.train.optimizer``, the mesh and parameter shardings of ``cratemae.sharding`` and the state donated), built
-as ``cratemae/train/loop.py`` builds it, on synthetic images drawn on the devices (no input pipeline). Lowering and
+Times the framework's real jitted train step: ``cratemae.train.loop.build_program``, the program the training loop
+runs (``make_train_step`` with the optimizer of ``cratemae.train.optimizer``, the mesh and parameter shardings of
+``cratemae.sharding``, the state donated), on synthetic images drawn on the devices (no input pipeline). Lowering and
 compiling are timed apart (``jitted.lower(...).compile()``); then ``--warmup`` steps run untimed and each of
-``--steps`` steps is timed to ``block_until_ready``. Prints one JSON line per point (see ``_record``).
+``--steps`` steps is timed to ``block_until_ready``. Prints one JSON line per point (fields: docs/performance.md).
 
 Sweeps: ``--sweep model.attention=einsum,dot_product_attention --sweep batch=64,128`` runs the cartesian product
 (``--sweep_mode each`` varies one key at a time from the base). Keys are config paths (a bare model key such as
@@ -24,7 +24,6 @@ which depend much less on the neighbours than wall time. Set JAX_PLATFORMS=cpu w
 
 import copy
 import datetime
-import functools
 import gc
 import itertools
 import json
@@ -44,11 +43,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from cratemae import flops
-from cratemae import models
 from cratemae import sharding
 from cratemae import train
-from cratemae.train import optimizer
-from cratemae.train import step as step_lib
+from cratemae.train import loop
 
 _REGISTRY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'registry.py')
 # The options recorded with every point, besides the overrides that were asked for.
@@ -180,31 +177,19 @@ def apply_overrides(config, overrides):
 # The step, built as cratemae/train/loop.py builds it.
 
 
-def build(config, mesh, batch, donate=True):
-    """(state, jitted train step, batch sharding) for ``config`` on ``mesh`` with the state donated like loop.py."""
-    model = models.build(config.model)
-    total_steps = config.train.steps
-    schedule = optimizer.learning_rate_schedule(config.optim, batch, total_steps)
-    tx = optimizer.make_optimizer(config.optim, batch, total_steps)
-    image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    init_fn = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
-    abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32))
-    replicated = sharding.replicated(mesh)
-    state_shardings = step_lib.TrainState(
-        step=replicated,
-        params=sharding.param_shardings(abstract_state.params, config.sharding_rules, mesh),
-        opt_state=sharding.param_shardings(abstract_state.opt_state, config.sharding_rules, mesh),
-        rng=replicated,
-        nonfinite_step=replicated,
-    )
-    state = jax.jit(init_fn, out_shardings=state_shardings)(jnp.zeros(image_shape, jnp.float32))
+def build(config, mesh, donate=True):
+    """(state, jitted train step, batch sharding) from ``cratemae.train.loop.build_program``: the training loop's own
+    program, with the state initialised as the loop initialises it (config.train.global_batch is the batch)."""
+    program = loop.build_program(config, mesh)
+    state = jax.jit(program.init_fn, out_shardings=program.state_shardings)(jnp.zeros(program.image_shape, jnp.float32))
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
-        in_shardings=(state_shardings, {'image': batch_sharding}),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0 if donate else (),
-    )
+    train_step = program.train_step
+    if not donate:  # the same step function and shardings without donation, to measure what donation buys
+        train_step = jax.jit(
+            train_step.__wrapped__,
+            in_shardings=(program.state_shardings, {'image': batch_sharding}),
+            out_shardings=(program.state_shardings, sharding.replicated(mesh)),
+        )
     return state, train_step, batch_sharding
 
 
@@ -261,7 +246,7 @@ def run_point(config, batch, steps, warmup, donate=True, compiler_options=None, 
     config = copy.deepcopy(config)
     config.train.global_batch = batch
     train.validate_config(config, batch_devices, jax.process_count())
-    state, train_step, batch_sharding = build(config, mesh, batch, donate)
+    state, train_step, batch_sharding = build(config, mesh, donate)
     data = synthetic_batch(config, batch, batch_sharding)
 
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ and an out-of-memory or an unsupported kernel costs only that point. Points run 
 stages use the winners of the earlier ones (CRATE-MAE-Base, reference architecture, batch 256, bf16 compute):
 
   0 smoke      crate_mae_test, 2 steps: the stack works (jax, the carried wheels); the sweep stops here if not
-  1 attention  einsum | cudnn | cudnn + tokens padded to 64k (197 -> 256) | dot_product_attention (XLA); remat none
+  1 attention  einsum | cudnn | cudnn + tokens padded to a multiple of 64 (197 -> 256) | dot_product_attention (XLA)
   2 remat      full | dots_saveable | dots_with_no_batch_dims_saveable, with the fastest attention
   3 knobs      fused_ista | scan_unroll=2, with the fastest attention + remat
   4 models     visible-only encoder (the ablation) | crate_mae_small | crate_mae_large (remat falls back on OOM)
@@ -15,7 +15,7 @@ stages use the winners of the earlier ones (CRATE-MAE-Base, reference architectu
                einsum + dots_with_no_batch_dims_saveable | plain fp32 einsum
 
 Before each point the sweep checks that the time left covers 1.25x the slowest point so far, else it records the
-point as skipped, so the whole run ends inside --budget_s (plus one point's tail). Files in --out:
+point as skipped, so the whole run ends inside --budget_s plus 30 s. Files in --out:
 gpu_sweep.jsonl (the benchmark records plus 'sweep': stage, name, wall_s), gpu_sweep_summary.md (a table and the
 winners), gpu_sweep.log (each point's command and the tail of its stderr), gpu_sweep_profile.tgz (the trace; open
 it with TensorBoard's profile plugin or xprof).
@@ -102,6 +102,7 @@ def stages():
 
 
 _TRACE = '/tmp/gpu_sweep_trace'
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the benchmark's -m and --config resolve here
 
 
 def command(point, steps, warmup):
@@ -149,7 +150,8 @@ class Sweep:
             shutil.rmtree(_TRACE, ignore_errors=True)  # a trace left by an earlier sweep on this machine
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30.0, self.left()), check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30.0, self.left()), check=False,
+                                  cwd=_REPO)
             stdout, stderr = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as e:
             stdout, stderr = e.stdout or '', (e.stderr or '') + '\nTIMEOUT'

@@ -181,7 +181,7 @@ def test_donation_does_not_change_the_step():
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     results = []
     for donate in (True, False):
-        state, step, batch_sharding = benchmark.build(config, mesh, 16, donate)
+        state, step, batch_sharding = benchmark.build(config, mesh, donate)
         batch = benchmark.synthetic_batch(config, 16, batch_sharding)
         for _ in range(2):
             state, metrics = step(state, batch)
