@@ -161,3 +161,14 @@ def test_save_config_overwrites_an_existing_config(tmp_path):
     checkpoint.save_config(tmp_path, ml_collections.ConfigDict({'a': 2}))
     assert json.loads((tmp_path / 'config.json').read_text()) == {'a': 2}
     assert [p.name for p in tmp_path.iterdir()] == ['config.json']
+
+
+def test_performance_options_may_change_on_resume_but_the_model_may_not(tmp_path):
+    old = ml_collections.ConfigDict({'model': {'remat': 'none', 'attention': 'einsum', 'width': 64}})
+    checkpoint.save_config(tmp_path, old)
+    new = ml_collections.ConfigDict({'model': {'remat': 'full', 'attention': 'dot_product_attention', 'width': 64,
+                                               'attention_pad': 64}})
+    assert checkpoint.check_compatible(tmp_path, new) == []
+    new.model.width = 128
+    with pytest.raises(ValueError, match='model.width: 64 -> 128'):
+        checkpoint.check_compatible(tmp_path, new)
