@@ -33,6 +33,7 @@ from cratemae.train import optimizer
 from cratemae.train.loop import NonFiniteLossError
 from cratemae.train.loop import validate_config
 from cratemae.train.step import TrainState
+from cratemae.train.step import guarded_update
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,7 @@ def make_train_step(model, tx, schedule, num_classes, label_smoothing=0.0):
 
     def train_step(state, batch):
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch['image'], batch['label'])
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            nonfinite_step=jnp.where(ok | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
+        new_state, grad_norm = guarded_update(state, tx, loss, grads)
         return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
                            'grad_norm': grad_norm, 'learning_rate': schedule(state.step)}
 

@@ -41,6 +41,26 @@ def masking_noise(state: TrainState, batch_size: int, num_patches: int) -> jax.A
     return jax.random.uniform(key, (batch_size, num_patches))
 
 
+def guarded_update(state, tx, loss, grads):
+    """Applies the optimizer update unless the loss or the gradient norm is not finite, or an earlier step was not.
+
+    A skipped update keeps params and optimizer state as they were and records the step in ``nonfinite_step``, so
+    the host can stop the run with the last good state. Returns (new_state, gradient norm).
+    """
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_step=jnp.where(ok | (state.nonfinite_step >= 0), state.nonfinite_step, state.step),
+    )
+    return new_state, grad_norm
+
+
 def make_train_step(model, tx, schedule, accum_steps: int = 1):
     """Returns train_step(state, batch) -> (state, metrics).
 
@@ -71,17 +91,7 @@ def make_train_step(model, tx, schedule, accum_steps: int = 1):
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(images), micro(noise)))
             loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
 
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            nonfinite_step=jnp.where(ok | (state.nonfinite_step >= 0), state.nonfinite_step, state.step),
-        )
+        new_state, grad_norm = guarded_update(state, tx, loss, grads)
         metrics = {
             'loss': loss,
             'grad_norm': grad_norm,
