@@ -85,7 +85,16 @@ def _last_eval_loss(workdir):
     return losses[-1] if losses else float('nan')
 
 
-def evaluate_run(name, config, workdir, probe_examples=None):
+def last_layer_measures(model, params, batch):
+    """(R^c, fraction of zeros) of the last encoder layer's output; NaN for ViT encoders, which have neither
+    subspaces nor an ISTA step to measure."""
+    if model.encoder_block != 'crate':
+        return float('nan'), float('nan')
+    measures = diagnostics.whitebox_measures(model, params, batch['image'], batch['valid'])
+    return float(measures['compression_after'][-1]), float(measures['sparsity_zeros'][-1])
+
+
+def evaluate_run(name, config, workdir):
     """The row of the results table for one finished run."""
     ckpt = checkpoints.load(workdir, encoder_only=False)
     data_cfg = features.probe_data_config(ckpt)
@@ -95,12 +104,12 @@ def evaluate_run(name, config, workdir, probe_examples=None):
     model = models.build(ckpt.model_config)
     pipe = data.make_pipeline(data_cfg, split=data_cfg.split_eval, global_batch=64, seed=0, train=False)
     batch = pipe.batch(0)
-    measures = diagnostics.whitebox_measures(model, ckpt.params, batch['image'], batch['valid'])
+    compression, sparsity = last_layer_measures(model, ckpt.params, batch)
     return {
         'name': name, 'changes': _changes(name), 'params': models.count_params(config.model),
         'steps': config.train.steps, 'reconstruction': _last_eval_loss(workdir),
         'ridge': probes['ridge']['top1'], 'knn': probes['knn']['top1'],
-        'compression': float(measures['compression_after'][-1]), 'sparsity': float(measures['sparsity_zeros'][-1]),
+        'compression': compression, 'sparsity': sparsity,
     }
 
 

@@ -41,3 +41,18 @@ def test_end_to_end_on_one_entry_writes_the_tables(tmp_path):
     with open(tmp_path / 'table.csv') as f:
         assert next(csv.DictReader(f))['name'] == name
     assert (tmp_path / 'table.md').read_text().count('\n') == 3 and (tmp_path / 'table.png').stat().st_size > 0
+
+
+def test_vit_entries_get_no_whitebox_measures_instead_of_an_error():
+    import jax
+    import jax.numpy as jnp
+    import math
+
+    import experiments
+    from cratemae import models
+
+    model = models.build(experiments.get_config('mnist_ablate_vit_mae').model)
+    images = jnp.zeros((2, 28, 28, 1))
+    params = jax.jit(lambda x: model.init({'params': jax.random.key(0), 'masking': jax.random.key(1)}, x))(images)
+    compression, sparsity = sweep.last_layer_measures(model, params['params'], {'image': images, 'valid': None})
+    assert math.isnan(compression) and math.isnan(sparsity)
