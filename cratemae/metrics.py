@@ -11,6 +11,7 @@ should keep the last row per step).
 """
 import contextlib
 import json
+import os
 import time
 
 import jax
@@ -151,3 +152,17 @@ class Throughput:
         return {'img_per_s': img_s, 'img_per_s_per_device': img_s / self.num_devices,
                 'step_time_s': busy / steps, 'core_hours': self.core_hours}
 
+
+def busy_cpu_seconds():
+    """CPU-seconds all cores of the host have spent busy so far (Linux /proc/stat), or None elsewhere.
+
+    The difference over an interval, minus this process's own CPU time, is what other jobs took: benchmarks report it
+    so that a figure measured on a shared machine says how shared it was.
+    """
+    try:
+        with open('/proc/stat') as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf('SC_CLK_TCK')

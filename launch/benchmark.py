@@ -43,6 +43,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cratemae import flops
+from cratemae import metrics as metrics_lib
 from cratemae import sharding
 from cratemae import train
 from cratemae.train import loop
@@ -200,16 +201,6 @@ def synthetic_batch(config, batch, batch_sharding, seed=0):
     return {'image': draw(jax.random.key(seed))}
 
 
-def _busy_seconds():
-    """CPU-seconds all cores spent busy so far (Linux /proc/stat), or None."""
-    try:
-        with open('/proc/stat') as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf('SC_CLK_TCK')
-
-
 def _memory(compiled, device):
     """Peak device memory: allocator statistics where the backend keeps them (GPU, TPU), else XLA's plan."""
     try:
@@ -260,7 +251,7 @@ def run_point(config, batch, steps, warmup, donate=True, compiler_options=None, 
         state, metrics = compiled(state, data)
     jax.block_until_ready((state, metrics))
     times = []
-    load_before, busy0, cpu0 = os.getloadavg(), _busy_seconds(), time.process_time()
+    load_before, busy0, cpu0 = os.getloadavg(), metrics_lib.busy_cpu_seconds(), time.process_time()
     wall0 = time.perf_counter()
     for _ in range(steps):
         s = time.perf_counter()
@@ -268,7 +259,7 @@ def run_point(config, batch, steps, warmup, donate=True, compiler_options=None, 
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - s)
     wall = time.perf_counter() - wall0
-    busy1, cpu1 = _busy_seconds(), time.process_time()
+    busy1, cpu1 = metrics_lib.busy_cpu_seconds(), time.process_time()
     if profile_dir:
         with jax.profiler.trace(profile_dir):
             for _ in range(profile_steps):

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cratemae import data
+from cratemae import metrics
 from cratemae.data import embedded
 
 
@@ -52,27 +53,16 @@ def _config(folder, size, workers):
     return cfg
 
 
-def _busy_seconds():
-    """CPU-seconds all cores spent busy so far (Linux /proc/stat), or None."""
-    try:
-        with open('/proc/stat') as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf('SC_CLK_TCK')
-
-
 def bench_inline(folder, size, batch, steps):
     """pipe.batch(s) in this process, after 1 warm-up: (images per wall
     second, images per CPU-second of this process, cores' worth of CPU used
     by other processes meanwhile)."""
     pipe = data.make_pipeline(_config(folder, size, 0), 'train', batch, seed=0)
     pipe.batch(0)
-    b0, t0, c0 = _busy_seconds(), time.perf_counter(), time.process_time()
+    b0, t0, c0 = metrics.busy_cpu_seconds(), time.perf_counter(), time.process_time()
     for s in range(1, steps + 1):
         pipe.batch(s)
-    wall, cpu, b1 = time.perf_counter() - t0, time.process_time() - c0, _busy_seconds()
+    wall, cpu, b1 = time.perf_counter() - t0, time.process_time() - c0, metrics.busy_cpu_seconds()
     foreign = None if b0 is None else max(0.0, (b1 - b0 - cpu) / wall)
     return steps * batch / wall, steps * batch / cpu, foreign
 

@@ -3,6 +3,8 @@ import json
 import struct
 import time
 
+import pytest
+
 import jax.numpy as jnp
 import numpy as np
 from tensorboardX.proto import event_pb2
@@ -71,3 +73,13 @@ def test_throughput_and_core_hours():
     np.testing.assert_allclose(s['img_per_s_per_device'], s['img_per_s'] / 8)
     assert 2.0 + 8 * 0.1 / 3600 <= s['core_hours'] <= 2.0 + 8 * total / 3600
     assert set(tp.measure(110)) == {'core_hours'}
+
+
+def test_busy_cpu_seconds_grows_while_this_process_computes():
+    before = metrics.busy_cpu_seconds()
+    if before is None:
+        pytest.skip('no /proc/stat on this platform')
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    assert metrics.busy_cpu_seconds() - before >= 0.2

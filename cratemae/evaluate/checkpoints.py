@@ -230,6 +230,15 @@ def _config_from_json(text):
     return ml_collections.ConfigDict(json.loads(text)) if text else None
 
 
+def _architecture(stored, given, what, unknown):
+    """The model config of a file: the one it records, checked against the one the user gave, or the given one."""
+    if stored is None and given is None:
+        raise CheckpointError(f'{unknown}: pass --config=experiments/registry.py:NAME (or --model NAME).')
+    if stored is not None and given is not None:
+        check_architecture(stored, given, what=what)
+    return stored if stored is not None else given
+
+
 def _load_file(path, model_config, encoder_only):
     try:
         state_dict, metadata = export.load_state_dict(path)
@@ -237,12 +246,8 @@ def _load_file(path, model_config, encoder_only):
         raise CheckpointError(str(e)) from e
     source = _FILE_SOURCES.get(os.path.splitext(path)[1].lower(), 'file')
     stored = normalize_model_config(export.model_config_from_metadata(metadata)) if 'model_config' in metadata else None
-    if stored is None and model_config is None:
-        raise CheckpointError(f'{path} is a reference-format file without our metadata, so its architecture is '
-                              'unknown: pass --config=experiments/registry.py:NAME (or --model NAME).')
-    if stored is not None and model_config is not None:
-        check_architecture(stored, model_config, what=f'file {os.path.basename(path)}')
-    cfg = stored if stored is not None else model_config
+    cfg = _architecture(stored, model_config, f'file {os.path.basename(path)}',
+                        f'{path} is a reference-format file without our metadata, so its architecture is unknown')
     try:
         params = export.from_reference_state_dict(state_dict, cfg, encoder_only=encoder_only)
     except ValueError as e:
@@ -263,12 +268,8 @@ def _load_orbax(path, model_config, encoder_only):
     sidecar = _sidecar(path)
     meta = json.loads(epath.Path(sidecar).read_text()) if os.path.exists(sidecar) else {}
     stored = normalize_model_config(meta['model_config']) if 'model_config' in meta else None
-    if stored is None and model_config is None:
-        raise CheckpointError(f'{path} is an Orbax params directory without {sidecar}: pass '
-                              '--config=experiments/registry.py:NAME (or --model NAME) to say which architecture.')
-    if stored is not None and model_config is not None:
-        check_architecture(stored, model_config, what=f'export {path}')
-    cfg = stored if stored is not None else model_config
+    cfg = _architecture(stored, model_config, f'export {path}',
+                        f'{path} is an Orbax params directory without {sidecar}, so its architecture is unknown')
     checkpointer = ocp.StandardCheckpointer()
     try:
         tree = checkpointer.metadata(os.path.abspath(path))

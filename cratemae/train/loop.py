@@ -139,24 +139,10 @@ def train_and_evaluate(
 
     # ----------------------------------------------------------------------------------------------------------
     # Input pipeline: the batch at step s is a pure function of (seed, s, host), so the data position is the step.
-    train_data = data.make_pipeline(
-        config.data,
-        split=config.data.split_train,
-        global_batch=config.train.global_batch,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        train=True,
-    )
-    eval_data = data.make_pipeline(
-        config.data,
-        split=config.data.split_eval,
-        global_batch=config.train.eval_batch,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        train=False,
-    )
+    pipeline = functools.partial(data.make_pipeline, config.data, seed=config.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    train_data = pipeline(split=config.data.split_train, global_batch=config.train.global_batch, train=True)
+    eval_data = pipeline(split=config.data.split_eval, global_batch=config.train.eval_batch, train=False)
 
     # ----------------------------------------------------------------------------------------------------------
     # Model, optimizer, state shardings and the jitted steps (shared with launch.aot_compile).
@@ -275,7 +261,9 @@ def train_and_evaluate(
                     # resumes), then die without any cleanup.
                     ckpt.wait_until_finished()
                     os.kill(os.getpid(), signal.SIGKILL)
-                if done < total_steps and ckpt.reached_preemption(done):
+                # On several hosts the check is a small blocking collective: make it at log steps only.
+                check_preemption = jax.process_count() == 1 or done % config.train.log_every == 0
+                if done < total_steps and check_preemption and ckpt.reached_preemption(done):
                     log.warning('Preemption: saving step %d and exiting; rerun the same command to resume.', done)
                     save(done, force=True)
                     break
