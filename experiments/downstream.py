@@ -7,9 +7,8 @@ Run one with
 (``experiments/downstream.py:NAME`` works too). PATH is a pretraining workdir, an export, or a reference-format file.
 Each entry starts from a pretraining entry (the architecture, in ``model``) and applies the transfer recipe of the
 reference's ``finetune.py`` (Ma-Lab-Berkeley/CRATE): AdamW betas (0.9, 0.999), weight decay 0.01, lr 5e-5 at batch
-256, cosine over 200 epochs without warmup, RandomResizedCrop (scale 0.08-1) + flip at 224 px; its RandAugment(2, 14)
-is requested in ``finetune.randaugment`` but skipped, because cratemae.data has none. The head reads the class token
-through a LayerNorm, as the reference's ``mlp_head``.
+256, cosine over 200 epochs without warmup, RandomResizedCrop (scale 0.08-1) + flip + RandAugment(2, 14) at 224 px
+(``data.randaugment``). The head reads the class token through a LayerNorm, as the reference's ``mlp_head``.
 """
 
 import ml_collections
@@ -43,7 +42,8 @@ def finetune_config(pretrain, dataset, splits, num_examples, epochs=200, batch=2
     """The reference transfer recipe on ``dataset`` for the architecture of the pretraining config ``pretrain``."""
     c = pretrain
     c.data.update(name=dataset, split_train=splits[0], split_eval=splits[1], image_size=image_size, augment='mae',
-                  crop_scale=(0.08, 1.0), hflip=True)  # torchvision RandomResizedCrop's default scale
+                  crop_scale=(0.08, 1.0), hflip=True,  # torchvision RandomResizedCrop's default scale
+                  randaugment=(2, 14))  # the reference's RandAugment(num_ops=2, magnitude=14)
     c.model.image_size = image_size
     c.optim.update(base_lr=5e-5 * 256 / batch, min_lr=0.0, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=0)
     steps_per_epoch = -(-num_examples // batch)
@@ -57,7 +57,6 @@ def finetune_config(pretrain, dataset, splits, num_examples, epochs=200, batch=2
         'head_norm': True,  # LayerNorm before the Dense head (the reference's mlp_head)
         'head_init_std': 2e-5,
         'label_smoothing': 0.0,  # the reference uses plain cross-entropy
-        'randaugment': (2, 14),  # (num_ops, magnitude) of the reference; reported and skipped (no RandAugment here)
     })
     return c
 
@@ -113,7 +112,7 @@ def finetune_mnist():
     c.optim.base_lr = 1e-3
     c.train.update(log_every=25, eval_every=350, eval_batch=128)
     c.checkpoint.update(every=350)
-    c.finetune.randaugment = None
+    c.data.randaugment = None  # solarize, posterize, equalize and 14-degree shears change what a digit is
     return c
 
 
@@ -134,5 +133,5 @@ def finetune_skimage_crops():
     c.optim.base_lr = 1e-3
     c.train.update(log_every=25, eval_every=175, eval_batch=64)
     c.checkpoint.update(every=175)
-    c.finetune.randaugment = None
+    c.data.randaugment = None  # 2,240 crops of 10 photos: colour is half of what tells the photos apart
     return c

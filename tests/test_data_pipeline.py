@@ -94,6 +94,8 @@ def test_mnist_mean_std_constants_match_the_data():
 
 
 def test_cache_written_atomically(cache):
+    embedded.load_arrays.cache_clear()  # another module may have loaded MNIST in this process from another cache
+    embedded.load_arrays('mnist')
     files = os.listdir(cache)
     name = f'mnist_v{embedded._CACHE_VERSION}.npz'
     assert name in files and not [f for f in files if f.endswith('.tmp')]

@@ -167,7 +167,7 @@ def _finetune_config(checkpoint, **model):
     config.optim.base_lr = 1e-3
     config.train.update(steps=4, log_every=2, eval_every=4, eval_batch=64)
     config.checkpoint.update(every=2, async_save=False)
-    config.finetune.update(checkpoint=str(checkpoint), randaugment=None)
+    config.finetune.update(checkpoint=str(checkpoint))
     return config
 
 

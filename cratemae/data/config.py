@@ -6,6 +6,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from cratemae.data import randaugment
 from cratemae.data import registry
 
 AUGMENTS = ('mae', 'none')
@@ -17,7 +18,9 @@ def default_data_config():
 
     Keys: name, split_train, split_eval, data_dir (None -> tfds default),
     folder (image_folder only), image_size, channels, augment ('mae'|'none'),
-    crop_scale, hflip, normalize ('dataset'|'none'), num_workers (0 = in
+    crop_scale, hflip, randaugment (None or (num_ops, magnitude) of
+    torchvision's RandAugment, applied to training images after the crop
+    and flip; also with augment='none'), normalize ('dataset'|'none'), num_workers (0 = in
     process), prefetch (batches made ahead by a background thread),
     eval_crop_pct (None -> the dataset's default: 1.0 small, 0.875 photos).
     """
@@ -32,6 +35,7 @@ def default_data_config():
         augment='mae',
         crop_scale=(0.2, 1.0),
         hflip=True,
+        randaugment=config_dict.placeholder(tuple),
         normalize='dataset',
         num_workers=0,
         prefetch=2,
@@ -71,6 +75,8 @@ def validate_data_config(cfg):
     if not ok:
         errors.append(f'data.crop_scale={scale!r} must be (lo, hi) with '
                       '0 < lo <= hi <= 1')
+    if (problem := randaugment.check_spec(cfg.get('randaugment'))) is not None:
+        errors.append(problem)
     if not isinstance(cfg.get('hflip'), bool):
         errors.append(f'data.hflip={cfg.get("hflip")!r} must be True or False')
     for key in ('num_workers', 'prefetch'):

@@ -34,6 +34,7 @@ import grain
 import numpy as np
 
 from cratemae.data import augment
+from cratemae.data import randaugment
 from cratemae.data import config as config_lib
 from cratemae.data import registry
 
@@ -70,16 +71,23 @@ class _Transform:
     workers. Normalisation happens once per batch (`_Batcher`): vectorised,
     and uint8 is a quarter of the bytes to move between transforms."""
 
-    def __init__(self, size, channels, mean, std, scale, flip, crop_pct):
+    def __init__(self, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment=None):
         self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.scale, self.flip, self.crop_pct = tuple(scale), flip, crop_pct
+        self.mae_crop, self.randaugment = mae_crop, randaugment
 
     def train(self, example, rng):
         image, label = example
         image = augment.to_channels(image, self.channels)
-        return augment.mae_train(image, rng, self.size, self.scale, self.flip), label
+        if self.mae_crop:
+            image = augment.mae_train(image, rng, self.size, self.scale, self.flip)
+        else:
+            image = augment.eval_transform(image, self.size, self.crop_pct)
+        if self.randaugment is not None:  # after crop and flip, as torchvision's Compose in the reference
+            image = randaugment.rand_augment(image, rng, *self.randaugment)
+        return image, label
 
     def eval(self, example):
         image, label = example
@@ -168,8 +176,11 @@ class Pipeline:
         mean, std = _convert_stats(mean, std, cfg.channels)
         crop_pct = cfg.get('eval_crop_pct')
         crop_pct = spec.eval_crop_pct if crop_pct is None else float(crop_pct)
+        rand_aug = cfg.get('randaugment')
+        rand_aug = None if rand_aug is None else tuple(int(v) for v in rand_aug)
         transform = _Transform(cfg.image_size, cfg.channels, mean, std,
-                               cfg.crop_scale, cfg.hflip, crop_pct)
+                               cfg.crop_scale, cfg.hflip, crop_pct,
+                               mae_crop=cfg.augment == 'mae', randaugment=rand_aug)
         self.info = DataInfo(name=spec.name, num_examples=len(source),
                              num_classes=registry.num_classes(spec, source),
                              image_size=cfg.image_size, channels=cfg.channels,
@@ -181,7 +192,7 @@ class Pipeline:
         self.prefetch = cfg.prefetch
         self._batcher = _Batcher(source, transform, seed, global_batch,
                                  process_index, process_count, train,
-                                 augment_train=cfg.augment == 'mae')
+                                 augment_train=cfg.augment == 'mae' or rand_aug is not None)
         log.info('data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
                  spec.name, split, len(source),
                  f'augment={cfg.augment}' if train else f'eval crop_pct={crop_pct}',

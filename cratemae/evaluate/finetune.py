@@ -9,8 +9,8 @@ good step, SIGTERM saves), the same ``MetricWriter`` and deterministic data pipe
 the encoder initialised from ``config.finetune.checkpoint`` (a training workdir, an export, or a reference file) and
 the head from scratch. The recipe is the transfer recipe of the reference's ``finetune.py``: AdamW with betas
 (0.9, 0.999) and weight decay 0.01, a cosine schedule without warmup, RandomResizedCrop + flip (the data pipeline's
-'mae' augmentation with ``crop_scale``), cross-entropy with configurable label smoothing. The reference also applies
-RandAugment(2, 14); ``cratemae.data`` has no RandAugment, so ``finetune.randaugment`` is reported and skipped.
+'mae' augmentation with ``crop_scale``) and RandAugment (``data.randaugment``), cross-entropy with configurable label
+smoothing.
 """
 
 import functools
@@ -137,9 +137,6 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
     validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
     checkpoint.ensure_writable(workdir)
     checkpoint.check_compatible(workdir, config)
-    if config.finetune.get('randaugment'):
-        log.warning('finetune.randaugment=%s asks for RandAugment, which cratemae.data does not implement; training '
-                    'without it (RandomResizedCrop + flip only).', tuple(config.finetune.randaugment))
     train_data, eval_data = _pipelines(config)
     num_classes = train_data.info.num_classes
     model = build_classifier(config, num_classes)
