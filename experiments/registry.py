@@ -82,6 +82,9 @@ def base_config():
     c.optim.warmup_steps = 12_510  # 40 epochs of ImageNet at batch 4096
     c.optim.grad_clip = ml_collections.config_dict.placeholder(float)
     c.optim.accum_steps = 1  # microbatches per step; the update equals the one of the full batch
+    # Length of the warmup + cosine schedule; None = train.steps. Set it to stop a run early on its original schedule,
+    # or to extend train.steps on resume without reshaping the schedule of the steps already taken.
+    c.optim.schedule_steps = ml_collections.config_dict.placeholder(int)
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 4096
@@ -215,9 +218,25 @@ def crate_mae_mnist():
     c.data.update(
         name='mnist', split_train='train', split_eval='test', image_size=28, channels=1, augment='none', hflip=False
     )  # digits are not flip-invariant; the model sees each at native size
+    # Per-patch normalised targets (FAIR's recommendation for representations): at this length they turn a linear
+    # probe on the mean token from 88.2% (raw targets, equal to pixels' 88.0%) into 93.6% (docs/evaluation.md).
+    c.model.norm_pix_loss = True
     c.optim.update(base_lr=3e-3, warmup_steps=100)
     c.train.update(global_batch=128, steps=1500, log_every=25, eval_every=250, eval_batches=4, eval_batch=128)
     c.checkpoint.update(every=250, max_to_keep=2)
+    return c
+
+
+@register
+def crate_mae_mnist_rawpix():
+    """The default run with the reference's default raw-pixel targets (norm_pix_loss=False): the mnist_ablate_* base.
+
+    python -m launch.train --config=experiments/registry.py:crate_mae_mnist_rawpix --workdir=runs/crate_mae_mnist_rawpix
+    Expected (measured 2026-11-26, this 2-core CPU): held-out reconstruction loss 0.74 at step 250, 0.53 at 1000, 0.49
+    at 1500; a linear probe on its mean patch token 88.2% (docs/evaluation.md, run A).
+    """
+    c = crate_mae_mnist()
+    c.model.norm_pix_loss = False
     return c
 
 

@@ -6,9 +6,9 @@ from launch import sweep
 
 def test_a_family_pattern_runs_its_base_first():
     names = sweep.sweep_names('mnist_ablate_mask_*')
-    assert names[0] == 'crate_mae_mnist'
+    assert names[0] == 'crate_mae_mnist_rawpix'
     assert set(names[1:]) == {'mnist_ablate_mask_25', 'mnist_ablate_mask_50', 'mnist_ablate_mask_90'}
-    assert 'crate_mae_mnist' not in sweep.sweep_names('mnist_ablate_mask_*', include_base=False)
+    assert 'crate_mae_mnist_rawpix' not in sweep.sweep_names('mnist_ablate_mask_*', include_base=False)
 
 
 def test_unknown_pattern_says_how_to_list_names():

@@ -147,6 +147,23 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, straight_run):
     jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / 'killed', 20), _final_params(straight_run, 20))
 
 
+def test_schedule_steps_stops_a_run_early_on_its_original_schedule(tmp_path, straight_run):
+    # Steps 0-9 of the 20-step run, stopped at 10: the same state as the straight run's step-10 checkpoint.
+    stopped = _launch(tmp_path / 'stopped', '--config.train.steps=10', '--config.optim.schedule_steps=20')
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / 'stopped', 10), _final_params(straight_run, 10))
+    # Without it, train.steps=10 is a 10-step schedule: its cosine reaches zero at step 10, so the weights differ.
+    short = _launch(tmp_path / 'short', '--config.train.steps=10')
+    assert short.returncode == 0, short.stderr[-3000:]
+    differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), _final_params(tmp_path / 'short', 10),
+                           _final_params(straight_run, 10))
+    assert any(jax.tree.leaves(differs))
+    config = _config()
+    config.optim.schedule_steps = 0
+    with pytest.raises(ValueError, match='optim.schedule_steps=0 must be at least 1'):
+        loop.validate_config(config, 1, 1)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache')
     proc = subprocess.Popen(

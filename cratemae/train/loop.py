@@ -66,6 +66,9 @@ def validate_config(config, num_devices_for_batch: int, process_count: int) -> N
         )
     if config.train.steps < 1:
         raise ValueError(f'train.steps={config.train.steps} must be at least 1.')
+    if config.optim.get('schedule_steps') is not None and config.optim.schedule_steps < 1:
+        raise ValueError(f'optim.schedule_steps={config.optim.schedule_steps} must be at least 1, or None to follow '
+                         'train.steps.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +88,7 @@ def build_program(config, mesh) -> Program:
     """Model and optimizer; shapes first (eval_shape), then shardings from the config's regex rules; the jitted
     steps with explicit shardings and the train state donated so parameters are updated in place."""
     model = models.build(config.model)
-    batch, steps = config.train.global_batch, config.train.steps
+    batch, steps = config.train.global_batch, optimizer.schedule_length(config)
     schedule = optimizer.learning_rate_schedule(config.optim, batch, steps)
     tx = optimizer.make_optimizer(config.optim, batch, steps)
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)

@@ -15,6 +15,12 @@ def peak_learning_rate(optim_config, global_batch: int) -> float:
     return optim_config.base_lr * global_batch / 256
 
 
+def schedule_length(config) -> int:
+    """Steps of the learning-rate schedule: ``optim.schedule_steps`` when set, else ``train.steps``."""
+    steps = config.optim.get('schedule_steps')
+    return int(config.train.steps if steps is None else steps)
+
+
 def learning_rate_schedule(optim_config, global_batch: int, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 over warmup_steps, then a half-cosine from the peak to min_lr at total_steps.
 
