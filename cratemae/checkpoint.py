@@ -292,6 +292,14 @@ def _show(value, missing):
     return '<absent>' if value is missing else json.dumps(value)
 
 
+def _effective_schedule(flat: dict) -> dict:
+    """optim.schedule_steps as trained (None means train.steps): a longer train.steps on resume may not silently
+    stretch the learning-rate schedule of the steps already taken, so the effective length is compared."""
+    if 'train.steps' in flat and flat.get('optim.schedule_steps') is None:
+        flat = dict(flat, **{'optim.schedule_steps': flat['train.steps']})
+    return flat
+
+
 def check_compatible(workdir, config, ignore=DEFAULT_IGNORE, allow_change=False):
     """Compare `config` with <workdir>/config.json; return the list of differing keys.
 
@@ -302,8 +310,8 @@ def check_compatible(workdir, config, ignore=DEFAULT_IGNORE, allow_change=False)
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         return []
-    old = flatten_config(json.loads(path.read_text()))
-    new = flatten_config(config)
+    old = _effective_schedule(flatten_config(json.loads(path.read_text())))
+    new = _effective_schedule(flatten_config(config))
     missing = object()
     diffs = []
     for key in sorted(set(old) | set(new)):
@@ -313,10 +321,14 @@ def check_compatible(workdir, config, ignore=DEFAULT_IGNORE, allow_change=False)
         if a != b:
             diffs.append(f'{key}: {_show(a, missing)} -> {_show(b, missing)}')
     if diffs and not allow_change:
+        hint = ''
+        if old.get('optim.schedule_steps') != new.get('optim.schedule_steps'):
+            hint = (f"\nTo train to train.steps={new.get('train.steps')} on the run's schedule, keep its length: "
+                    f"--config.optim.schedule_steps={old.get('optim.schedule_steps')}.")
         raise ValueError(
             f'The config differs from the one saved in {path} by the run being resumed:\n  ' +
             '\n  '.join(diffs) + '\nUse a new --workdir, or pass --allow_config_change to resume '
-            'with the new values anyway.')
+            'with the new values anyway.' + hint)
     for d in diffs:
         log.warning('Config changed on resume (allowed): %s', d)
     return diffs

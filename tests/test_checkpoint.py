@@ -118,9 +118,13 @@ def test_config_compatibility(tmp_path):
     assert checkpoint.check_compatible(tmp_path, cfg) == []   # no config.json yet
     checkpoint.save_config(tmp_path, cfg)
     assert checkpoint.check_compatible(tmp_path, cfg) == []   # tuples vs JSON lists are equal
-    cfg.train.steps = 20
     cfg.checkpoint.every = 1
     assert checkpoint.check_compatible(tmp_path, cfg) == []   # ignored keys
+    cfg.train.steps = 20  # would stretch the schedule of the 10 steps trained on: refused, with the fix named
+    with pytest.raises(ValueError, match=r'optim.schedule_steps: 10 -> 20(.|\n)*--config.optim.schedule_steps=10'):
+        checkpoint.check_compatible(tmp_path, cfg)
+    cfg.optim = ml_collections.ConfigDict({'schedule_steps': 10})
+    assert checkpoint.check_compatible(tmp_path, cfg) == []   # longer, on the same schedule
     cfg.model.width = 32
     cfg.model.extra = True
     with pytest.raises(ValueError) as e:

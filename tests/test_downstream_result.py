@@ -5,7 +5,7 @@ The default entry (`crate_mae_mnist`) is pretrained for the first STEPS of its 1
 user runs it, not on the 8 fake devices of the test session): exactly the default run's state at step STEPS. Then its frozen mean patch token, the same token of a random encoder of the same architecture,
 and the normalised pixels are each probed with the same ridge and linear probes on the embedded MNIST digits. The
 full-length run and its numbers are in docs/evaluation.md; this is the same comparison at a fraction of the cost
-(about 3 minutes on 2 CPU cores).
+(about 4.5 minutes on 2 CPU cores).
 """
 
 import os
