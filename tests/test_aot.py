@@ -49,14 +49,22 @@ def test_fsdp_override_shards_every_parameter_over_all_devices():
     _, (state, batch), mesh = aot.build_train_step(config, jax.devices())
     assert dict(mesh.shape) == {'data': 1, 'fsdp': 8, 'model': 1}
     assert state.params['encoder']['layers']['mssa']['qkv']['kernel'].sharding.spec == jax.sharding.PartitionSpec(
-        None, 'fsdp')
+        None, 'fsdp'
+    )
     assert batch['image'].shape == (32, 28, 28, 1)
 
 
 def _aot(*flags):
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-    return subprocess.run([sys.executable, '-m', 'launch.aot_compile', *flags], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, '-m', 'launch.aot_compile', *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 @needs_libtpu
@@ -75,3 +83,57 @@ def test_program_that_exceeds_hbm_exits_nonzero_with_the_compiler_message():
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     assert 'DOES NOT FIT' in result.stdout and 'RESOURCE_EXHAUSTED' in result.stdout, result.stdout
     assert 'try --fsdp' in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launch.aot_table: which cells to compile next, and the docs table (no compile, no libtpu).
+
+
+def _row(model, tpu_slice, fsdp, remat='none', error=None, peak=2**30, total=2**30, hbm=16 * 2**30):
+    return dict(
+        model=model,
+        slice=tpu_slice,
+        fsdp=fsdp,
+        remat=remat,
+        error=error,
+        peak=peak,
+        total=total,
+        hbm=hbm,
+        mesh={'data': 16, 'fsdp': 1, 'model': 1},
+        global_batch=4096,
+        lower_s=1.0,
+        compile_s=9.4,
+    )
+
+
+REFUSED = (
+    'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (52.74G) '
+    'exceeds available HBM (30.75G).'
+)
+
+
+def test_aot_table_adds_remat_only_where_the_plain_cell_was_refused():
+    from launch import aot_table
+
+    assert aot_table.wanted_cells(['m'], ['v4-32'], ['none', 'full'], []) == [
+        ('m', 'v4-32', False, 'none'),
+        ('m', 'v4-32', True, 'none'),
+    ]
+    done = [_row('m', 'v4-32', False, error=REFUSED), _row('m', 'v4-32', True)]
+    assert aot_table.wanted_cells(['m'], ['v4-32'], ['none', 'full'], done) == [('m', 'v4-32', False, 'full')]
+    over_peak = [_row('m', 'v4-32', False, peak=40 * 2**30, hbm=32 * 2**30), _row('m', 'v4-32', True)]
+    assert aot_table.wanted_cells(['m'], ['v4-32'], ['none', 'full'], over_peak) == [('m', 'v4-32', False, 'full')]
+
+
+def test_aot_table_renders_refusals_fits_and_tight_rows():
+    from launch import aot_table
+
+    rows = [
+        _row('b', 'v4-32', False, remat='full', peak=6 * 2**30, total=10 * 2**30, hbm=32 * 2**30),
+        _row('b', 'v4-32', False, error=REFUSED),
+        _row('a', 'v5e-256', True, peak=13 * 2**30, total=19 * 2**30),
+    ]
+    lines = aot_table.render_table(rows, {'a': 11_555_328, 'b': 44_638_464}).splitlines()
+    assert lines[2] == '| `a` | 11.6M | v5e-256 | on | 256 | 13.00 | 19.00 | yes (tight) | 10 |'
+    assert lines[3] == '| `b` | 44.6M | v4-32 | off | 256 | refused: temporaries 52.74G > 30.75G | — | no | 10 |'
+    assert lines[4] == '| `b` + `remat=full` | 44.6M | v4-32 | off | 256 | 6.00 | 10.00 | yes | 10 |'
