@@ -1,6 +1,6 @@
 """The per-device memory table of docs/scale_out.md: every (model, slice, FSDP, remat) cell, compiled ahead of time.
 
-  python -m launch.aot_table --rows=runs/aot_table.jsonl \
+  python -m launch.aot_table --rows=docs/aot_table.jsonl \
       [--models=crate_mae_tiny,crate_mae_small,crate_mae_base,crate_mae_large,mae_vit_base,fair_mae_base] \
       [--slices=v5e-256,v4-32,v5p-128] [--remat=none,full] [--global_batch=4096] [--budget_s=3600]
 
