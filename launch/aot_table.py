@@ -20,7 +20,7 @@ import time
 from absl import app
 from absl import flags
 
-_ROWS = flags.DEFINE_string('rows', 'runs/aot_table.jsonl', 'JSON-lines file of measured cells (appended to).')
+_ROWS = flags.DEFINE_string('rows', 'docs/aot_table.jsonl', 'JSON-lines file of measured cells (appended to).')
 _MODELS = flags.DEFINE_list(
     'models',
     ['crate_mae_tiny', 'crate_mae_small', 'crate_mae_base', 'crate_mae_large', 'mae_vit_base', 'fair_mae_base'],
