@@ -370,19 +370,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m launch.inspect', description=__doc__.split('\n')[0])
     p.add_argument('--checkpoint', required=True, help='workdir, <workdir>/checkpoints/<step>, or an export file')
     p.add_argument('--step', type=int, help='step of a workdir (default: the newest)')
-    p.add_argument('--all-steps', action='store_true', help='curves for every saved step of the workdir')
+    p.add_argument('--all-steps', '--all_steps', action='store_true', help='curves for every saved step of the workdir')
     p.add_argument('--compare', nargs='*', help='more checkpoints whose curves go in curves.png')
-    p.add_argument('--random-init', action='store_true', help="add the run's random initialisation to the curves")
+    p.add_argument('--random-init', '--random_init', action='store_true',
+                   help="add the run's random initialisation to the curves")
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--dataset', help="registered dataset name (default: the run's)")
     p.add_argument('--split', help="split (default: the run's eval split)")
-    p.add_argument('--image-files', nargs='*', help='image files to show instead of dataset images')
+    p.add_argument('--image-files', '--image_files', nargs='*', help='image files to show instead of dataset images')
     p.add_argument('--layers', default='all', help="encoder layers for attention_layers.png, '0,3' or 'all'")
     p.add_argument('--heads', default='mean', help="heads for attention_layers.png: '0,2', 'all' or 'mean'")
     p.add_argument('--images', type=int, default=4, help='images in the pictures (the first of the split)')
-    p.add_argument('--image-ids', default='', help="indices into the split of the images to show, e.g. '3,17'")
+    p.add_argument('--image-ids', '--image_ids', default='',
+                   help="indices into the split of the images to show, e.g. '3,17'")
     p.add_argument('--batch', type=int, default=64, help='images the measures average over')
-    p.add_argument('--mask-ratios', default='0.5,0.75,0.9', help='mask ratios of reconstructions.png')
+    p.add_argument('--mask-ratios', '--mask_ratios', default='0.5,0.75,0.9', help='mask ratios of reconstructions.png')
     args = p.parse_args(argv)
     args.mask_ratios = [float(r) for r in args.mask_ratios.split(',') if r.strip()]
     try:

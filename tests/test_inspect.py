@@ -16,6 +16,7 @@ from cratemae import models
 from cratemae.train import optimizer
 from cratemae.train import step as step_lib
 from launch import inspect as inspect_cli
+from launch import probe as probe_cli
 
 _COMMON = ['--images', '2', '--batch', '8', '--mask-ratios', '0.5,0.75']
 
@@ -92,3 +93,13 @@ def test_encoder_only_export_and_a_wrong_size_image(run, tmp_path, capsys):
     summary = _summary(out)
     assert 'reconstructions.png' not in summary['files'] and 'inversion_error' not in summary['runs'][0]['measures']
     assert 'mnist' in ' '.join(summary['notes'])  # no training config: the dataset was chosen and said so
+
+
+def test_multi_word_flags_take_either_spelling():
+    dashed = inspect_cli.parse_args(['--checkpoint=c', '--out=o', '--random-init', '--mask-ratios=0.5', '--all-steps'])
+    underscored = inspect_cli.parse_args(['--checkpoint=c', '--out=o', '--random_init', '--mask_ratios=0.5',
+                                          '--all_steps'])
+    assert vars(dashed) == vars(underscored) and dashed.random_init and dashed.mask_ratios == [0.5]
+    parser = probe_cli._parser()
+    assert vars(parser.parse_args(['--checkpoint=c', '--random-init', '--base-lr=0.5', '--no-cache'])) == vars(
+        parser.parse_args(['--checkpoint=c', '--random_init', '--base_lr=0.5', '--no_cache']))
