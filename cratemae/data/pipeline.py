@@ -71,12 +71,12 @@ class _Transform:
     workers. Normalisation happens once per batch (`_Batcher`): vectorised,
     and uint8 is a quarter of the bytes to move between transforms."""
 
-    def __init__(self, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment=None):
+    def __init__(self, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment_spec=None):
         self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.scale, self.flip, self.crop_pct = tuple(scale), flip, crop_pct
-        self.mae_crop, self.randaugment = mae_crop, randaugment
+        self.mae_crop, self.randaugment_spec = mae_crop, randaugment_spec
 
     def train(self, example, rng):
         image, label = example
@@ -85,8 +85,8 @@ class _Transform:
             image = augment.mae_train(image, rng, self.size, self.scale, self.flip)
         else:
             image = augment.eval_transform(image, self.size, self.crop_pct)
-        if self.randaugment is not None:  # after crop and flip, as torchvision's Compose in the reference
-            image = randaugment.rand_augment(image, rng, *self.randaugment)
+        if self.randaugment_spec is not None:  # after crop and flip, as torchvision's Compose in the reference
+            image = randaugment.rand_augment(image, rng, *self.randaugment_spec)
         return image, label
 
     def eval(self, example):
@@ -180,7 +180,7 @@ class Pipeline:
         rand_aug = None if rand_aug is None else tuple(int(v) for v in rand_aug)
         transform = _Transform(cfg.image_size, cfg.channels, mean, std,
                                cfg.crop_scale, cfg.hflip, crop_pct,
-                               mae_crop=cfg.augment == 'mae', randaugment=rand_aug)
+                               mae_crop=cfg.augment == 'mae', randaugment_spec=rand_aug)
         self.info = DataInfo(name=spec.name, num_examples=len(source),
                              num_classes=registry.num_classes(spec, source),
                              image_size=cfg.image_size, channels=cfg.channels,
@@ -195,7 +195,7 @@ class Pipeline:
                                  augment_train=cfg.augment == 'mae' or rand_aug is not None)
         log.info('data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
                  spec.name, split, len(source),
-                 f'augment={cfg.augment}' if train else f'eval crop_pct={crop_pct}',
+                 f'augment={cfg.augment}, randaugment={rand_aug}' if train else f'eval crop_pct={crop_pct}',
                  process_index, process_count, self.local_batch, global_batch)
 
     @property
