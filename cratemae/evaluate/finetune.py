@@ -140,10 +140,9 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
     train_data, eval_data = _pipelines(config)
     num_classes = train_data.info.num_classes
     model = build_classifier(config, num_classes)
-    total_steps = config.train.steps
-    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch,
-                                                optimizer.schedule_length(config))
-    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, optimizer.schedule_length(config))
+    total_steps, schedule_steps = config.train.steps, optimizer.schedule_length(config)
+    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch, schedule_steps)
+    tx = optimizer.make_optimizer(config.optim, config.train.global_batch, schedule_steps)
 
     # Shard: shapes first, then shardings from the regex rules, as in pretraining.
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
