@@ -11,6 +11,7 @@ budget-limited run continues where it stopped; at the end (or with --render_only
 in the file is printed. Needs libtpu (pip install -e '.[tpu]'), not a TPU.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -127,33 +128,21 @@ def main(argv):
             config.train.eval_batch = tpu_slice.devices
             config.model.remat = remat
             report = aot.compile_report(config, tpu_slice, devices[slice_name])
+            measured = {k: v for k, v in dataclasses.asdict(report).items() if k != 'slice'}
             row = dict(
                 model=model,
                 slice=slice_name,
                 fsdp=fsdp,
                 remat=remat,
-                mesh=report.mesh,
-                global_batch=report.global_batch,
-                fits=report.fits,
                 hbm=tpu_slice.hbm_bytes,
-                peak=report.peak,
                 total=report.total,
-                argument=report.argument,
-                output=report.output,
-                alias=report.alias,
-                temp=report.temp,
-                xla_flops=report.xla_flops,
-                analytic_flops=report.analytic_flops,
-                lower_s=report.lower_s,
-                compile_s=report.compile_s,
-                error=report.error,
                 date=time.strftime('%Y-%m-%d'),
+                **measured,
             )
             with open(_ROWS.value, 'a') as f:
                 f.write(json.dumps(row) + '\n')
             rows.append(row)
             print(aot.format_report(report, f"{model}{' (FSDP)' if fsdp else ''} remat={remat}"), flush=True)
-        rows = read_rows(_ROWS.value)
         missing = wanted_cells(_MODELS.value, _SLICES.value, _REMAT.value, rows)
         if missing:
             print(f'{len(missing)} cells still to compile, e.g. {missing[0]}.', flush=True)
