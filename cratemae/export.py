@@ -15,22 +15,38 @@ experiment registry (`model_config_from_metadata`).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import warnings
 from typing import Any, Mapping, NamedTuple
 
+import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from cratemae import models
 from cratemae import ops
+from cratemae import pth
+
+log = logging.getLogger(__name__)
 
 LAYOUT = 'Ma-Lab-Berkeley/CRATE model/crate_ae/crate_ae.py MaskedAutoencoderViT (CRATE blocks)'
 FORMAT = 'cratemae.reference_state_dict.v1'
 _NPZ_META_KEY = '__metadata__'
 _PREFIXES = ('module.', 'model.')
 _WRAPPER_KEYS = ('model', 'state_dict', 'module', 'model_state_dict')
+# A fine-tuned checkpoint's classifier (FAIR MAE's fine-tuning: LayerNorm fc_norm on the pooled feature, Linear head):
+# a fine-tuning task trains its own head and probes read the encoder, so these load as ignored, and say so.
+CLASSIFIER_KEYS = ('fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias')
+# The reference's named CRATE-MAE sizes (crate_ae.mae_crate_*: 224 px, patch 16, decoder as deep and wide as the
+# encoder): name -> (width, depth, heads). The experiment registry's crate_mae_<name> entries have the same numbers.
+REFERENCE_SIZES = {'tiny': (384, 12, 6), 'small': (576, 12, 12), 'base': (768, 12, 12), 'large': (1024, 24, 16)}
+FORMATS = ('safetensors', 'npz', 'orbax')
+ORBAX_FORMAT = 'cratemae.params.v1'
 
 
 class _Entry(NamedTuple):
@@ -221,6 +237,89 @@ def _architecture_hint(keys):
     return ' The checkpoint has %d encoder and %d decoder blocks.' % tuple(depths)
 
 
+def infer_architecture(state_dict: Mapping[str, Any]) -> dict[str, int] | None:
+    """The sizes a CRATE-MAE reference state dict shows in its shapes, or None if it is not one.
+
+    width, patch_size and channels from the patch embedding [d, C, p, p]; depth and decoder_depth by counting
+    blocks; image_size from pos_embed (1, 1 + (image/p)^2, d) when present. The number of heads leaves no trace in
+    the shapes (qkv is d x d for any head count), so it is not here.
+    """
+    conv = state_dict.get('patch_embed.proj.weight')
+    if conv is None or len(np.shape(conv)) != 4 or not any(k.endswith('.1.fn.weight') for k in state_dict):
+        return None  # no patch embedding or no ISTA dictionaries: not a CRATE-MAE
+    d, c, p, _ = np.shape(conv)
+
+    def count(prefix):
+        return len({int(m.group(1)) for k in state_dict if (m := re.match(re.escape(prefix) + r'(\d+)\.', k))})
+
+    arch = dict(width=int(d), patch_size=int(p), channels=int(c), depth=count('blocks.'),
+                decoder_depth=count('decoder_blocks.'))
+    pos = state_dict.get('pos_embed')
+    if pos is not None and len(np.shape(pos)) == 3:
+        grid = int(round((np.shape(pos)[1] - 1) ** 0.5))
+        if grid * grid == np.shape(pos)[1] - 1:
+            arch['image_size'] = grid * int(p)
+    return arch
+
+
+def reference_size(arch, model_name=None) -> str | None:
+    """The reference size (tiny/small/base/large) with these numbers, or None. ``model_name`` (the training command's
+    --model, e.g. 'mae_crate_base') decides when given, since the shapes do not show the heads."""
+    if model_name:
+        name = str(model_name).rsplit('_', 1)[-1]
+        return name if name in REFERENCE_SIZES and str(model_name).startswith('mae_crate') else None
+    for name, (width, depth, _) in REFERENCE_SIZES.items():
+        if arch and (arch['width'], arch['depth'], arch['patch_size'], arch.get('image_size', 224)) == \
+                (width, depth, 16, 224) and arch['decoder_depth'] in (0, depth):
+            return name
+    return None
+
+
+def registry_hint(state_dict, model_name=None) -> str:
+    """A sentence naming the config that fits the checkpoint's shapes (the registry entry when one does)."""
+    arch = infer_architecture(state_dict)
+    if arch is None:
+        return ''
+    numbers = ', '.join(f'{k} {v}' for k, v in arch.items())
+    size = reference_size(arch, model_name)
+    if size:
+        return (f' The checkpoint\'s shapes ({numbers}) are CRATE-MAE-{size.capitalize()}: pass '
+                f'--config=experiments/registry.py:crate_mae_{size}.')
+    overrides = ' '.join(f'--config.model.{k}={v}' for k, v in arch.items() if k != 'decoder_depth' or v)
+    return (f' The checkpoint\'s shapes ({numbers}) match no registry size: pass a config with them, e.g. '
+            f'--config=experiments/registry.py:crate_mae_base {overrides} (and the heads it was trained with).')
+
+
+def infer_model_config(state_dict, args: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """``config.model`` of a reference checkpoint from its shapes and, when saved, the training command's args.
+
+    The heads come from args['model'] (e.g. 'mae_crate_base') or from the reference size the shapes match; without
+    either the architecture is not fully known and a ValueError says to name it with --config.
+    """
+    args = dict(args or {})
+    arch = infer_architecture(state_dict)
+    if arch is None:
+        raise ValueError('The state dict is not a CRATE-MAE reference state dict, so its architecture cannot be '
+                         'inferred.' + _architecture_hint(state_dict))
+    size = reference_size(arch, args.get('model'))
+    if size is None:
+        raise ValueError('The number of attention heads is not in the checkpoint (neither its shapes nor a saved '
+                         '--model name show it), so its architecture is not fully known: name it with --config.'
+                         + registry_hint(state_dict))
+    width, depth, heads = REFERENCE_SIZES[size]
+    if (arch['width'], arch['depth']) != (width, depth):
+        raise ValueError(f'The checkpoint was saved by a run of --model {args.get("model")}, but its shapes are '
+                         'not that size.' + registry_hint(state_dict))
+    cfg = models.default_model_config()
+    cfg.update(width=width, depth=depth, heads=heads, decoder_width=width, decoder_depth=depth, decoder_heads=heads,
+               patch_size=arch['patch_size'], channels=arch['channels'],
+               image_size=arch.get('image_size', args.get('input_size', cfg.image_size)))
+    for key in ('mask_ratio', 'norm_pix_loss'):  # FAIR MAE's pretraining flags of the same meaning
+        if isinstance(args.get(key), type(cfg[key])):
+            cfg[key] = args[key]
+    return cfg
+
+
 def _validate(sd, layout, ignored):
     expected = {e.key: e.shape for e in layout}
     missing = [k for k in expected if k not in sd]
@@ -228,26 +327,45 @@ def _validate(sd, layout, ignored):
     mismatched = [f'{k} (expected {expected[k]}, got {tuple(sd[k].shape)})'
                   for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
     problems = [('Missing keys', missing), ('Unexpected keys', unexpected), ('Mismatched shapes', mismatched)]
+    if 'fc_norm.weight' in sd and 'norm.weight' in missing:
+        raise ValueError('The checkpoint is a classifier fine-tuned with global pooling (FAIR MAE\'s --global_pool: '
+                         'fc_norm normalises the pooled feature and the per-token final norm `norm` was removed), so '
+                         'it has no final encoder norm to load. Use the pretrained checkpoint it was fine-tuned from.')
     if missing or unexpected or mismatched:
+        hint = registry_hint(sd) if mismatched else _architecture_hint(sd)
         raise ValueError('State dict does not match the CRATE-MAE reference layout for this model config. '
-                         + ' '.join(f'{name} ({len(v)}): {_shorten(v)}.' for name, v in problems if v)
-                         + _architecture_hint(sd))
+                         + ' '.join(f'{name} ({len(v)}): {_shorten(v)}.' for name, v in problems if v) + hint)
+
+
+def _report(sd, used, source):
+    """Logs which tensors of a checkpoint were loaded and which were not, and why."""
+    reasons = {'classification head of a fine-tuned checkpoint (fine-tuning trains its own; probes read the '
+               'encoder)': [k for k in sd if k in CLASSIFIER_KEYS],
+               'fixed sin-cos position tables (rebuilt by the model)': [k for k in sd if k.endswith('pos_embed')],
+               'decoder_embed (built but unused by the reference)': [k for k in sd if k.startswith('decoder_embed.')]}
+    reasons['decoder (only the encoder was asked for)'] = [
+        k for k in sd if k not in used and not any(k in v for v in reasons.values())]
+    ignored = '; '.join(f'{len(v)} {why}: {_shorten(v, 4)}' for why, v in reasons.items() if v)
+    log.info('%s: loaded %d tensors (%s); ignored %s.', source or 'state dict', len(used),
+             _shorten(sorted({k.split('.')[0] for k in used}), 8), ignored or 'none')
 
 
 def from_reference_state_dict(state_dict: Mapping[str, Any], model_config, *, encoder_only: bool = False,
-                              dtype='float32', check_pos_embed: bool = True) -> dict:
+                              dtype='float32', check_pos_embed: bool = True, source: str = '') -> dict:
     """Reference torch state dict -> the Flax params tree (numpy arrays; nested dicts; no {'params': } wrapper).
 
     Validates keys and shapes against the config and raises ValueError naming the missing keys, unexpected keys
     and mismatched shapes. pos_embed/decoder_pos_embed are not loaded (fixed sin-cos; warns if they differ from it
     beyond max(1e-4, eps of their dtype)); decoder_embed is ignored. encoder_only=True builds the encoder params
-    only and ignores the decoder-side tensors. dtype=None keeps the stored dtypes.
+    only and ignores the decoder-side tensors and a fine-tuned checkpoint's classifier (``CLASSIFIER_KEYS``); which
+    tensors were used and which ignored is logged (naming ``source``). dtype=None keeps the stored dtypes.
     """
     sd = normalize_state_dict(state_dict)
     a = _arch(model_config)
     layout = _layout(model_config, encoder_only)
-    ignored = set(reference_shapes(model_config)) if encoder_only else set()
+    ignored = set(reference_shapes(model_config)) | set(CLASSIFIER_KEYS) if encoder_only else set()
     _validate(sd, layout, ignored)
+    _report(sd, {e.key for e in layout if e.kind not in ('pos', 'zeros')}, source)
     out_dtype = None if dtype is None else _np_dtype(dtype)
     flat = {}
     for e in layout:
@@ -359,33 +477,102 @@ def _load_npz(path):
     return sd, dict(header.get('metadata', {}))
 
 
-def _load_torch(path):
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as err:
-        raise ImportError(f'Reading {path} needs PyTorch, which is not installed; convert the checkpoint to '
-                          '.safetensors where torch is available.') from err
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+def _load_torch(path, trust=False):
+    obj = pth.read(path, trust=trust)
     if not isinstance(obj, Mapping):
-        raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict.')
-    return normalize_state_dict(obj), {}
+        raise pth.UnreadableCheckpoint(f'{path} holds a {type(obj).__name__}, not a state dict.')
+    return normalize_state_dict(obj), {k: json.dumps(v, sort_keys=True) for k, v in pth.metadata(obj).items()}
 
 
 _LOADERS = {'.safetensors': _load_safetensors, '.npz': _load_npz, '.pth': _load_torch, '.pt': _load_torch}
 
 
-def load_state_dict(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Reads (state_dict, metadata) from .safetensors, .npz, or .pth/.pt (needs torch; metadata is then {})."""
+def load_state_dict(path, trust: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads (state_dict, metadata) from .safetensors, .npz, or .pth/.pt (needs torch; see ``cratemae.pth``).
+
+    The metadata of a .pth file is what its training script saved beside the weights (``epoch``, ``args``) as JSON.
+    ``trust`` unpickles a .pth file without the weights_only restriction (only for files the user trusts).
+    """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _LOADERS:
         raise ValueError(f'Unsupported checkpoint file type {suffix!r} for {path}; use one of {sorted(_LOADERS)}.')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Checkpoint file not found: {path}')
+    if suffix in ('.pth', '.pt'):
+        return _load_torch(path, trust)  # its errors already say what is wrong and what to do
     try:
         return _LOADERS[suffix](path)
-    except ImportError:
-        raise
-    except Exception as err:  # safetensors, zipfile and torch each raise their own types on damaged files
+    except Exception as err:  # safetensors and zipfile each raise their own types on damaged files
         raise ValueError(f'Could not read checkpoint file {path} (truncated or corrupt?): '
                          f'{type(err).__name__}: {err}') from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the portable formats: a loaded checkpoint's weights, or a PyTorch file converted once.
+
+
+def _json_dict(cfg) -> dict[str, Any] | None:
+    return None if cfg is None else json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg),
+                                                          default=_jsonable))
+
+
+def export_checkpoint(ckpt, fmt: str, out, *, encoder_only=False) -> str:
+    """Writes a loaded checkpoint (``cratemae.evaluate.checkpoints.Checkpoint``) as ``fmt`` to ``out``; returns it.
+
+    safetensors / npz: the reference PyTorch state dict (``to_reference_state_dict``), metadata = model config, data
+    config, step, source. orbax: the Flax params tree (``ocp.StandardCheckpointer``) in the directory ``out`` and the
+    same metadata as JSON in ``out.json`` beside it.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f'Unknown export format {fmt!r}; choose one of {FORMATS}.')
+    out = os.fspath(out)
+    if not encoder_only and 'decoder' not in ckpt.params:
+        raise ValueError(f'{ckpt.path} was loaded without its decoder; export it with encoder_only=True or load it '
+                         'with encoder_only=False.')
+    params = models.encoder_params(ckpt.params) if encoder_only else ckpt.params
+    extra = {'step': ckpt.step, 'source': ckpt.path, 'encoder_only': encoder_only,
+             'data_config': _json_dict(ckpt.data_config), **getattr(ckpt, 'extra_metadata', {})}
+    if fmt in ('safetensors', 'npz'):
+        state_dict = to_reference_state_dict(params, ckpt.model_config, encoder_only=encoder_only)
+        (save_safetensors if fmt == 'safetensors' else save_npz)(out, state_dict,
+                                                                  make_metadata(ckpt.model_config, **extra))
+        return out
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(os.path.abspath(out), jax.tree.map(np.asarray, params), force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+    meta = {'format': ORBAX_FORMAT, 'model_config': _json_dict(ckpt.model_config), **extra}
+    epath.Path(os.path.normpath(out) + '.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+class _Converted(NamedTuple):  # the fields export_checkpoint reads
+    params: dict
+    model_config: ml_collections.ConfigDict
+    path: str
+    step: None
+    data_config: None
+    extra_metadata: dict
+
+
+def convert(source, fmt: str, out, *, model_config=None, trust: bool = False) -> str:
+    """Converts a reference-format file (a .pth of FAIR MAE / CRATE training, or a .safetensors / .npz without our
+    metadata) once into ``fmt``, which cratemae then reads without torch and without naming the architecture.
+
+    The architecture is ``model_config`` when given (checked against the shapes), else inferred
+    (``infer_model_config``); the epoch and the training command's args, where the file has them, go into the
+    metadata. The whole model is written when the file has a decoder, else the encoder.
+    """
+    state_dict, stored = load_state_dict(source, trust=trust)
+    meta = {k: json.loads(v) for k, v in stored.items() if k in ('epoch', 'args')}
+    if 'model_config' in stored:
+        raise ValueError(f'{source} is already an export of cratemae (it records its model config); use it as it is.')
+    cfg = model_config if model_config is not None else infer_model_config(state_dict, meta.get('args'))
+    encoder_only = not any(k.startswith('decoder_blocks.') for k in state_dict)
+    params = from_reference_state_dict(state_dict, cfg, encoder_only=encoder_only, source=os.fspath(source))
+    ckpt = _Converted(params, cfg, os.fspath(source), None, None, {'converted_from': os.path.basename(source), **meta})
+    return export_checkpoint(ckpt, fmt, out, encoder_only=encoder_only)

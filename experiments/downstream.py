@@ -53,6 +53,7 @@ def finetune_config(pretrain, dataset, splits, num_examples, epochs=200, batch=2
     c.finetune = ml_collections.ConfigDict({
         'checkpoint': config_dict.placeholder(str),  # set by --checkpoint
         'step': config_dict.placeholder(int),  # a workdir's step; None = the newest that restores
+        'trust_checkpoint': False,  # read a .pth without torch.load's weights_only guard (--trust_checkpoint)
         'pool': 'cls',  # 'cls' or 'mean' (of the patch tokens)
         'head_norm': True,  # LayerNorm before the Dense head (the reference's mlp_head)
         'head_init_std': 2e-5,

@@ -24,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Pretrained weights: workdir, export, or reference file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (default runs/NAME).')
+_TRUST = flags.DEFINE_bool('trust_checkpoint', False, 'Read a .pth checkpoint without torch.load\'s weights_only '
+                           'guard (runs code from the file; only for files you trust).')
 
 
 def main(argv):
@@ -38,6 +40,8 @@ def main(argv):
         raise app.UsageError(f'{config.name} is a pretraining entry; pass a fine-tuning entry (finetune_*).')
     if _CHECKPOINT.value:
         config.finetune.checkpoint = _CHECKPOINT.value
+    if _TRUST.value:
+        config.finetune.trust_checkpoint = True
     workdir = checkpoints.absolute(_WORKDIR.value or os.path.join('runs', config.name))  # Orbax needs absolute
     print(f'Fine-tuning {config.name} from {config.finetune.checkpoint} -> {workdir}', flush=True)
     try:

@@ -35,6 +35,9 @@ def _parser():
     p.add_argument('--config', default=None, help='FILE:NAME (e.g. experiments/registry.py:crate_mae_base): the '
                    'architecture of a reference-format checkpoint without our metadata')
     p.add_argument('--model', default=None, help='registry NAME, the same as --config=experiments/registry.py:NAME')
+    p.add_argument('--trust_checkpoint', '--trust-checkpoint', action='store_true',
+                   help='read a .pth without torch.load\'s weights_only guard (runs code from the file; only for '
+                        'files you trust)')
     p.add_argument('--dataset', default=None, help='dataset name (default: the checkpoint\'s training data)')
     p.add_argument('--data_dir', '--data-dir', default=None, help='tfds data dir')
     p.add_argument('--feature', default='cls', choices=features.FEATURES)
@@ -109,7 +112,8 @@ def run(args):
     """Loads, extracts (or reads cached) features, probes; returns the results record."""
     methods = tuple(m.strip() for m in args.methods.split(',') if m.strip())
     config = named_config(args)
-    ckpt = checkpoints.load(args.checkpoint, step=args.step, model_config=config and config.model, encoder_only=True)
+    ckpt = checkpoints.load(args.checkpoint, step=args.step, model_config=config and config.model, encoder_only=True,
+                            trust_checkpoint=args.trust_checkpoint)
     if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
         ckpt = dataclasses.replace(ckpt, data_config=config.data)
     data_cfg = features.probe_data_config(ckpt, args.dataset, args.data_dir)

@@ -14,6 +14,7 @@ import pytest
 import experiments
 from cratemae import data
 from cratemae import export
+from cratemae import models
 from cratemae import train
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
@@ -60,16 +61,16 @@ def test_export_cli_round_trip(workdir, tmp_path):
     assert 'decoder_pred.weight' not in state_dict and 'blocks.1.layers.0.1.fn.weight' in state_dict
     assert export.model_config_from_metadata(metadata).width == 32 and json.loads(metadata['step']) == 2
     reference = checkpoints.load(workdir, encoder_only=False)
-    _equal(checkpoints.load(out).params, checkpoints.encoder_params(reference.params))
+    _equal(checkpoints.load(out).params, models.encoder_params(reference.params))
     for fmt, name in (('npz', 'model.npz'), ('orbax', 'params')):  # full models, through the library
-        loaded = checkpoints.load(checkpoints.export_checkpoint(reference, fmt, tmp_path / name), encoder_only=False)
+        loaded = checkpoints.load(export.export_checkpoint(reference, fmt, tmp_path / name), encoder_only=False)
         _equal(loaded.params, reference.params)
         assert loaded.step == 2 and loaded.data_config.name == 'mnist'
 
 
 def test_features_identical_from_workdir_export_and_reference_file(workdir, tmp_path, test_split):
     ckpt = checkpoints.load(workdir)
-    orbax_dir = checkpoints.export_checkpoint(ckpt, 'orbax', tmp_path / 'orbax', encoder_only=True)
+    orbax_dir = export.export_checkpoint(ckpt, 'orbax', tmp_path / 'orbax', encoder_only=True)
     bare = tmp_path / 'reference.safetensors'  # the reference layout without our metadata
     export.save_safetensors(bare, export.to_reference_state_dict(ckpt.params, ckpt.model_config, encoder_only=True))
     sources = [ckpt, checkpoints.load(orbax_dir), checkpoints.load(bare, model_config=ckpt.model_config)]
@@ -111,7 +112,7 @@ def test_checkpoint_errors(workdir, tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match='not found'):
         checkpoints.load(tmp_path / 'nothing.safetensors')
     ckpt = checkpoints.load(workdir)
-    good = checkpoints.export_checkpoint(ckpt, 'safetensors', tmp_path / 'enc.safetensors', encoder_only=True)
+    good = export.export_checkpoint(ckpt, 'safetensors', tmp_path / 'enc.safetensors', encoder_only=True)
     truncated = tmp_path / 'truncated.safetensors'
     truncated.write_bytes(pathlib.Path(good).read_bytes()[:1000])
     with pytest.raises(checkpoints.CheckpointError, match='truncated or corrupt'):
@@ -126,7 +127,7 @@ def test_checkpoint_errors(workdir, tmp_path):
         checkpoints.load(good, model_config=experiments.get_config('crate_mae_mnist').model)
     with pytest.raises(checkpoints.CheckpointError, match=r'no step 7; saved steps: \[2\]'):
         checkpoints.load(workdir, step=7)
-    orbax_dir = checkpoints.export_checkpoint(ckpt, 'orbax', tmp_path / 'orbax', encoder_only=True)
+    orbax_dir = export.export_checkpoint(ckpt, 'orbax', tmp_path / 'orbax', encoder_only=True)
     os.remove(f'{orbax_dir}.json')  # a bare params directory: the architecture must be named
     with pytest.raises(checkpoints.CheckpointError, match='pass --config'):
         checkpoints.load(orbax_dir)

@@ -1,4 +1,4 @@
-"""Loading encoder weights for downstream work, from any of the three places they live, and exporting them.
+"""Loading encoder weights for downstream work, from any of the three places they live.
 
 A checkpoint path is one of:
 
@@ -8,10 +8,13 @@ A checkpoint path is one of:
   without ``step`` the newest step that restores is used and damaged newer steps are skipped with a warning, the
   rule of ``cratemae.checkpoint.Checkpointer.restore_latest``.
 * an export of ours: a reference-layout ``.safetensors`` / ``.npz`` whose metadata holds the model config, or a
-  params-only Orbax directory written by ``export_checkpoint(..., 'orbax')`` with ``<dir>.json`` beside it.
+  params-only Orbax directory written by ``export.export_checkpoint(..., 'orbax')`` with ``<dir>.json`` beside it.
 * a reference-format file (``.safetensors`` / ``.npz``, ``.pth`` / ``.pt`` when torch is importable) without our
   metadata: the caller names the architecture (``model_config``), and ``export.from_reference_state_dict`` checks
-  every key and shape against it.
+  every key and shape against it. A ``.pth`` is read with ``torch.load(weights_only=True)`` and the allowlist of
+  ``cratemae.pth`` unless the caller trusts it (``trust_checkpoint``).
+
+Writing checkpoints in these formats is ``cratemae.export``'s job.
 """
 
 import dataclasses
@@ -19,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +34,10 @@ from flax import traverse_util
 from cratemae import checkpoint as checkpoint_lib
 from cratemae import export
 from cratemae import models
+from cratemae import pth
 
 log = logging.getLogger(__name__)
 
-ENCODER_KEYS = ('patch_embed', 'cls_token', 'mask_token', 'encoder', 'encoder_norm')
-ORBAX_FORMAT = 'cratemae.params.v1'
-FORMATS = ('safetensors', 'npz', 'orbax')
 # Keys of config.model that change what the encoder computes; image_size may differ (the sin-cos position table is
 # rebuilt for any grid, so a model pretrained at 224 px fine-tunes at another size without interpolation).
 ARCHITECTURE_KEYS = ('encoder_block', 'patch_size', 'channels', 'width', 'depth', 'heads', 'mlp_ratio', 'qkv_bias',
@@ -69,18 +69,13 @@ class CheckpointError(ValueError):
 # Parameter trees.
 
 
-def encoder_params(params) -> dict:
-    """The encoder's part of a CRATE-MAE params tree (what ``model.encode`` reads)."""
-    return {k: params[k] for k in ENCODER_KEYS if k in params}
-
-
 def abstract_params(model_config, encoder_only=True):
     """ShapeDtypeStructs of the params of ``config.model`` (no memory, no compile)."""
     model = models.build(model_config)
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), jnp.float32)
     tree = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0), 'masking': jax.random.key(1)}, x),
                           images)['params']
-    return encoder_params(tree) if encoder_only else tree
+    return models.encoder_params(tree) if encoder_only else tree
 
 
 def check_params(params, model_config, encoder_only=True, what='checkpoint'):
@@ -89,7 +84,7 @@ def check_params(params, model_config, encoder_only=True, what='checkpoint'):
     want = {k: tuple(v.shape) for k, v in flat(abstract_params(model_config, encoder_only)).items()}
     have = {k: tuple(np.shape(v)) for k, v in flat(params).items()}
     if encoder_only:
-        have = {k: v for k, v in have.items() if k.split('/')[0] in ENCODER_KEYS}
+        have = {k: v for k, v in have.items() if k.split('/')[0] in models.ENCODER_KEYS}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     shapes = [f'{k} (model {want[k]}, {what} {have[k]})' for k in sorted(want) if k in have and want[k] != have[k]]
@@ -209,7 +204,7 @@ def restore_workdir_params(workdir, step=None):
 def _load_workdir(path, step, encoder_only):
     config = read_workdir_config(path)
     step, params = restore_workdir_params(path, step)
-    params = encoder_params(params) if encoder_only else params
+    params = models.encoder_params(params) if encoder_only else params
     stamp = _mtime(epath.Path(path) / checkpoint_lib.CKPT_DIR / str(step))
     return Checkpoint(params, normalize_model_config(config.model), 'workdir', str(path), step, config.get('data'),
                       f'workdir:{os.path.abspath(path)}:{step}:{stamp}')
@@ -239,20 +234,28 @@ def _architecture(stored, given, what, unknown):
     return stored if stored is not None else given
 
 
-def _load_file(path, model_config, encoder_only):
+def _load_file(path, model_config, encoder_only, trust_checkpoint):
     try:
-        state_dict, metadata = export.load_state_dict(path)
+        state_dict, metadata = export.load_state_dict(path, trust=trust_checkpoint)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise CheckpointError(str(e)) from e
     source = _FILE_SOURCES.get(os.path.splitext(path)[1].lower(), 'file')
     stored = normalize_model_config(export.model_config_from_metadata(metadata)) if 'model_config' in metadata else None
-    cfg = _architecture(stored, model_config, f'file {os.path.basename(path)}',
-                        f'{path} is a reference-format file without our metadata, so its architecture is unknown')
+    if stored is None and model_config is None:
+        args = json.loads(metadata['args']) if 'args' in metadata else {}
+        raise CheckpointError(
+            f'{path} is a reference-format file without our metadata, so its architecture is unknown: pass '
+            '--config=experiments/registry.py:NAME (or --model NAME).'
+            + export.registry_hint(state_dict, args.get('model'))
+            + f' Or convert it once, which records the architecture in the file:\n  {pth.convert_command(path)}')
+    cfg = _architecture(stored, model_config, f'file {os.path.basename(path)}', '')
     try:
-        params = export.from_reference_state_dict(state_dict, cfg, encoder_only=encoder_only)
+        params = export.from_reference_state_dict(state_dict, cfg, encoder_only=encoder_only, source=path)
     except ValueError as e:
         raise CheckpointError(f'{path}: {e}') from e
-    step = json.loads(metadata['step']) if 'step' in metadata else None
+    step = json.loads(metadata['step']) if metadata.get('step') not in (None, 'null') else None
+    if 'epoch' in metadata:
+        log.info('%s: saved at epoch %s of its training run.', path, metadata['epoch'])
     return Checkpoint(params, cfg, source, path, step, _config_from_json(metadata.get('data_config')),
                       f'{source}:{os.path.abspath(path)}:{_mtime(path)}')
 
@@ -283,18 +286,19 @@ def _load_orbax(path, model_config, encoder_only):
     finally:
         checkpointer.close()
     params = jax.tree.map(np.asarray, params)
-    params = encoder_params(params) if encoder_only else params
+    params = models.encoder_params(params) if encoder_only else params
     check_params(params, cfg, encoder_only, what=f'export {path}')
     return Checkpoint(params, cfg, 'orbax', str(path), meta.get('step'),
                       _config_from_json(json.dumps(meta['data_config'])) if meta.get('data_config') else None,
                       f'orbax:{os.path.abspath(path)}:{_mtime(os.path.join(path, "_CHECKPOINT_METADATA"))}')
 
 
-def load(path, *, step=None, model_config=None, encoder_only=True) -> Checkpoint:
+def load(path, *, step=None, model_config=None, encoder_only=True, trust_checkpoint=False) -> Checkpoint:
     """Loads a training workdir, an export of ours, or a reference-format file (see the module docstring).
 
     model_config: the architecture for files that do not record one; for files that do, it must agree on
     ``ARCHITECTURE_KEYS``. Errors (missing or damaged files, other architectures) are ``CheckpointError``s.
+    trust_checkpoint: read a .pth without the weights_only restriction (``cratemae.pth``); only for trusted files.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -312,7 +316,7 @@ def load(path, *, step=None, model_config=None, encoder_only=True) -> Checkpoint
             raise CheckpointError(f'{path} is a directory but neither a training workdir (no checkpoints/) nor an '
                                   'Orbax params export (no _CHECKPOINT_METADATA).')
         return _load_orbax(path, model_config, encoder_only)
-    return _load_file(path, model_config, encoder_only)
+    return _load_file(path, model_config, encoder_only, trust_checkpoint)
 
 
 def random_init(model_config, seed=0, encoder_only=True) -> Checkpoint:
@@ -321,48 +325,7 @@ def random_init(model_config, seed=0, encoder_only=True) -> Checkpoint:
     images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
     params = jax.jit(lambda x: model.init({'params': jax.random.key(seed), 'masking': jax.random.key(seed + 1)},
                                           x))(images)['params']
-    params = jax.tree.map(np.asarray, encoder_params(params) if encoder_only else params)
+    params = jax.tree.map(np.asarray, models.encoder_params(params) if encoder_only else params)
     digest = hashlib.sha256(json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
     return Checkpoint(params, model_config, 'random', f'random_init_seed{seed}', None, None,
                       f'random:{digest[:16]}:{seed}')
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Export.
-
-
-def _json_dict(cfg) -> dict[str, Any] | None:
-    return None if cfg is None else json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg),
-                                                          default=checkpoint_lib._jsonable))
-
-
-def export_checkpoint(ckpt: Checkpoint, fmt: str, out, *, encoder_only=False) -> str:
-    """Writes ``ckpt`` as ``fmt`` to ``out``; returns the path written.
-
-    safetensors / npz: the reference PyTorch state dict (``export.to_reference_state_dict``), metadata = model config,
-    data config, step, source. orbax: the Flax params tree (``ocp.StandardCheckpointer``) in the directory ``out`` and
-    the same metadata as JSON in ``out.json`` beside it.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f'Unknown export format {fmt!r}; choose one of {FORMATS}.')
-    out = os.fspath(out)
-    if not encoder_only and 'decoder' not in ckpt.params:
-        raise CheckpointError(f'{ckpt.path} was loaded without its decoder; export it with encoder_only=True or '
-                              'load it with encoder_only=False.')
-    params = encoder_params(ckpt.params) if encoder_only else ckpt.params
-    extra = {'step': ckpt.step, 'source': ckpt.path, 'encoder_only': encoder_only,
-             'data_config': _json_dict(ckpt.data_config)}
-    if fmt in ('safetensors', 'npz'):
-        state_dict = export.to_reference_state_dict(params, ckpt.model_config, encoder_only=encoder_only)
-        metadata = export.make_metadata(ckpt.model_config, **extra)
-        (export.save_safetensors if fmt == 'safetensors' else export.save_npz)(out, state_dict, metadata)
-        return out
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        checkpointer.save(os.path.abspath(out), jax.tree.map(np.asarray, params), force=True)
-        checkpointer.wait_until_finished()
-    finally:
-        checkpointer.close()
-    meta = {'format': ORBAX_FORMAT, 'model_config': _json_dict(ckpt.model_config), **extra}
-    epath.Path(_sidecar(out)).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out

@@ -122,7 +122,8 @@ def _initial_backbone(config):
     if not path:
         raise ValueError('config.finetune.checkpoint is not set: pass --checkpoint PATH (a training workdir, an '
                          'export, or a reference-format file).')
-    ckpt = checkpoints.load(path, step=config.finetune.get('step'), model_config=config.model, encoder_only=True)
+    ckpt = checkpoints.load(path, step=config.finetune.get('step'), model_config=config.model, encoder_only=True,
+                            trust_checkpoint=config.finetune.get('trust_checkpoint', False))
     checkpoints.check_params(ckpt.params, config.model, what=f'checkpoint {path}')
     log.info('Encoder from %s (%s, step %s).', path, ckpt.source, ckpt.step)
     return ckpt.params

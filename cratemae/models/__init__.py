@@ -100,6 +100,16 @@ def _validate_attention_options(cfg, need):
             )
 
 
+# The top-level params that ``MaskedAutoencoder.encode`` reads: what probes and fine-tuning load and exports of the
+# encoder hold.
+ENCODER_KEYS = ('patch_embed', 'cls_token', 'mask_token', 'encoder', 'encoder_norm')
+
+
+def encoder_params(params) -> dict:
+    """The encoder's part of a CRATE-MAE params tree."""
+    return {k: params[k] for k in ENCODER_KEYS if k in params}
+
+
 def build(cfg) -> MaskedAutoencoder:
     """The Flax module for ``config.model`` (validated first)."""
     validate_model_config(cfg)
