@@ -332,9 +332,10 @@ def _validate(sd, layout, ignored):
                          'fc_norm normalises the pooled feature and the per-token final norm `norm` was removed), so '
                          'it has no final encoder norm to load. Use the pretrained checkpoint it was fine-tuned from.')
     if missing or unexpected or mismatched:
-        hint = registry_hint(sd) if mismatched else _architecture_hint(sd)
-        raise ValueError('State dict does not match the CRATE-MAE reference layout for this model config. '
-                         + ' '.join(f'{name} ({len(v)}): {_shorten(v)}.' for name, v in problems if v) + hint)
+        fits = registry_hint(sd) if mismatched else ''  # first: the list of shapes below can be long
+        raise ValueError('State dict does not match the CRATE-MAE reference layout for this model config.' + fits
+                         + ' ' + ' '.join(f'{name} ({len(v)}): {_shorten(v)}.' for name, v in problems if v)
+                         + ('' if fits else _architecture_hint(sd)))
 
 
 def _report(sd, used, source):

@@ -120,8 +120,7 @@ def read(path, trust: bool = False) -> Any:
         try:
             return torch.load(path, map_location='cpu', weights_only=False)
         except Exception as err:  # noqa: BLE001
-            raise UnreadableCheckpoint(f'Could not read {path} (truncated or corrupt?): {type(err).__name__}: '
-                                       f'{_first_line(err)}') from err
+            raise _damaged(path, err) from err
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -134,8 +133,15 @@ def read(path, trust: bool = False) -> Any:
                 'could run code from the file. cratemae allows only tensors, plain containers, argparse.Namespace '
                 f'and numpy scalars. If you trust the file, pass {TRUST_FLAG} (weights_only=False), or convert it '
                 f'once with {TRUST_FLAG}:\n  {convert_command(path)} {TRUST_FLAG}', names) from err
-        raise UnreadableCheckpoint(f'Could not read {path} (truncated or corrupt?): {type(err).__name__}: '
-                                   f'{_first_line(err)}') from err
+        raise _damaged(path, err) from err
+
+
+def _damaged(path, err):
+    if isinstance(err, EOFError) or 'unexpected EOF' in str(err):  # a legacy-format (pickle) file cut short
+        return UnreadableCheckpoint(f'{path} is a truncated PyTorch checkpoint: the data ends early (an interrupted '
+                                    'download or copy). Download or copy it again.')
+    return UnreadableCheckpoint(f'Could not read {path} (truncated or corrupt?): {type(err).__name__}: '
+                                f'{_first_line(err)}')
 
 
 def _first_line(err):

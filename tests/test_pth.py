@@ -6,6 +6,7 @@ extra, so none of this is skipped.
 """
 
 import argparse
+import json
 import logging
 import sys
 
@@ -17,7 +18,11 @@ import experiments
 from cratemae import export
 from cratemae import ops
 from cratemae.evaluate import checkpoints
+from cratemae.evaluate import finetune
+from experiments import downstream
+from experiments import registry
 from launch import export as export_cli
+from launch import probe as probe_cli
 
 
 class Foreign:  # an object no allowlist knows: safe loading must refuse it
@@ -125,6 +130,11 @@ def test_truncated_and_non_checkpoint_files(tmp_path, small):
     truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
     with pytest.raises(checkpoints.CheckpointError, match='truncated PyTorch checkpoint.*Download or copy it again'):
         checkpoints.load(truncated, model_config=small)
+    legacy = tmp_path / 'legacy.pth'  # torch's pre-1.6 format, a bare pickle stream
+    torch.save({'model': _reference_state_dict(small)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:len(legacy.read_bytes()) // 2])
+    with pytest.raises(checkpoints.CheckpointError, match='truncated PyTorch checkpoint: the data ends early'):
+        checkpoints.load(legacy, model_config=small)
     page = tmp_path / 'page.pth'
     page.write_text('<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>')
     with pytest.raises(checkpoints.CheckpointError, match='not a PyTorch checkpoint at all.*HTML page'):
@@ -165,7 +175,7 @@ def test_architecture_errors_name_the_config(tmp_path, small):
         checkpoints.load(path)  # no config: the message says which one fits
     small_size = experiments.get_config('crate_mae_small').model
     with pytest.raises(checkpoints.CheckpointError,
-                       match=r'Mismatched shapes.*CRATE-MAE-Tiny: pass --config=experiments/registry.py:crate_mae_tiny'):
+                       match=r'CRATE-MAE-Tiny: pass --config=experiments/registry.py:crate_mae_tiny\. Mismatched shapes'):
         checkpoints.load(path, model_config=small_size)
     # shapes of no registry size: the message gives the numbers as overrides
     odd = _save_model_style(_reference_state_dict(small, encoder_only=True), tmp_path / 'odd.pth')
@@ -212,3 +222,36 @@ def test_converter_needs_the_heads_when_nothing_shows_them(tmp_path, small):
     out = tmp_path / 'named.npz'
     export_cli.main(['--from', str(src), '--format', 'npz', '--out', str(out), '--config', 'crate_mae_test'])
     assert checkpoints.load(out).model_config.heads == small.heads
+
+
+def _fine_tuned_file_with_a_foreign_object(path, cfg):
+    d = cfg.width
+    sd = {**_reference_state_dict(cfg, encoder_only=True), 'fc_norm.weight': torch.ones(d),
+          'fc_norm.bias': torch.zeros(d), 'head.weight': torch.zeros(10, d), 'head.bias': torch.zeros(10)}
+    torch.save({'model': sd, 'epoch': 99, 'args': _args(model='crate_mae_test'), 'logger': Foreign(1)}, path)
+    return path
+
+
+def test_probe_cli_trusts_a_file_only_when_told(tmp_path, small):
+    path = _fine_tuned_file_with_a_foreign_object(tmp_path / 'finetuned.pth', small)
+    args = [f'--checkpoint={path}', '--config=experiments/registry.py:crate_mae_test', f'--out={tmp_path}',
+            f'--cache_dir={tmp_path / "cache"}', '--methods=knn']
+    with pytest.raises(SystemExit, match='Foreign.*--trust_checkpoint'):
+        probe_cli.main(args)
+    assert probe_cli.main(args + ['--trust-checkpoint']) == 0
+    record = json.loads((tmp_path / 'probe_mnist_cls.json').read_text())
+    assert record['source'] == 'torch' and record['num_test'] == 500
+
+
+def test_finetune_trusts_a_file_only_when_told(tmp_path, small):
+    path = _fine_tuned_file_with_a_foreign_object(tmp_path / 'finetuned.pth', small)
+    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+                                        batch=16, image_size=28)
+    config.train.update(steps=2, log_every=2, eval_every=2, eval_batch=64)
+    config.checkpoint.update(every=2, async_save=False)
+    config.finetune.update(checkpoint=str(path))
+    with pytest.raises(checkpoints.CheckpointError, match='--trust_checkpoint'):
+        finetune.finetune_and_evaluate(config, str(tmp_path / 'refused'))
+    config.finetune.trust_checkpoint = True
+    result = finetune.finetune_and_evaluate(config, str(tmp_path / 'ft'))
+    assert 0.0 <= result['eval/top1'] <= 1.0
