@@ -55,14 +55,6 @@ class UnreadableCheckpoint(ValueError):
     """A file that is not a readable PyTorch checkpoint; the message says why and what to do."""
 
 
-class RefusedGlobal(UnreadableCheckpoint):
-    """A checkpoint holding objects that weights_only loading refuses (it would run code from the file)."""
-
-    def __init__(self, message, names):
-        super().__init__(message)
-        self.names = names
-
-
 def _import_torch(path):
     try:
         import torch  # pylint: disable=import-outside-toplevel
@@ -128,11 +120,11 @@ def read(path, trust: bool = False) -> Any:
         if 'Unsupported global' in str(err) or 'Unsupported class' in str(err):
             names = _refused_names(torch, path, err)
             listed = ', '.join(names) or 'an object'
-            raise RefusedGlobal(
+            raise UnreadableCheckpoint(
                 f'{path} holds {listed}, which safe loading (torch.load weights_only=True) refuses: unpickling it '
                 'could run code from the file. cratemae allows only tensors, plain containers, argparse.Namespace '
                 f'and numpy scalars. If you trust the file, pass {TRUST_FLAG} (weights_only=False), or convert it '
-                f'once with {TRUST_FLAG}:\n  {convert_command(path)} {TRUST_FLAG}', names) from err
+                f'once with {TRUST_FLAG}:\n  {convert_command(path)} {TRUST_FLAG}') from err
         raise _damaged(path, err) from err
 
 

@@ -253,7 +253,7 @@ def _load_file(path, model_config, encoder_only, trust_checkpoint):
         params = export.from_reference_state_dict(state_dict, cfg, encoder_only=encoder_only, source=path)
     except ValueError as e:
         raise CheckpointError(f'{path}: {e}') from e
-    step = json.loads(metadata['step']) if metadata.get('step') not in (None, 'null') else None
+    step = json.loads(metadata['step']) if 'step' in metadata else None
     if 'epoch' in metadata:
         log.info('%s: saved at epoch %s of its training run.', path, metadata['epoch'])
     return Checkpoint(params, cfg, source, path, step, _config_from_json(metadata.get('data_config')),
