@@ -256,7 +256,7 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> dict[str, int] | None:
                 decoder_depth=count('decoder_blocks.'))
     pos = state_dict.get('pos_embed')
     if pos is not None and len(np.shape(pos)) == 3:
-        grid = int(round((np.shape(pos)[1] - 1) ** 0.5))
+        grid = round((np.shape(pos)[1] - 1) ** 0.5)
         if grid * grid == np.shape(pos)[1] - 1:
             arch['image_size'] = grid * int(p)
     return arch
@@ -363,6 +363,10 @@ def from_reference_state_dict(state_dict: Mapping[str, Any], model_config, *, en
     """
     sd = normalize_state_dict(state_dict)
     a = _arch(model_config)
+    if encoder_only and 'mask_token' not in sd and any(k in sd for k in CLASSIFIER_KEYS):
+        # A fine-tuned classifier may lack the mask token; encode() never reads it, so zeros keep the tree whole.
+        sd['mask_token'] = np.zeros((1, 1, a['d']), np.float32)
+        log.info('%s has no mask_token (a classifier needs none; the encoder does not read it): zeros.', source)
     layout = _layout(model_config, encoder_only)
     ignored = set(reference_shapes(model_config)) | set(CLASSIFIER_KEYS) if encoder_only else set()
     _validate(sd, layout, ignored)

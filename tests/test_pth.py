@@ -117,6 +117,13 @@ def test_fine_tuned_file_loads_its_encoder_and_reports_the_head(tmp_path, small,
     assert 'fc_norm.weight' in report[0] and 'head.bias' in report[0]
     with pytest.raises(checkpoints.CheckpointError, match=r'Missing keys .*decoder_blocks'):
         checkpoints.load(path, model_config=small, encoder_only=False)
+    # a classifier saved without the mask token (which encode() never reads) loads with a zero one
+    no_mask = {k: v for k, v in {**sd, **classifier}.items() if k != 'mask_token'}
+    _save_model_style(no_mask, tmp_path / 'no_mask_token.pth')
+    with caplog.at_level(logging.INFO, logger='cratemae'):
+        ckpt = checkpoints.load(tmp_path / 'no_mask_token.pth', model_config=small, encoder_only=True)
+    assert not ckpt.params['mask_token'].any() and 'has no mask_token' in caplog.text
+    _assert_params_equal(ckpt.params, {k: v for k, v in sd.items() if k != 'mask_token'}, small, encoder_only=True)
     # FAIR's --global_pool fine-tuning deletes the per-token final norm: no encoder to load, and the message says so
     global_pool = {k: v for k, v in {**sd, **classifier}.items() if not k.startswith('norm.')}
     _save_model_style(global_pool, tmp_path / 'global_pool.pth')
@@ -174,8 +181,8 @@ def test_architecture_errors_name_the_config(tmp_path, small):
     with pytest.raises(checkpoints.CheckpointError, match='--config=experiments/registry.py:crate_mae_tiny'):
         checkpoints.load(path)  # no config: the message says which one fits
     small_size = experiments.get_config('crate_mae_small').model
-    with pytest.raises(checkpoints.CheckpointError,
-                       match=r'CRATE-MAE-Tiny: pass --config=experiments/registry.py:crate_mae_tiny\. Mismatched shapes'):
+    fits = r'CRATE-MAE-Tiny: pass --config=experiments/registry.py:crate_mae_tiny\. Mismatched shapes'
+    with pytest.raises(checkpoints.CheckpointError, match=fits):
         checkpoints.load(path, model_config=small_size)
     # shapes of no registry size: the message gives the numbers as overrides
     odd = _save_model_style(_reference_state_dict(small, encoder_only=True), tmp_path / 'odd.pth')
