@@ -13,9 +13,9 @@ program then tells, per device:
             layers (so it reads about 1/depth of the truth) and, on small meshes, the SPMD partitioner's windowed
             einsum loops. The analytic count of cratemae.flops (train = 3 x forward matmuls) is the one to trust.
 
-The step is built exactly as cratemae.train.loop.train_and_evaluate builds it (same model, optimizer, state
-shardings from the config's regex rules, batch split over ('data', 'fsdp'), donated state), so the numbers describe
-the program a pod would run. Slices are named as gcloud names them (v4-32, v5litepod-256 or v5e-256, v5p-128,
+The step is built exactly as the engine (cratemae.train.engine.run) builds it for the config's task, pretraining or
+fine-tuning (same model, optimizer, state shardings from the config's regex rules, batch split over ('data', 'fsdp'),
+donated state), so the numbers describe the program a pod would run. Slices are named as gcloud names them (v4-32, v5litepod-256 or v5e-256, v5p-128,
 v6e-256) or as libtpu does (v4:2x2x4, v5e:16x16, v5:4x4x4, v6e:16x16).
 """
 
@@ -32,7 +32,8 @@ import numpy as np
 
 from cratemae import flops
 from cratemae import sharding
-from cratemae.train import loop
+from cratemae.train import engine
+from cratemae.train import tasks
 
 GIB = 2**30
 # HBM per JAX device in GiB: v4 and v5p run one device per chip (megacore), v5e and v6e have one core per chip.
@@ -145,36 +146,21 @@ def apply_overrides(config, global_batch=None, fsdp=False):
     return config
 
 
-def resolve_mesh_config(mesh_config, num_devices) -> dict:
-    """config.mesh with one -1 axis (data or fsdp) replaced by the devices left over.
-
-    sharding.make_mesh accepts -1 for 'data' only, while the FSDP recipe (README, apply_overrides) is data=1
-    fsdp=-1; resolving here keeps that recipe working whichever axis holds the -1.
-    """
-    axes = {a: int(mesh_config.get(a, -1 if a == 'data' else 1)) for a in sharding.AXES}
-    rest = [a for a, v in axes.items() if v == -1]
-    if len(rest) == 1:
-        known = int(np.prod([v for a, v in axes.items() if a != rest[0]]))
-        if num_devices % known:
-            raise ValueError(f'mesh {axes}: the other axes ({known}) do not divide the {num_devices} devices.')
-        axes[rest[0]] = num_devices // known
-    return axes
-
-
 def build_train_step(config, devices):
-    """(jitted train step, abstract (state, batch) with shardings, mesh): what train_and_evaluate compiles.
+    """(jitted train step, abstract (state, batch) with shardings, mesh): what the engine compiles for the config's
+    task (``tasks.task_name``: pretraining, or fine-tuning for a finetune_* entry).
 
-    Uses cratemae/train/loop.py build_program, the code train_and_evaluate runs; raises
-    ValueError from loop.validate_config (e.g. a global batch that does not split over the devices) before tracing.
+    The mesh is ``sharding.make_mesh``'s, whichever axis holds the -1; ValueError from engine.validate_config (e.g. a
+    global batch that does not split over the devices) comes before tracing.
     """
-    mesh = sharding.make_mesh(resolve_mesh_config(config.mesh, len(devices)), devices=devices)
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
     process_count = len({d.process_index for d in devices})
-    loop.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], process_count)
-    program = loop.build_program(config, mesh)
+    engine.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], process_count)
+    program = tasks.build_program(config, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    images = jax.ShapeDtypeStruct((config.train.global_batch,) + program.image_shape[1:], jnp.float32,
-                                  sharding=batch_sharding)
-    return program.train_step, (program.abstract_state, {'image': images}), mesh
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in program.task.train_batch_shapes(config.train.global_batch).items()}
+    return program.train_step, (program.abstract_state, batch), mesh
 
 
 @dataclasses.dataclass

@@ -4,8 +4,8 @@
       [--config.KEY=VALUE ...] [--sweep KEY=V1,V2 ...] [--sweep_mode product|each] [--nodonate]
       [--compiler_option NAME=VALUE ...] [--profile DIR] [--output FILE] [--peak_flops F]
 
-Times the framework's real jitted train step: ``cratemae.train.loop.build_program``, the program the training loop
-runs (``make_train_step`` with the optimizer of ``cratemae.train.optimizer``, the mesh and parameter shardings of
+Times the framework's real jitted train step: ``cratemae.train.tasks.build_program``, the program the engine runs
+for the config's task, pretraining or fine-tuning (the task's train step with the optimizer of ``cratemae.train.optimizer``, the mesh and parameter shardings of
 ``cratemae.sharding``, the state donated), on synthetic images drawn on the devices (no input pipeline). Lowering and
 compiling are timed apart (``jitted.lower(...).compile()``); then ``--warmup`` steps run untimed and each of
 ``--steps`` steps is timed to ``block_until_ready``. Prints one JSON line per point (fields: docs/performance.md).
@@ -46,7 +46,7 @@ from cratemae import flops
 from cratemae import metrics as metrics_lib
 from cratemae import sharding
 from cratemae import train
-from cratemae.train import loop
+from cratemae.train import tasks
 
 _REGISTRY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'registry.py')
 # The options recorded with every point, besides the overrides that were asked for.
@@ -175,30 +175,34 @@ def apply_overrides(config, overrides):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The step, built as cratemae/train/loop.py builds it.
+# The step, built as the engine (cratemae/train/engine.py) builds it.
 
 
 def build(config, mesh, donate=True):
-    """(state, jitted train step, batch sharding) from ``cratemae.train.loop.build_program``: the training loop's own
-    program, with the state initialised as the loop initialises it (config.train.global_batch is the batch)."""
-    program = loop.build_program(config, mesh)
-    state = jax.jit(program.init_fn, out_shardings=program.state_shardings)(jnp.zeros(program.image_shape, jnp.float32))
+    """(state, jitted train step, batch sharding) from ``cratemae.train.tasks.build_program``: the engine's own
+    program, with the state initialised as the engine initialises it (config.train.global_batch is the batch)."""
+    program = tasks.build_program(config, mesh)
+    state = program.init()
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = program.train_step
     if not donate:  # the same step function and shardings without donation, to measure what donation buys
         train_step = jax.jit(
             train_step.__wrapped__,
-            in_shardings=(program.state_shardings, {'image': batch_sharding}),
+            in_shardings=(program.state_shardings, {k: batch_sharding for k in program.task.train_keys}),
             out_shardings=(program.state_shardings, sharding.replicated(mesh)),
         )
     return state, train_step, batch_sharding
 
 
 def synthetic_batch(config, batch, batch_sharding, seed=0):
-    """Standard-normal NHWC images (normalised pixels), drawn directly on the devices that hold them."""
+    """Standard-normal NHWC images (normalised pixels), drawn directly on the devices that hold them; class 0 labels
+    for a fine-tuning config."""
     shape = (batch, config.model.image_size, config.model.image_size, config.model.channels)
     draw = jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32), out_shardings=batch_sharding)
-    return {'image': draw(jax.random.key(seed))}
+    out = {'image': draw(jax.random.key(seed))}
+    if tasks.task_name(config) == 'finetune':
+        out['label'] = jax.device_put(jnp.zeros((batch,), jnp.int32), batch_sharding)
+    return out
 
 
 def _memory(compiled, device):
@@ -231,7 +235,7 @@ def _xla_flops(compiled):
 def run_point(config, batch, steps, warmup, donate=True, compiler_options=None, profile_dir=None,
               profile_steps=3, peak=None):
     """Compiles and times one point; returns its record (see module doc)."""
-    sharding.maybe_initialize_distributed()
+    distributed.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
     batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
     config = copy.deepcopy(config)

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cratemae.evaluate import checkpoints
-from cratemae.evaluate import finetune
+from cratemae.train import finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiments/registry.py:NAME (a fine-tuning entry), optionally followed by --config.KEY=VALUE.',

@@ -12,7 +12,7 @@ Every subcommand prints each gcloud command before running it; --dry-run prints 
 --zone default to `gcloud config get-value project` / `compute/zone`.
 
 Multi-host: `run` starts the same `python -m launch.train` on every host (--worker=all). cratemae calls
-jax.distributed.initialize() only when the environment asks for it (cratemae.sharding.distributed_request:
+jax.distributed.initialize() only when the environment asks for it (cratemae.distributed.distributed_request:
 CRATEMAE_COORDINATOR_ADDRESS, JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES listing several hosts,
 MEGASCALE_NUM_SLICES>1, SLURM_NTASKS>1, OMPI_COMM_WORLD_SIZE>1). A plain Cloud TPU VM sets none of these in the
 shell (JAX reads the slice layout from the GCE metadata server instead), so `run` exports JAX_COORDINATOR_ADDRESS =

@@ -29,11 +29,6 @@ _WORKDIR = flags.DEFINE_string(
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume a workdir whose saved config differs from this one.'
 )
-_FAULT_KILL_AT_STEP = flags.DEFINE_integer(
-    'fault_kill_at_step',
-    None,
-    'Testing only: SIGKILL this process after the given step (once started saves are committed).',
-)
 
 
 def main(argv):
@@ -45,9 +40,7 @@ def main(argv):
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join('runs', config.name)
     print(f'Experiment {config.name} -> {workdir}\n{config}', flush=True)
-    result = train.train_and_evaluate(
-        config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value, fault_kill_at_step=_FAULT_KILL_AT_STEP.value
-    )
+    result = train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     print(json.dumps({k: v for k, v in result.items() if v is not None}), flush=True)
 
 

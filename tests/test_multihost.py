@@ -1,7 +1,7 @@
 """Two JAX processes (2 x 4 fake CPU devices on 127.0.0.1) train exactly like one process with 8 devices.
 
 Each child runs the real entry point, launch.train's main, after jax.distributed.initialize() that
-cratemae.sharding.maybe_initialize_distributed performs because CRATEMAE_COORDINATOR_ADDRESS / _NUM_PROCESSES /
+cratemae.distributed.maybe_initialize_distributed performs because CRATEMAE_COORDINATOR_ADDRESS / _NUM_PROCESSES /
 _PROCESS_ID are set. The only thing added to the child is a recorder of the example positions its input pipeline
 reads, to check that each process reads only its own half of every global batch. Evaluation (steps 10 and 20) runs
 too: its gathers are collectives, and one entered by some processes only shows up as a stall, caught in 20 s.
@@ -27,8 +27,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, PROCESSES = 16, 2  # crate_mae_test: global batch 16, 20 steps, evaluation and checkpoints every 10
 
 _CHILD = """
-import faulthandler, json, os, signal
+import faulthandler, json, os, signal, sys
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks before killing a hung child
+sys.path.insert(0, 'tests')
+import faults
+for _flag in [a for a in sys.argv[1:] if a.startswith('--kill_at_step=')]:  # fault injection: the engine's hooks
+    sys.argv.remove(_flag)
+    faults.kill_at_step(int(_flag.split('=')[1]))
 from cratemae.data import pipeline
 
 _reads = open(os.environ['CRATEMAE_TEST_READS'], 'a')
@@ -176,7 +181,7 @@ def _state(workdir, step, like=None):
 def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path):
     workdir = tmp_path / 'multi'
     # Both processes SIGKILL themselves after step 13 (the step-10 checkpoint committed), as a pod losing its hosts.
-    _run(tmp_path, 'killed', f'--workdir={workdir}', '--fault_kill_at_step=13', ok_codes=(-9,))
+    _run(tmp_path, 'killed', '--kill_at_step=13', f'--workdir={workdir}', ok_codes=(-9,))
     logs = _run(tmp_path, 'resumed', f'--workdir={workdir}')
     for i, log in enumerate(logs):
         assert 'on 2 process(es)' in log and f'host {i}/2 gets 8 of 16 per step' in log, log[-2000:]

@@ -7,6 +7,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from cratemae import distributed
 from cratemae import sharding
 
 
@@ -141,7 +142,7 @@ def test_host_local_to_global():
 
 
 def test_distributed_request_env():
-    req = sharding.distributed_request
+    req = distributed.distributed_request
     assert req({}) is None
     assert req({'TPU_WORKER_HOSTNAMES': 'localhost'}) is None     # single-host TPU VM
     assert req({'TPU_WORKER_HOSTNAMES': 'h0,h1'})[1] == {}
@@ -152,7 +153,7 @@ def test_distributed_request_env():
     assert req({'CRATEMAE_COORDINATOR_ADDRESS': 'h:1', 'CRATEMAE_NUM_PROCESSES': '2',
                 'CRATEMAE_PROCESS_ID': '1'})[1] == {'coordinator_address': 'h:1',
                                                         'num_processes': 2, 'process_id': 1}
-    assert sharding.maybe_initialize_distributed(env={}) is False
+    assert distributed.maybe_initialize_distributed(env={}) is False
 
 
 def test_fsdp_over_every_device_with_one_minus_one_axis():

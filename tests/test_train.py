@@ -9,7 +9,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -18,8 +17,9 @@ import experiments
 from cratemae import models
 from cratemae import sharding
 from cratemae import train
-from cratemae.train import loop
+from cratemae.train import engine
 from cratemae.train import optimizer
+from cratemae.train import pretrain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ def _config(**train_overrides):
 
 def _run_steps(config, mesh, batches):
     """Runs the loop's own jitted train step on `mesh` over `batches`; returns the final state on the host."""
-    program = loop.build_program(config, mesh)
-    state = jax.jit(program.init_fn, out_shardings=program.state_shardings)(jnp.zeros(program.image_shape))
+    program = engine.build_program(config, mesh, pretrain.Pretrain(config))
+    state = program.init()
     losses = []
     for images in batches:
         state, metrics = program.train_step(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
@@ -109,11 +109,13 @@ def test_learning_rate_schedule_and_weight_decay_mask():
 # The real entry point, in subprocesses.
 
 
-def _launch(workdir, *flags, timeout=240):
+def _launch(workdir, *flags, timeout=240, kill_at_step=None):
+    """launch.train in a subprocess; with kill_at_step, through tests/faults.py, which SIGKILLs it after that step."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache', PYTHONUNBUFFERED='1')
+    launcher = ['-m'] if kill_at_step is None else ['tests/faults.py', f'--kill_at_step={kill_at_step}']
     cmd = [
         sys.executable,
-        '-m',
+        *launcher,
         'launch.train',
         '--config=experiments/registry.py:crate_mae_test',
         f'--workdir={workdir}',
@@ -139,7 +141,7 @@ def straight_run(tmp_path_factory):
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path, straight_run):
-    killed = _launch(tmp_path / 'killed', '--fault_kill_at_step=13')
+    killed = _launch(tmp_path / 'killed', kill_at_step=13)
     assert killed.returncode == -signal.SIGKILL
     resumed = _launch(tmp_path / 'killed')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -161,7 +163,7 @@ def test_schedule_steps_stops_a_run_early_on_its_original_schedule(tmp_path, str
     config = _config()
     config.optim.schedule_steps = 0
     with pytest.raises(ValueError, match='optim.schedule_steps=0 must be at least 1'):
-        loop.validate_config(config, 1, 1)
+        engine.validate_config(config, 1, 1)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -265,9 +267,7 @@ def test_damaged_newest_checkpoint_falls_back_and_training_recovers(tmp_path, st
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from cratemae.train import loop
-
-    real = loop.sharding.host_local_to_global
+    real = engine.sharding.host_local_to_global
     calls = {'train': 0}
 
     def poisoned(batch, mesh):
@@ -277,7 +277,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
                 batch = {'image': np.full_like(batch['image'], np.nan)}
         return real(batch, mesh)
 
-    monkeypatch.setattr(loop.sharding, 'host_local_to_global', poisoned)
+    monkeypatch.setattr(engine.sharding, 'host_local_to_global', poisoned)
     with pytest.raises(train.NonFiniteLossError, match='at step 12'):
         train.train_and_evaluate(_config(), str(tmp_path))
     steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())

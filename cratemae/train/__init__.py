@@ -1,5 +1,6 @@
-"""The training engine: optimizer recipe, train state and steps, and the loop."""
+"""Training: the engine (one loop for every task), the pretraining and fine-tuning tasks, optimizer, train state."""
 
-from cratemae.train.loop import NonFiniteLossError, train_and_evaluate, validate_config
+from cratemae.train.engine import NonFiniteLossError, validate_config
+from cratemae.train.pretrain import train_and_evaluate
 
 __all__ = ['NonFiniteLossError', 'train_and_evaluate', 'validate_config']

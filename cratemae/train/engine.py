@@ -1,36 +1,49 @@
-"""Masked-completion pretraining, read top to bottom: set up, mesh, data, model, shard, restore, step, loop.
+"""The training engine, read top to bottom: set up, data, program, restore, then the loop of step, log, evaluate,
+checkpoint, preemption. Written once; what is trained is a task plugged into it.
 
-``train_and_evaluate(config, workdir)`` is what ``python -m launch.train`` runs. It trains on whatever devices JAX
-sees (one CPU, a GPU host, a TPU pod slice with one process per host), checkpoints with Orbax, resumes exactly, and
-writes metrics and reconstruction pictures to the workdir.
+A task (``cratemae.train.pretrain.Pretrain``, ``cratemae.train.finetune.Finetune``) is built from
+``(config, data_info)`` and provides:
+
+  model, train_keys, eval_keys    the Flax module; the batch entries its train and eval steps read
+  eval_sums, eval_whole_split     the eval outputs summed over batches; evaluate the whole split or
+                                  config.train.eval_batches batches of it
+  init(tx, images)                the initial TrainState (pure; jitted with the state shardings)
+  warm_start(state, tx, shardings) the state a fresh run starts from (fine-tuning loads the pretrained encoder)
+  train_step(tx, schedule)        -> step(state, batch) -> (state, metrics)   (pure)
+  eval_step(params, batch, key)   -> dict of per-batch sums and outputs       (pure)
+  eval_scalars(sums)              -> {'eval/...': value}
+  pictures(...)                   images and extra scalars of the first eval batch
+  train_flops_per_image()         for MFU, or None
+  train_batch_shapes(batch)       ShapeDtypeStructs of a train batch (ahead-of-time compilation)
+
+Everything else (mesh, state shardings, restore of the newest good checkpoint, async Orbax saves, exact resume,
+SIGTERM / multi-host preemption, the NaN guard, metrics, throughput and the progress line) is the engine's, so both
+tasks get all of it. ``STEP_HOOKS`` lets tests inject faults after a step without a library argument.
 """
 
 import dataclasses
 import functools
 import logging
-import os
-import signal
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
-from PIL import Image
 
 from cratemae import checkpoint
 from cratemae import data
-from cratemae import diagnostics
+from cratemae import distributed
 from cratemae import flops
 from cratemae import metrics as metrics_lib
 from cratemae import models
 from cratemae import sharding
-from cratemae import visualize
 from cratemae.train import optimizer
 from cratemae.train import step as step_lib
 
 log = logging.getLogger(__name__)
+
+# Called as hook(step, checkpointer) after every step's checkpoint decision; tests append fault injectors here.
+STEP_HOOKS: list[Callable[[int, checkpoint.Checkpointer], None]] = []
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,9 +86,10 @@ def validate_config(config, num_devices_for_batch: int, process_count: int) -> N
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """What train_and_evaluate runs on a mesh; launch.aot_compile lowers the same train_step for a TPU slice."""
+    """What the engine runs on a mesh; launch.aot_compile and launch.benchmark lower the same train_step."""
 
-    model: Any
+    task: Any
+    tx: Any
     init_fn: Callable  # images (1, H, W, C) -> TrainState; jit it with out_shardings=state_shardings
     image_shape: tuple
     state_shardings: step_lib.TrainState
@@ -83,16 +97,19 @@ class Program:
     train_step: Callable  # jitted, the state donated
     eval_step: Callable
 
+    def init(self) -> step_lib.TrainState:
+        """The task's initial state, created where it lives (before any warm start)."""
+        return jax.jit(self.init_fn, out_shardings=self.state_shardings)(jnp.zeros(self.image_shape, jnp.float32))
 
-def build_program(config, mesh) -> Program:
-    """Model and optimizer; shapes first (eval_shape), then shardings from the config's regex rules; the jitted
-    steps with explicit shardings and the train state donated so parameters are updated in place."""
-    model = models.build(config.model)
+
+def build_program(config, mesh, task) -> Program:
+    """Optimizer; shapes first (eval_shape), then shardings from the config's regex rules; the jitted steps with
+    explicit shardings and the train state donated so parameters are updated in place."""
     batch, steps = config.train.global_batch, optimizer.schedule_length(config)
     schedule = optimizer.learning_rate_schedule(config.optim, batch, steps)
     tx = optimizer.make_optimizer(config.optim, batch, steps)
     image_shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
-    init_fn = functools.partial(step_lib.create_state, model, tx, seed=config.seed)
+    init_fn = functools.partial(task.init, tx)
     abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32))
     replicated = sharding.replicated(mesh)
     state_shardings = step_lib.TrainState(
@@ -104,41 +121,32 @@ def build_program(config, mesh) -> Program:
     )
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        step_lib.make_train_step(model, tx, schedule, config.optim.accum_steps),
-        in_shardings=(state_shardings, {'image': batch_sharding}),
+        task.train_step(tx, schedule),
+        in_shardings=(state_shardings, {k: batch_sharding for k in task.train_keys}),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        step_lib.make_eval_step(model, config.train.eval_mask_ratio),
-        in_shardings=(state_shardings.params, {'image': batch_sharding, 'valid': batch_sharding}, replicated),
+        task.eval_step,
+        in_shardings=(state_shardings.params, {k: batch_sharding for k in task.eval_keys}, replicated),
     )
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
     )
-    return Program(model, init_fn, image_shape, state_shardings, abstract_sharded, train_step, eval_step)
+    return Program(task, tx, init_fn, image_shape, state_shardings, abstract_sharded, train_step, eval_step)
 
 
-def train_and_evaluate(
-    config, workdir: str, *, allow_config_change: bool = False, fault_kill_at_step: int | None = None
-) -> dict:
-    """Runs (or resumes) the experiment in ``config`` into ``workdir``; returns the last logged metrics."""
+def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -> dict:
+    """Runs (or resumes) ``make_task(config, data_info)`` on ``config`` into ``workdir``; returns the last metrics."""
     # ----------------------------------------------------------------------------------------------------------
     # Set up. Everything that can be wrong with the config or the workdir fails here, before any compile.
-    sharding.maybe_initialize_distributed()
+    distributed.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
-    batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
-    validate_config(config, batch_devices, jax.process_count())
+    validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
     checkpoint.ensure_writable(workdir)
     checkpoint.check_compatible(workdir, config, allow_change=allow_config_change)
-    checkpoint.save_config(workdir, config)
-    log.info(
-        'Devices: %d x %s on %d process(es); mesh %s',
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-        jax.process_count(),
-        dict(mesh.shape),
-    )
+    log.info('Devices: %d x %s on %d process(es); mesh %s', jax.device_count(), jax.devices()[0].device_kind,
+             jax.process_count(), dict(mesh.shape))
 
     # ----------------------------------------------------------------------------------------------------------
     # Input pipeline: the batch at step s is a pure function of (seed, s, host), so the data position is the step.
@@ -148,70 +156,53 @@ def train_and_evaluate(
     eval_data = pipeline(split=config.data.split_eval, global_batch=config.train.eval_batch, train=False)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Model, optimizer, state shardings and the jitted steps (shared with launch.aot_compile).
-    program = build_program(config, mesh)
-    model, state_shardings = program.model, program.state_shardings
-    init_fn, image_shape, total_steps = program.init_fn, program.image_shape, config.train.steps
-    train_step, eval_step = program.train_step, program.eval_step
+    # The task, optimizer, state shardings and the jitted steps (shared with launch.aot_compile / benchmark).
+    task = make_task(config, train_data.info)
+    checkpoint.save_config(workdir, config)
+    program = build_program(config, mesh, task)
+    train_step, eval_step, total_steps = program.train_step, program.eval_step, config.train.steps
 
     # ----------------------------------------------------------------------------------------------------------
-    # Restore the newest good checkpoint, if any (a corrupt newest one is reported and skipped).
+    # Restore the newest good checkpoint, if any (a corrupt newest one is reported and skipped); else start fresh.
     ckpt = checkpoint.Checkpointer.from_config(workdir, config.checkpoint)
     restored = ckpt.restore_latest(program.abstract_state)
     if restored is None:
-        state = jax.jit(init_fn, out_shardings=state_shardings)(jnp.zeros(image_shape, jnp.float32))
+        state = task.warm_start(program.init(), program.tx, program.state_shardings)
         start_step, core_hours = 0, 0.0
-        log.info('Starting from scratch: %s parameters.', f'{models.count_params(config.model, False):,}')
+        count = sum(x.size for x in jax.tree.leaves(program.abstract_state.params))
+        log.info('Starting from scratch: %s parameters.', f'{count:,}')
     else:
         start_step, state, meta = restored
         core_hours = float(meta.get('core_hours', 0.0))
         log.info('Resumed from step %d.', start_step)
 
-    writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step)
-    throughput = metrics_lib.Throughput(
-        config.train.global_batch, jax.device_count(), start_step=start_step, core_hours=core_hours
-    )
-    train_flops = flops.train_flops(config.model) * config.train.global_batch
+    writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step, log_every=config.train.log_every)
+    throughput = metrics_lib.Throughput(config.train.global_batch, jax.device_count(), start_step=start_step,
+                                        core_hours=core_hours)
+    train_flops = task.train_flops_per_image()
+    train_flops = None if train_flops is None else train_flops * config.train.global_batch
     device_kind = jax.devices()[0].device_kind
 
     def evaluate(step):
-        """Held-out reconstruction loss; a picture of the first batch; the white-box measures on that batch."""
-        loss_sum, count, scalars = 0.0, 0.0, {}
-        key = jax.random.key(config.seed + 1)  # the same masks at every evaluation, so the curve is comparable
-        for i in range(min(config.train.eval_batches, eval_data.num_batches)):
+        """The task's eval sums over the held-out batches (the same masks or crops at every evaluation, so the curve
+        is comparable); pictures and extra scalars of the first batch."""
+        sums, extra = dict.fromkeys(task.eval_sums, 0.0), {}
+        key = jax.random.key(config.seed + 1)
+        batches = eval_data.num_batches
+        if not task.eval_whole_split:
+            batches = min(config.train.eval_batches, batches)
+        for i in range(batches):
             local = eval_data.batch(i)
-            batch = sharding.host_local_to_global({'image': local['image'], 'valid': local['valid']}, mesh)
+            batch = sharding.host_local_to_global({k: local[k] for k in task.eval_keys}, mesh)
             out = eval_step(state.params, batch, jax.random.fold_in(key, i))
-            loss_sum, count = loss_sum + float(out['loss_sum']), count + float(out['count'])
+            sums = {k: v + float(out[k]) for k, v in sums.items()}
             if i == 0:
-                scalars.update(first_batch_pictures(step, local, batch, out))
-        scalars['eval/reconstruction_loss'] = loss_sum / max(count, 1.0)
-        writer.write_scalars(step, scalars)
-        log.info('step %d: eval reconstruction loss %.4f', step, scalars['eval/reconstruction_loss'])
-        return {'eval/reconstruction_loss': scalars['eval/reconstruction_loss']}
-
-    def first_batch_pictures(step, local, batch, out):
-        """Reconstruction grid and, for CRATE encoders, layer-wise compression and sparsity (scalars and curves)."""
-        n = min(config.eval.images, local['image'].shape[0])
-        # Every process takes part in the gathers (they are collectives); process 0 draws.
-        pred, mask = (np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:n] for k in ('pred', 'mask'))
-        measures = None
-        if config.eval.whitebox and config.model.encoder_block == 'crate':
-            measures = diagnostics.whitebox_measures(model, state.params, batch['image'], batch['valid'])
-        if jax.process_index() != 0:
-            return {}
-        info = eval_data.info
-        grid = diagnostics.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size, info.mean,
-                                               info.std, config.model.norm_pix_loss)
-        writer.write_images(step, {'reconstructions': grid}, png=True)
-        if measures is None:
-            return {}
-        if '://' in workdir:  # matplotlib writes local files; remote workdirs get the scalars only
-            return diagnostics.flatten_for_logging(measures)
-        path = visualize.layer_curves([(f'step {step}', measures)], os.path.join(workdir, 'images',
-                                                                                 f'whitebox_{step:08d}.png'))
-        writer.write_images(step, {'whitebox_curves': np.asarray(Image.open(path).convert('RGB'))})
-        return diagnostics.flatten_for_logging(measures)
+                extra = task.pictures(step, state.params, local, batch, out, eval_data.info, writer, workdir)
+        scalars = task.eval_scalars(sums)
+        writer.write_scalars(step, {**extra, **scalars})
+        log.info('step %d: eval %s', step,
+                 ', '.join(f'{k.removeprefix("eval/").replace("_", " ")} {v:.4f}' for k, v in scalars.items()))
+        return scalars
 
     def save(step, force=False):
         if int(state.nonfinite_step) >= 0:
@@ -220,20 +211,12 @@ def train_and_evaluate(
                 f'the newest checkpoint in {ckpt.directory} is the last good state. Lower optim.base_lr or set '
                 'optim.grad_clip, then rerun the same command to resume from it.'
             )
-        return ckpt.save(
-            step,
-            state,
-            {
-                'data_step': step,
-                'seed': config.seed,
-                'core_hours': throughput.core_hours,
-                'config_hash': checkpoint.config_hash(config),
-            },
-            force=force,
-        )
+        meta = {'data_step': step, 'seed': config.seed, 'core_hours': throughput.core_hours,
+                'config_hash': checkpoint.config_hash(config)}
+        return ckpt.save(step, state, meta, force=force)
 
     # ----------------------------------------------------------------------------------------------------------
-    # The loop: plain Python around the jitted step.
+    # The loop: plain Python around the jitted step. The host reads device values at log steps only.
     ckpt.install_preemption_handler()
     last = {}
     try:
@@ -241,16 +224,18 @@ def train_and_evaluate(
             for step, local_batch in batches:
                 if step >= total_steps:
                     break
-                state, step_metrics = train_step(
-                    state, sharding.host_local_to_global({'image': local_batch['image']}, mesh)
-                )
+                batch = sharding.host_local_to_global({k: local_batch[k] for k in task.train_keys}, mesh)
+                state, step_metrics = train_step(state, batch)
                 done = step + 1
-                if done % config.train.log_every == 0 or done == total_steps:
+                log_step = done % config.train.log_every == 0 or done == total_steps
+                if log_step:
                     last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     if int(state.nonfinite_step) >= 0:
                         save(done)  # raises NonFiniteLossError naming the step
                     last.update(throughput.measure(done))
-                    last['mfu'] = flops.mfu(train_flops, last.get('step_time_s', 0.0), device_kind, jax.device_count())
+                    if train_flops is not None:
+                        last['mfu'] = flops.mfu(train_flops, last.get('step_time_s', 0.0), device_kind,
+                                                jax.device_count())
                     writer.write_scalars(done, {k: v for k, v in last.items() if v is not None})
                 writer.update(done, **({'loss': last['loss']} if 'loss' in last else {}))
                 if done % config.train.eval_every == 0 or done == total_steps:
@@ -259,22 +244,21 @@ def train_and_evaluate(
                 if done % config.checkpoint.every == 0 or done == total_steps:  # the last step is always saved
                     with throughput.exclude():
                         save(done, force=True)
-                if fault_kill_at_step is not None and done == fault_kill_at_step:
-                    # Fault injection for the resume tests: let started saves commit (so the test knows where the rerun
-                    # resumes), then die without any cleanup.
-                    ckpt.wait_until_finished()
-                    os.kill(os.getpid(), signal.SIGKILL)
+                for hook in STEP_HOOKS:
+                    hook(done, ckpt)
                 # On several hosts the check is a small blocking collective: make it at log steps only.
-                check_preemption = jax.process_count() == 1 or done % config.train.log_every == 0
+                check_preemption = jax.process_count() == 1 or log_step
                 if done < total_steps and check_preemption and ckpt.reached_preemption(done):
                     log.warning('Preemption: saving step %d and exiting; rerun the same command to resume.', done)
                     save(done, force=True)
                     break
         if start_step >= total_steps:
-            log.info('Nothing to do: the workdir already holds the final step %d.', start_step)
+            log.info('Nothing to do: the workdir already holds the final step %d; evaluating it.', start_step)
+            last.update(evaluate(start_step))
         ckpt.wait_until_finished()
     finally:
         ckpt.uninstall_preemption_handler()
         ckpt.close()
         writer.close()
+    last['step'] = min(int(state.step), total_steps)
     return last
