@@ -41,8 +41,8 @@ DEFAULT_IGNORE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.e
                   'checkpoint.*', 'data.data_dir', 'data.num_workers', 'data.prefetch')
 
 
-def _jsonable(x):
-    """json.dumps default: numpy/jax scalars and arrays -> Python values; else str."""
+def jsonable(x):
+    """json.dumps default: numpy/jax scalars and arrays -> Python values; tuples and sets -> lists; else str."""
     if isinstance(x, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(x).tolist()
     if isinstance(x, (tuple, set)):
@@ -51,7 +51,52 @@ def _jsonable(x):
 
 
 def _to_json_value(tree):
-    return json.loads(json.dumps(tree, default=_jsonable))
+    return json.loads(json.dumps(tree, default=jsonable))
+
+
+class UnreadableCheckpointsError(RuntimeError):
+    """Checkpoints exist but none of them restores."""
+
+
+def restore_newest(steps, restore, directory):
+    """(step, restore(step)) for the newest of ``steps`` that restores; None if there are no steps.
+
+    A step whose ``restore`` raises (truncated data file, bad manifest, truncated _METADATA: orbax and tensorstore
+    raise many types) is skipped with a warning naming the step and the error, and the next older one is tried. If
+    none restores, UnreadableCheckpointsError lists every error: silently restarting from scratch would overwrite a
+    long run's history with step 0. The one rule for the engine's resume and for loading weights downstream.
+    """
+    steps = sorted(steps)
+    errors = []
+    for step in reversed(steps):
+        try:
+            restored = restore(step)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+            msg = f'{type(e).__name__}: {first_line(e)}'
+            log.warning('Checkpoint step %d in %s failed to restore (%s); trying the next older step.', step,
+                        directory, msg)
+            errors.append(f'  step {step}: {msg}')
+            continue
+        if errors:
+            log.warning('Restored step %d after skipping %d unreadable newer step(s).', step, len(errors))
+        return step, restored
+    if errors:
+        raise UnreadableCheckpointsError(
+            f'Checkpoints exist in {directory} (steps {steps}) but none could be restored; refusing to restart from '
+            'scratch. Errors:\n' + '\n'.join(errors) + '\nMove or delete the damaged step directories (or the whole '
+            'checkpoints directory) to proceed.')
+    return None
+
+
+def saved_steps(workdir) -> list[int]:
+    """The finished checkpoint steps of a training workdir, ascending; local or gs:// (through etils.epath).
+
+    A save in progress is a '<step>.orbax-checkpoint-tmp-*' folder and is not listed; no checkpoints: [].
+    """
+    directory = epath.Path(os.fspath(workdir)) / CKPT_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 class Checkpointer:
@@ -125,33 +170,19 @@ class Checkpointer:
     def restore_latest(self, abstract_state):
         """(step, state, meta) of the newest step that restores, or None if there is none.
 
-        Raises RuntimeError if checkpoints exist but none of them can be restored.
+        Raises UnreadableCheckpointsError (a RuntimeError) if checkpoints exist but none of them can be restored;
+        unreadable steps newer than the one restored are moved aside (see _quarantine).
         """
         self._mngr.wait_until_finished()
         self._mngr.reload()  # another process (or a previous run) may have written steps
         steps = self.all_steps()
-        errors = []
-        for step in reversed(steps):
-            try:
-                state, meta = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
-                msg = f'{type(e).__name__}: {_first_line(e)}'
-                log.warning('Checkpoint step %d in %s failed to restore (%s); trying the next '
-                            'older step.', step, self.directory, msg)
-                errors.append(f'  step {step}: {msg}')
-                continue
-            if errors:
-                log.warning('Resumed from step %d after skipping %d unreadable newer step(s).',
-                            step, len(errors))
-                self._quarantine([s for s in steps if s > step])
-            return step, state, meta
-        if errors:
-            raise RuntimeError(
-                f'Checkpoints exist in {self.directory} (steps {steps}) but none could be '
-                'restored; refusing to restart from scratch. Errors:\n' + '\n'.join(errors) +
-                '\nMove or delete the damaged step directories (or the whole checkpoints '
-                'directory) to proceed.')
-        return None
+        found = restore_newest(steps, lambda step: self.restore(step, abstract_state), self.directory)
+        if found is None:
+            return None
+        step, (state, meta) = found
+        if step != steps[-1]:
+            self._quarantine([s for s in steps if s > step])
+        return step, state, meta
 
     def _quarantine(self, steps):
         """Moves unreadable steps to <workdir>/checkpoints_damaged/ (kept for inspection), so the resumed run
@@ -228,7 +259,8 @@ def _as_abstract(x):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
-def _first_line(e, limit=800):
+def first_line(e, limit=800) -> str:
+    """The first line of an exception's message, at most `limit` characters (for one-line error reports)."""
     text = str(e).strip().splitlines()
     text = text[0] if text else ''
     return text[:limit] + ('...' if len(text) > limit else '')

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from cratemae import checkpoint
 from cratemae import models
 from cratemae import ops
 from cratemae import pth
@@ -393,16 +394,12 @@ def from_reference_state_dict(state_dict: Mapping[str, Any], model_config, *, en
 # ----------------------------------------------------------------------------------------------------------------
 # Metadata and files.
 
-def _jsonable(x):
-    return list(x) if isinstance(x, (tuple, set)) else x.item() if hasattr(x, 'item') else str(x)
-
-
 def make_metadata(model_config, **extra) -> dict[str, str]:
     """Header metadata: format, reference layout and `model_config` as JSON; extra values JSON-encoded if not str."""
     cfg = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
     meta = {'format': FORMAT, 'layout': LAYOUT,
-            'model_config': json.dumps(cfg, sort_keys=True, default=_jsonable)}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=_jsonable)
+            'model_config': json.dumps(cfg, sort_keys=True, default=checkpoint.jsonable)}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=checkpoint.jsonable)
                  for k, v in extra.items()})
     return meta
 
@@ -519,7 +516,7 @@ def load_state_dict(path, trust: bool = False) -> tuple[dict[str, np.ndarray], d
 
 def _json_dict(cfg) -> dict[str, Any] | None:
     return None if cfg is None else json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg),
-                                                          default=_jsonable))
+                                                          default=checkpoint.jsonable))
 
 
 def export_checkpoint(ckpt, fmt: str, out, *, encoder_only=False) -> str:

@@ -42,6 +42,7 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
+from cratemae import distributed
 from cratemae import flops
 from cratemae import metrics as metrics_lib
 from cratemae import sharding

@@ -3,12 +3,15 @@
 import json
 import os
 import pathlib
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import experiments
@@ -18,7 +21,8 @@ from cratemae import models
 from cratemae import train
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
-from cratemae.evaluate import finetune
+from cratemae.train import engine
+from cratemae.train import finetune
 from experiments import downstream
 from experiments import registry
 from launch import probe as probe_cli
@@ -172,14 +176,107 @@ def _finetune_config(checkpoint, **model):
     return config
 
 
-def test_finetune_trains_evaluates_and_resumes(workdir, tmp_path):
-    out = tmp_path / 'ft'
-    result = finetune.finetune_and_evaluate(_finetune_config(workdir), str(out))
+@pytest.fixture(scope='module')
+def finetuned(workdir, tmp_path_factory):
+    """The uninterrupted 4-step fine-tuning run (checkpoints at steps 2 and 4) that interrupted ones must match."""
+    out = tmp_path_factory.mktemp('finetuned')
+    return out, finetune.finetune_and_evaluate(_finetune_config(workdir), str(out))
+
+
+def _saved_state(workdir, step):
+    manager = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints')
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    finally:
+        manager.close()
+
+
+def test_finetune_trains_evaluates_and_resumes(workdir, finetuned):
+    out, result = finetuned
     assert 0.0 <= result['eval/top1'] <= 1.0 and np.isfinite(result['loss'])
     saved = json.loads((out / finetune.RESULTS_FILE).read_text())
     assert saved['top1'] == result['eval/top1'] and saved['step'] == 4
     again = finetune.finetune_and_evaluate(_finetune_config(workdir), str(out))  # resumes at the final step
     assert again['eval/top1'] == pytest.approx(result['eval/top1'])
+
+
+_KILLED_CHILD = """
+import pickle, sys
+sys.path[:0] = ['.', 'tests']
+import faults
+from cratemae.train import finetune
+faults.kill_at_step(3)
+with open(sys.argv[1], 'rb') as f:
+    config = pickle.load(f)
+finetune.finetune_and_evaluate(config, sys.argv[2])
+"""
+
+
+def test_finetune_resumes_bit_exactly_after_sigkill(workdir, finetuned, tmp_path):
+    config_file, out = tmp_path / 'config.pkl', tmp_path / 'killed'
+    config_file.write_bytes(pickle.dumps(_finetune_config(workdir)))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache')  # 8 CPU devices, as here
+    killed = subprocess.run([sys.executable, '-c', _KILLED_CHILD, str(config_file), str(out)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(int(p.name) for p in (out / 'checkpoints').iterdir() if p.name.isdigit()) == [2]
+    resumed = finetune.finetune_and_evaluate(_finetune_config(workdir), str(out))
+    assert resumed['eval/top1'] == finetuned[1]['eval/top1']
+    jax.tree.map(np.testing.assert_array_equal, _saved_state(out, 4), _saved_state(finetuned[0], 4))
+
+
+def test_finetune_saves_on_sigterm_and_exits(workdir, tmp_path, monkeypatch):
+    def terminate(step, _):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the engine's handler turns it into a flag; no exception here
+
+    monkeypatch.setattr(engine, 'STEP_HOOKS', [terminate])
+    before = signal.getsignal(signal.SIGTERM)
+    result = finetune.finetune_and_evaluate(_finetune_config(workdir), str(tmp_path))
+    assert result['step'] == 1 and 'eval/top1' not in result  # stopped after step 1 of 4, before any evaluation
+    assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == [1]
+    assert signal.getsignal(signal.SIGTERM) == before  # the engine's handler is removed again
+
+
+def test_finetune_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, tmp_path, monkeypatch):
+    real = engine.sharding.host_local_to_global
+    calls = {'train': 0}
+
+    def poisoned(batch, mesh):
+        if 'valid' not in batch:  # a train batch
+            calls['train'] += 1
+            if calls['train'] == 3:  # the batch of step index 2
+                batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+        return real(batch, mesh)
+
+    monkeypatch.setattr(engine.sharding, 'host_local_to_global', poisoned)
+    with pytest.raises(train.NonFiniteLossError, match='at step 2'):
+        finetune.finetune_and_evaluate(_finetune_config(workdir), str(tmp_path))
+    assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == [2]
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_saved_state(tmp_path, 2)['params']))
+
+
+def test_finetune_reads_the_device_only_at_log_and_checkpoint_steps(workdir, tmp_path, monkeypatch):
+    """The forked fine-tuning loop called save() every step, which read the NaN flag from the device (a blocking
+    host sync) inside the throughput's excluded time. The engine reads at log steps and saves at checkpoint steps."""
+    counts = {'device_get': 0, 'save': 0}
+    real_get, real_save = engine.jax.device_get, engine.checkpoint.Checkpointer.save
+
+    def device_get(x):
+        counts['device_get'] += sys._getframe(1).f_globals['__name__'] == engine.__name__  # the engine's own reads
+        return real_get(x)
+
+    def save(self, *args, **kwargs):
+        counts['save'] += 1
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.jax, 'device_get', device_get)
+    monkeypatch.setattr(engine.checkpoint.Checkpointer, 'save', save)
+    config = _finetune_config(workdir)
+    config.train.update(steps=6, log_every=3, eval_every=6)
+    config.checkpoint.update(every=6)
+    finetune.finetune_and_evaluate(config, str(tmp_path))
+    assert counts == {'device_get': 2, 'save': 1}  # log steps 3 and 6; the checkpoint at step 6
 
 
 def test_finetune_rejects_another_architecture(workdir, tmp_path):

@@ -73,8 +73,7 @@ def abstract_params(model_config, encoder_only=True):
     """ShapeDtypeStructs of the params of ``config.model`` (no memory, no compile)."""
     model = models.build(model_config)
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), jnp.float32)
-    tree = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0), 'masking': jax.random.key(1)}, x),
-                          images)['params']
+    tree = jax.eval_shape(lambda x: models.init_params(model, x, seed=0), images)
     return models.encoder_params(tree) if encoder_only else tree
 
 
@@ -183,20 +182,12 @@ def restore_workdir_params(workdir, step=None):
                 raise
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types on damaged files
                 raise CheckpointError(f'Step {step} in {directory} could not be read (truncated or corrupt?): '
-                                      f'{type(e).__name__}: {checkpoint_lib._first_line(e)}') from e
-        errors = []
-        for candidate in reversed(steps):
-            try:
-                params = _restore_params(manager, candidate)
-            except Exception as e:  # noqa: BLE001
-                msg = f'{type(e).__name__}: {checkpoint_lib._first_line(e)}'
-                log.warning('Checkpoint step %d in %s failed to restore (%s); trying the next older step.',
-                            candidate, directory, msg)
-                errors.append(f'  step {candidate}: {msg}')
-                continue
-            return candidate, params
-        raise CheckpointError(f'None of the checkpoints in {directory} (steps {steps}) could be restored:\n'
-                              + '\n'.join(errors))
+                                      f'{type(e).__name__}: {checkpoint_lib.first_line(e)}') from e
+        try:
+            return checkpoint_lib.restore_newest(steps, lambda candidate: _restore_params(manager, candidate),
+                                                 directory)
+        except checkpoint_lib.UnreadableCheckpointsError as e:
+            raise CheckpointError(str(e)) from e
     finally:
         manager.close()
 
@@ -282,7 +273,7 @@ def _load_orbax(path, model_config, encoder_only):
         params = checkpointer.restore(os.path.abspath(path), target)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f'Could not read the Orbax params in {path} (truncated or corrupt?): '
-                              f'{type(e).__name__}: {checkpoint_lib._first_line(e)}') from e
+                              f'{type(e).__name__}: {checkpoint_lib.first_line(e)}') from e
     finally:
         checkpointer.close()
     params = jax.tree.map(np.asarray, params)
@@ -320,12 +311,10 @@ def load(path, *, step=None, model_config=None, encoder_only=True, trust_checkpo
 
 
 def random_init(model_config, seed=0, encoder_only=True) -> Checkpoint:
-    """A randomly initialised model of ``config.model``: the baseline a pretrained encoder must beat."""
-    model = models.build(model_config)
-    images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
-    params = jax.jit(lambda x: model.init({'params': jax.random.key(seed), 'masking': jax.random.key(seed + 1)},
-                                          x))(images)['params']
-    params = jax.tree.map(np.asarray, models.encoder_params(params) if encoder_only else params)
+    """A randomly initialised model of ``config.model``, the one a training run with this seed starts from
+    (``models.random_params``): the baseline a pretrained encoder must beat."""
+    params = models.random_params(model_config, seed)
+    params = models.encoder_params(params) if encoder_only else params
     digest = hashlib.sha256(json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
     return Checkpoint(params, model_config, 'random', f'random_init_seed{seed}', None, None,
                       f'random:{digest[:16]}:{seed}')

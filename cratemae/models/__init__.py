@@ -1,8 +1,10 @@
-"""Model construction from ``config.model``: defaults, validation at config time, parameter counts."""
+"""Model construction from ``config.model``: defaults, validation at config time, initialisation, parameter counts."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 
 from cratemae import ops
@@ -119,6 +121,24 @@ def build(cfg) -> MaskedAutoencoder:
     for key in ('mask_ratio', 'ista_step', 'ista_lambda', 'mlp_ratio', 'block_norm_eps', 'final_norm_eps'):
         fields[key] = float(fields[key])
     return MaskedAutoencoder(**fields)
+
+
+def init_params(model, images, seed: int):
+    """The parameters a training run with ``seed`` starts from (pure; the engine calls it under jit).
+
+    key(seed) splits into (params, masking, train) keys; the first two initialise the model, the third is the
+    train state's step-noise key (``cratemae.train.step.create_state``).
+    """
+    init_key, mask_key, _ = jax.random.split(jax.random.key(seed), 3)
+    return model.init({'params': init_key, 'masking': mask_key}, images)['params']
+
+
+def random_params(cfg, seed: int = 0) -> dict:
+    """A random initialisation of ``config.model`` as numpy arrays: a run's own step 0 with this seed. The one random
+    initialisation outside training (random-init baselines of the probes, step 0 in the white-box pictures)."""
+    model = build(cfg)
+    images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
+    return jax.tree.map(np.asarray, jax.jit(lambda x: init_params(model, x, seed))(images))
 
 
 def _block_params(block, d, heads, mlp_ratio, qkv_bias):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cratemae import models
 from cratemae import ops
 
 
@@ -24,8 +25,8 @@ class TrainState:
 
 def create_state(model, tx, images, seed: int) -> TrainState:
     """Initial state (call under jax.jit with out_shardings so parameters are created where they live)."""
-    init_key, mask_key, train_key = jax.random.split(jax.random.key(seed), 3)
-    params = model.init({'params': init_key, 'masking': mask_key}, images)['params']
+    params = models.init_params(model, images, seed)
+    train_key = jax.random.split(jax.random.key(seed), 3)[2]  # the key init_params leaves for training
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
