@@ -137,3 +137,16 @@ def test_aot_table_renders_refusals_fits_and_tight_rows():
     assert lines[2] == '| `a` | 11.6M | v5e-256 | on | 256 | 13.00 | 19.00 | yes (tight) | 10 |'
     assert lines[3] == '| `b` | 44.6M | v4-32 | off | 256 | refused: temporaries 52.74G > 30.75G | — | no | 10 |'
     assert lines[4] == '| `b` + `remat=full` | 44.6M | v4-32 | off | 256 | 6.00 | 10.00 | yes | 10 |'
+
+
+def test_a_fine_tuning_entry_compiles_the_fine_tuning_program():
+    from experiments import downstream
+    from experiments import registry
+
+    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+                                        batch=16, image_size=28)
+    train_step, (state, batch), mesh = aot.build_train_step(config, jax.devices())
+    assert set(state.params) == {'backbone', 'head', 'head_norm'} and state.params['head']['kernel'].shape == (32, 10)
+    assert batch['label'].shape == (16,) and batch['label'].dtype == 'int32' and dict(mesh.shape)['data'] == 8
+    compiled = train_step.lower(state, batch).compile()  # the engine's fine-tuning step, as a pod would run it
+    assert compiled.memory_analysis().argument_size_in_bytes > 0

@@ -176,3 +176,24 @@ def test_performance_options_may_change_on_resume_but_the_model_may_not(tmp_path
     new.model.width = 128
     with pytest.raises(ValueError, match='model.width: 64 -> 128'):
         checkpoint.check_compatible(tmp_path, new)
+
+
+def test_saved_steps_lists_finished_steps_only(tmp_path):
+    assert checkpoint.saved_steps(tmp_path) == []
+    for name in ('10', '2', '20.orbax-checkpoint-tmp-1234', 'notes'):
+        (tmp_path / checkpoint.CKPT_DIR / name).mkdir(parents=True)
+    assert checkpoint.saved_steps(tmp_path) == [2, 10]
+    assert checkpoint.saved_steps(str(tmp_path)) == [2, 10]
+
+
+def test_restore_newest_skips_unreadable_steps_and_names_them(caplog):
+    def restore(step):
+        if step > 3:
+            raise ValueError(f'truncated file of step {step}\nmore detail')
+        return f'state {step}'
+
+    assert checkpoint.restore_newest([1, 3, 5, 7], restore, 'dir') == (3, 'state 3')
+    assert 'step 7' in caplog.text and 'step 5' in caplog.text and 'more detail' not in caplog.text
+    assert checkpoint.restore_newest([], restore, 'dir') is None
+    with pytest.raises(checkpoint.UnreadableCheckpointsError, match=r'steps \[5, 7\][\s\S]*step 7: ValueError'):
+        checkpoint.restore_newest([5, 7], restore, 'dir')

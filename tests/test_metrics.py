@@ -83,3 +83,40 @@ def test_busy_cpu_seconds_grows_while_this_process_computes():
     while time.process_time() < deadline:
         pass
     assert metrics.busy_cpu_seconds() - before >= 0.2
+
+
+class _Stream:
+    """A stderr stand-in that says whether it is a terminal."""
+
+    def __init__(self, tty):
+        self.tty, self.text = tty, ''
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_log_interval(tmp_path):
+    stream = _Stream(tty=False)
+    w = metrics.MetricWriter(tmp_path, total_steps=12, start_step=2, enabled=True, log_every=5, stream=stream)
+    for step in range(3, 13):
+        w.update(step, loss=jnp.float32(1.0 / step))
+    w.close()
+    assert '\r' not in stream.text
+    lines = stream.text.splitlines()
+    assert [line.split()[:2] for line in lines] == [['step', '5/12'], ['step', '10/12'], ['step', '12/12']]
+    assert lines[0].endswith('loss=0.2]') and 'step/s' in lines[0]
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(tmp_path):
+    stream = _Stream(tty=True)
+    w = metrics.MetricWriter(tmp_path, total_steps=12, enabled=True, log_every=5, stream=stream)
+    for step in range(1, 13):
+        w.update(step, loss=0.5)
+    w.close()
+    assert '\r' in stream.text and '12/12' in stream.text  # redrawn in place

@@ -309,3 +309,13 @@ def test_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
     assert {'whitebox/sparsity_zeros/layer_01', 'whitebox/compression_after/layer_00'} <= set(evals[-1])
     assert {p.name for p in (workdir / 'images').iterdir()} >= {'reconstructions_00000010.png',
                                                                 'whitebox_00000010.png'}
+
+
+def test_random_params_are_a_runs_own_step_zero():
+    config = _config()
+    config.seed = 3
+    program = engine.build_program(config, _mesh(jax.devices()[:1]), pretrain.Pretrain(config))
+    step0 = jax.device_get(program.init().params)
+    jax.tree.map(np.testing.assert_array_equal, models.random_params(config.model, seed=3), step0)
+    differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), models.random_params(config.model, seed=4), step0)
+    assert differs['encoder']['layers']['mssa']['qkv']['kernel'] and differs['patch_embed']['kernel']
