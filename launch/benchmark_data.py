@@ -33,7 +33,7 @@ from cratemae.data import embedded
 def make_jpegs(folder, count, seed=0):
     """`count` JPEGs (4:3 or 3:4, 500 px long side) of random photo crops."""
     rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(embedded._skimage_photo(n))  # pylint: disable=protected-access
+    photos = [Image.fromarray(embedded.skimage_photo(n))
               for n in embedded.SKIMAGE_SOURCES[:7]]
     for i in range(count):
         photo = photos[i % len(photos)]

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 
 from cratemae import ops
 
-_xavier = nn.initializers.xavier_uniform()
+xavier = nn.initializers.xavier_uniform()
 # The reference's ISTA dictionary D and decoder A are raw nn.Parameters initialised by torch's kaiming_uniform_
 # (a=0, fan_in=d): U(-sqrt(6/d), sqrt(6/d)).
 _kaiming_uniform = nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform')
 # Xavier-uniform on the conv weight's [d, C*p*p] view, not Flax's receptive-field fans.
-_patch_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
-_token_init = nn.initializers.normal(0.02)
+patch_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
+token_init = nn.initializers.normal(0.02)
 
 _REMAT_POLICIES = {
     'full': None,
@@ -29,7 +29,7 @@ _REMAT_POLICIES = {
 }
 
 
-def _conv_bias_init(fan_in):
+def conv_bias_init(fan_in):
     """torch Conv2d's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), kept by the reference."""
     bound = 1.0 / fan_in**0.5
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -48,13 +48,13 @@ class MSSA(nn.Module):
     def __call__(self, y):
         width = y.shape[-1]
         w = nn.Dense(
-            width, use_bias=False, kernel_init=_xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='qkv'
+            width, use_bias=False, kernel_init=xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='qkv'
         )(y)
         self.sow('intermediates', 'projection', w)
         out, probs = ops.subspace_attention(w, self.heads, self.attention, self.attention_pad)
         if probs is not None:
             self.sow('intermediates', 'attention', probs)
-        return nn.Dense(width, kernel_init=_xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='out')(out)
+        return nn.Dense(width, kernel_init=xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='out')(out)
 
 
 class ISTA(nn.Module):
@@ -136,7 +136,7 @@ class VitLayer(_Layer):
     def __call__(self, x, _=None):
         width = x.shape[-1]
         dense = lambda features, name, bias=True: nn.Dense(  # noqa: E731
-            features, use_bias=bias, kernel_init=_xavier, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            features, use_bias=bias, kernel_init=xavier, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         y = self.norm('norm1')(x)
         q, k, v = jnp.split(dense(3 * width, 'qkv', self.qkv_bias)(y), 3, axis=-1)

@@ -96,22 +96,22 @@ class MaskedAutoencoder(nn.Module):
             padding='VALID',
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=layers._patch_kernel_init,
-            bias_init=layers._conv_bias_init(p * p * c),
+            kernel_init=layers.patch_kernel_init,
+            bias_init=layers.conv_bias_init(p * p * c),
         )
-        self.cls_token = self.param('cls_token', layers._token_init, (1, 1, d), self.param_dtype)
+        self.cls_token = self.param('cls_token', layers.token_init, (1, 1, d), self.param_dtype)
         mask_width = d if self.encoder_sees_mask_tokens else self.decoder_width
-        self.mask_token = self.param('mask_token', layers._token_init, (1, 1, mask_width), self.param_dtype)
+        self.mask_token = self.param('mask_token', layers.token_init, (1, 1, mask_width), self.param_dtype)
         self.encoder = self._stack('encoder', self.encoder_block, self.depth, self.heads, 'encoder')
         self.encoder_norm = self._norm('encoder_norm')
         if not self.encoder_sees_mask_tokens:
             self.decoder_embed = nn.Dense(
-                self.decoder_width, kernel_init=layers._xavier, dtype=self.dtype, param_dtype=self.param_dtype
+                self.decoder_width, kernel_init=layers.xavier, dtype=self.dtype, param_dtype=self.param_dtype
             )
         self.decoder = self._stack('decoder', self.decoder_block, self.decoder_depth, self.decoder_heads, 'decoder')
         self.decoder_norm = self._norm('decoder_norm')
         self.decoder_pred = nn.Dense(
-            p * p * c, kernel_init=layers._xavier, dtype=self.dtype, param_dtype=self.param_dtype
+            p * p * c, kernel_init=layers.xavier, dtype=self.dtype, param_dtype=self.param_dtype
         )
 
     # --------------------------------------------------------------------------------------------------------------
