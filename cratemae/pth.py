@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cratemae import checkpoint
+
 TRUST_FLAG = '--trust_checkpoint'
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since torch 1.6
 _PICKLE_MAGIC = b'\x80'  # the legacy format: a pickle (protocol >= 2) of a magic number, then the data
@@ -133,11 +135,7 @@ def _damaged(path, err):
         return UnreadableCheckpoint(f'{path} is a truncated PyTorch checkpoint: the data ends early (an interrupted '
                                     'download or copy). Download or copy it again.')
     return UnreadableCheckpoint(f'Could not read {path} (truncated or corrupt?): {type(err).__name__}: '
-                                f'{_first_line(err)}')
-
-
-def _first_line(err):
-    return (str(err).strip().splitlines() or [''])[0]
+                                f'{checkpoint.first_line(err)}')
 
 
 def metadata(obj: Mapping) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import experiments
 from cratemae import export
 from cratemae import ops
 from cratemae.evaluate import checkpoints
-from cratemae.evaluate import finetune
+from cratemae.train import finetune
 from experiments import downstream
 from experiments import registry
 from launch import export as export_cli

@@ -87,8 +87,9 @@ class Finetune:
     def warm_start(self, state, tx, state_shardings):
         """The pretrained encoder params (checked against config.model) in place of the random backbone."""
         path = self.config.finetune.checkpoint  # checked to be set by finetune_and_evaluate
-        ckpt = checkpoints.load(path, step=self.config.finetune.get('step'), model_config=self.config.model,
-                                encoder_only=True, trust_checkpoint=self.config.finetune.get('trust_checkpoint', False))
+        ft = self.config.finetune
+        ckpt = checkpoints.load(path, step=ft.get('step'), model_config=self.config.model, encoder_only=True,
+                                trust_checkpoint=ft.get('trust_checkpoint', False))
         checkpoints.check_params(ckpt.params, self.config.model, what=f'checkpoint {path}')
         log.info('Encoder from %s (%s, step %s).', path, ckpt.source, ckpt.step)
 
