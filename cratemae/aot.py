@@ -15,8 +15,8 @@ program then tells, per device:
 
 The step is built exactly as the engine (cratemae.train.engine.run) builds it for the config's task, pretraining or
 fine-tuning (same model, optimizer, state shardings from the config's regex rules, batch split over ('data', 'fsdp'),
-donated state), so the numbers describe the program a pod would run. Slices are named as gcloud names them (v4-32, v5litepod-256 or v5e-256, v5p-128,
-v6e-256) or as libtpu does (v4:2x2x4, v5e:16x16, v5:4x4x4, v6e:16x16).
+donated state), so the numbers describe the program a pod would run. Slices are named as gcloud names them (v4-32,
+v5litepod-256 or v5e-256, v5p-128, v6e-256) or as libtpu does (v4:2x2x4, v5e:16x16, v5:4x4x4, v6e:16x16).
 """
 
 import dataclasses

@@ -66,7 +66,7 @@ def scores(tmp_path_factory):
 
 @pytest.mark.parametrize('method', ['ridge', 'linear'])
 def test_pretrained_features_beat_a_random_encoder(scores, method):
-    # Measured with launch.probe (docs/evaluation.md): the random encoder's mean token gives ridge 0.672, linear 0.736.
+    # Measured with launch.probe (docs/evaluation.md): a random encoder's mean token gives ridge 0.672, linear 0.736.
     assert scores['pretrained'][method] >= scores['random'][method] + 0.15, scores
 
 
