@@ -42,9 +42,8 @@ def _recording(self, step):
     return _make_batch(self, step)
 
 pipeline._Batcher.__call__ = _recording
-from absl import app
-from launch import train
-app.run(train.main)
+from launch import cli, train
+cli.main(train.main, train.FLAGS)
 """
 
 
