@@ -89,7 +89,8 @@ def parse(fv, argv):
         with unittest.mock.patch.object(sys, 'argv', argv):  # config_flags reads its --config.KEY overrides there
             return fv(argv)
     except flags.Error as e:
-        raise UsageError(str(e)) from None
+        lines = str(e).strip().splitlines()  # config_flags quotes the config file's traceback: keep its last line
+        raise UsageError(lines[0] + (f' {lines[-1]}' if 'Traceback' in str(e) else '')) from None
 
 
 def run(main, fv, argv=None):

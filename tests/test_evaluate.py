@@ -20,7 +20,7 @@ from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
 from cratemae.evaluate import finetune
 from experiments import downstream
-from experiments import registry
+from experiments import base
 from launch import probe as probe_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
 
 
 def _finetune_config(checkpoint, **model):
-    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
                                         batch=16, image_size=28)
     config.model.update(model)
     config.data.update(crop_scale=(0.6, 1.0), hflip=False)
