@@ -23,7 +23,6 @@ A launcher reads::
 
 import os
 import sys
-import unittest.mock
 
 from absl import flags
 from ml_collections import config_flags
@@ -31,6 +30,9 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGISTRY = os.path.join(REPO, 'experiments', 'registry.py')
 EXIT_USAGE = 2
+# The command line being parsed, where config_flags looks for its --config.KEY overrides. Empty while a launcher is
+# imported, so the default config is built without them (a bad override is then a usage error, not a traceback).
+_ARGV = []
 
 
 class UsageError(Exception):
@@ -47,7 +49,8 @@ def flag_values():
 def define_config(fv, default=None, help_text='FILE:NAME or a registry NAME, then --config.KEY=VALUE overrides.'):
     """The ``--config`` flag (locked ConfigDict); ``default`` is a registry name or None."""
     return config_flags.DEFINE_config_file(
-        'config', f'{REGISTRY}:{default}' if default else None, help_text, flag_values=fv, lock_config=True)
+        'config', f'{REGISTRY}:{default}' if default else None, help_text, flag_values=fv, lock_config=True,
+        sys_argv=_ARGV)
 
 
 def config_spec(value):
@@ -84,13 +87,21 @@ def normalize(args):
 def parse(fv, argv):
     """Parses ``argv`` (program name first) into ``fv``; returns the positional arguments (program name first)."""
     argv = [argv[0]] + normalize(argv[1:])
+    if 'config' in fv and fv['config'].default is not None and not any(a.startswith('--config=') for a in argv):
+        # Named explicitly, the default config is parsed with the overrides (so a misspelt key names the closest).
+        argv.insert(1, f'--config={fv["config"].default_as_str.strip(chr(39))}')
     fv.unparse_flags()
     try:
-        with unittest.mock.patch.object(sys, 'argv', argv):  # config_flags reads its --config.KEY overrides there
-            return fv(argv)
+        _ARGV[:] = argv
+        return fv(argv)
     except flags.Error as e:
         lines = str(e).strip().splitlines()  # config_flags quotes the config file's traceback: keep its last line
         raise UsageError(lines[0] + (f' {lines[-1]}' if 'Traceback' in str(e) else '')) from None
+    except (KeyError, AttributeError) as e:  # config_flags: an override of a key the config does not have
+        while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError(message))
+            e = e.args[0]
+        text = str(e).replace('\n', ' ')
+        raise UsageError(f'a --config.KEY override names no key of the config: {text}') from None
 
 
 def run(main, fv, argv=None):
@@ -114,6 +125,16 @@ def run(main, fv, argv=None):
 def main(function, fv):
     """``if __name__ == '__main__': cli.main(main, FLAGS)``: runs and exits with the status."""
     sys.exit(run(function, fv))
+
+
+def override_args(fv):
+    """The ``--config.KEY=VALUE`` arguments that reproduce the parsed overrides (for a command run elsewhere)."""
+    args = []
+    for key, value in config_flags.get_override_values(fv['config']).items():
+        text = repr(value) if isinstance(value, (tuple, list)) else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        args.append(f'--config.{key}={text}')
+    return args
 
 
 def no_positional(argv):
