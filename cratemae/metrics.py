@@ -37,6 +37,17 @@ def _as_image(img) -> np.ndarray:
     return img
 
 
+def read_scalars(workdir) -> list[dict]:
+    """The rows of <workdir>/metrics.jsonl in step order, the last row kept where a resumed run wrote a step twice."""
+    rows = {}
+    with (epath.Path(workdir) / JSONL_FILE).open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows.setdefault(row['step'], {}).update(row)
+    return [rows[s] for s in sorted(rows)]
+
+
 class MetricWriter:
     """Writes scalars/images for process 0 and shows a progress bar with ETA.
 

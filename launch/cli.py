@@ -30,9 +30,9 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGISTRY = os.path.join(REPO, 'experiments', 'registry.py')
 EXIT_USAGE = 2
-# The command line being parsed, where config_flags looks for its --config.KEY overrides. Empty while a launcher is
+# The command line last parsed (normalised), where config_flags looks for its --config.KEY overrides. Empty while a launcher is
 # imported, so the default config is built without them (a bad override is then a usage error, not a traceback).
-_ARGV = []
+ARGV = []
 
 
 class UsageError(Exception):
@@ -50,7 +50,7 @@ def define_config(fv, default=None, help_text='FILE:NAME or a registry NAME, the
     """The ``--config`` flag (locked ConfigDict); ``default`` is a registry name or None."""
     return config_flags.DEFINE_config_file(
         'config', f'{REGISTRY}:{default}' if default else None, help_text, flag_values=fv, lock_config=True,
-        sys_argv=_ARGV)
+        sys_argv=ARGV)
 
 
 def config_spec(value):
@@ -91,8 +91,10 @@ def parse(fv, argv):
         # Named explicitly, the default config is parsed with the overrides (so a misspelt key names the closest).
         argv.insert(1, f'--config={fv["config"].default_as_str.strip(chr(39))}')
     fv.unparse_flags()
+    for name in [n for n in fv if n.startswith('config.')]:  # config_flags defines one per override, at each parse
+        delattr(fv, name)
     try:
-        _ARGV[:] = argv
+        ARGV[:] = argv
         return fv(argv)
     except flags.Error as e:
         lines = str(e).strip().splitlines()  # config_flags quotes the config file's traceback: keep its last line

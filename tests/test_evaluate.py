@@ -21,6 +21,7 @@ from cratemae.evaluate import features
 from cratemae.evaluate import finetune
 from experiments import downstream
 from experiments import base
+from launch import cli
 from launch import probe as probe_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_second_probe_reads_cached_features(workdir, tmp_path, test_split, monke
 
 def test_probe_cli_writes_results_and_table(workdir, tmp_path, capsys):
     args = [f'--checkpoint={workdir}', f'--out={tmp_path}', f'--cache_dir={tmp_path / "cache"}', '--methods=ridge,knn']
-    assert probe_cli.main(args) == 0
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args) == 0
     record = json.loads((tmp_path / 'probe_mnist_cls.json').read_text())
     assert record['step'] == 2 and record['num_train'] == 4500 and record['num_test'] == 500
     assert set(record['results']) == {'ridge', 'knn'} and 0.0 <= record['results']['knn']['top1'] <= 1.0
@@ -140,7 +141,7 @@ def test_checkpoint_errors(workdir, tmp_path):
         checkpoints.load(unfinished)
 
 
-def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
+def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path, capsys):
     folder = tmp_path / 'flat'
     folder.mkdir()
     from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -151,9 +152,9 @@ def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
     cfg.update(name='image_folder', folder=str(folder), image_size=28, augment='none')
     with pytest.raises(ValueError, match='no labels'):
         features.split_features(checkpoints.load(workdir), cfg, 'train', 'cls', use_cache=False)
-    with pytest.raises(SystemExit, match='launch.prepare_data cifar10'):
-        probe_cli.main([f'--checkpoint={workdir}', '--dataset=cifar10', f'--data_dir={tmp_path}',
-                        f'--cache_dir={tmp_path}'])
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--dataset=cifar10',
+                                                     f'--data_dir={tmp_path}', f'--cache_dir={tmp_path}']) == 2
+    assert 'launch.prepare_data cifar10' in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------

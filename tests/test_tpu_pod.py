@@ -3,11 +3,13 @@ commands (syntax-checked with bash -n, and the `run` one executed against a fake
 
 import os
 import shlex
+import shutil
 import subprocess
 import textwrap
 
 import pytest
 
+from cratemae import tpu_vm
 from launch import cli
 from launch import tpu_pod
 
@@ -60,7 +62,7 @@ def test_setup_copies_the_package_and_installs_it_with_valid_shell():
     mkdir, scp, install = _printed('setup', *V4)
     assert _remote(mkdir) == 'mkdir -p ~/cratemae' and _gcloud_flags(mkdir)['--worker'] == 'all'
     assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp'] and scp[-1] == 'crate-v4:cratemae'
-    assert set(tpu_pod.COPIED) <= set(scp) and all(os.path.exists(os.path.join(cli.REPO, p)) for p in tpu_pod.COPIED)
+    assert set(tpu_vm.COPIED) <= set(scp) and all(os.path.exists(os.path.join(cli.REPO, p)) for p in tpu_vm.COPIED)
     assert '.venv/bin/pip install -q -e ".[tpu]"' in _remote(install)
     clone, install = _printed('setup', '--source=git', '--repo=https://example.com/me/cratemae.git', '--branch=dev',
                               *V5E)
@@ -112,11 +114,11 @@ def test_tail_stop_delete():
 
 
 def test_default_runtime_per_generation():
-    assert [tpu_pod.default_version(tpu_pod.accelerator_type(a)) for a in ('v4-8', 'v5e-16', 'v5litepod-4',
-                                                                             'v5p-128', 'v6e-256')] == [
+    assert [tpu_vm.default_version(tpu_vm.accelerator_type(a)) for a in ('v4-8', 'v5e-16', 'v5litepod-4',
+                                                                           'v5p-128', 'v6e-256')] == [
         'tpu-ubuntu2204-base', 'v2-alpha-tpuv5-lite', 'v2-alpha-tpuv5-lite', 'v2-alpha-tpuv5', 'v2-alpha-tpuv6e']
-    with pytest.raises(cli.UsageError, match='--version'):
-        tpu_pod.default_version('v7x-64')
+    with pytest.raises(ValueError, match='--version'):
+        tpu_vm.default_version('v7x-64')
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -139,7 +141,7 @@ def test_bad_runs_are_refused_here_before_any_command(argv, message, capsys):
 
 
 def test_missing_gcloud_project_and_zone_are_named(monkeypatch, capsys):
-    monkeypatch.setattr(tpu_pod.shutil, 'which', lambda name: None)
+    monkeypatch.setattr(shutil, 'which', lambda name: None)
     assert cli.run(tpu_pod.main, tpu_pod.FLAGS, ['stop', '--name=x', '--project=p', '--zone=z']) == 2
     assert 'gcloud is not installed' in capsys.readouterr().err
     assert cli.run(tpu_pod.main, tpu_pod.FLAGS, ['stop', '--name=x', '--dry_run']) == 2
