@@ -50,6 +50,7 @@ def _equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # the real command in a subprocess
 def test_export_cli_round_trip(workdir, tmp_path):
     out = tmp_path / 'encoder.safetensors'
     cmd = [sys.executable, '-m', 'launch.export', f'--workdir={workdir}', '--format=safetensors', f'--out={out}',

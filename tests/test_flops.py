@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cratemae import flops
+from cratemae import models
 
 BASE = {'image_size': 224, 'patch_size': 16, 'channels': 3, 'encoder_block': 'crate',
         'decoder_block': 'crate', 'width': 768, 'depth': 12, 'heads': 12, 'decoder_width': 768,
@@ -113,7 +114,6 @@ def test_block_against_xla_cost_analysis(kind, block):
      'decoder_width': 64, 'decoder_heads': 2},
 ])
 def test_model_against_xla_cost_analysis(overrides):
-    models = pytest.importorskip('cratemae.models')
     cfg = models.default_model_config()
     cfg.update(dict({'image_size': 32, 'patch_size': 4, 'channels': 3, 'width': 128, 'heads': 4,
                          'decoder_width': 128, 'decoder_heads': 4}, **overrides))

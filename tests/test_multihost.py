@@ -19,9 +19,12 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 import experiments
 from cratemae import train
+
+pytestmark = pytest.mark.slow  # two training processes and a resume, in subprocesses
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, PROCESSES = 16, 2  # crate_mae_test: global batch 16, 20 steps, evaluation and checkpoints every 10

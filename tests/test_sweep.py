@@ -27,6 +27,7 @@ def test_sweep_config_shortens_the_schedule():
     assert config.data.name == 'skimage_crops' and config.model.ista_lambda == 5.0
 
 
+@pytest.mark.slow  # trains, extracts features of 5,000 digits, probes
 def test_end_to_end_on_one_entry_writes_the_tables(tmp_path):
     name = 'mnist_ablate_lambda_5'
     config = sweep.sweep_config(name, steps=3)
