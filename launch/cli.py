@@ -30,9 +30,11 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGISTRY = os.path.join(REPO, 'experiments', 'registry.py')
 EXIT_USAGE = 2
-# The command line last parsed (normalised), where config_flags looks for its --config.KEY overrides. Empty while a launcher is
-# imported, so the default config is built without them (a bad override is then a usage error, not a traceback).
-ARGV = []
+ARGV = []  # the command line last parsed, normalised
+# Per FlagValues, the command line its --config flag reads its --config.KEY overrides from: empty until that
+# FlagValues parses one, so a launcher builds its default config at import without them (a bad override is then a
+# usage error, not a traceback).
+_CONFIG_ARGV = {}
 
 
 class UsageError(Exception):
@@ -50,7 +52,7 @@ def define_config(fv, default=None, help_text='FILE:NAME or a registry NAME, the
     """The ``--config`` flag (locked ConfigDict); ``default`` is a registry name or None."""
     return config_flags.DEFINE_config_file(
         'config', f'{REGISTRY}:{default}' if default else None, help_text, flag_values=fv, lock_config=True,
-        sys_argv=ARGV)
+        sys_argv=_CONFIG_ARGV.setdefault(id(fv), []))
 
 
 def config_spec(value):
@@ -95,6 +97,8 @@ def parse(fv, argv):
         delattr(fv, name)
     try:
         ARGV[:] = argv
+        if id(fv) in _CONFIG_ARGV:
+            _CONFIG_ARGV[id(fv)][:] = argv
         return fv(argv)
     except flags.Error as e:
         lines = str(e).strip().splitlines()  # config_flags quotes the config file's traceback: keep its last line
