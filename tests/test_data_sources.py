@@ -243,3 +243,16 @@ def test_split_subfolders_are_used_when_present(tmp_path):
     cfg = cfg_for('image_folder', folder=str(tmp_path), split_eval='val')
     assert data.make_pipeline(cfg, 'train', 3, seed=0).info.num_examples == 3
     assert data.make_pipeline(cfg, 'val', 2, seed=0, train=False).info.num_examples == 2
+
+
+# ------------------------------------------------------------------------------------------
+# launch.benchmark_data's photos and inline measurement (cratemae/data/throughput.py)
+
+def test_throughput_photos_are_imagenet_shaped_and_the_inline_pipeline_reads_them(tmp_path):
+    from cratemae.data import throughput
+
+    throughput.make_jpegs(str(tmp_path), 6)
+    sizes = [Image.open(tmp_path / f'{i:05d}.jpg').size for i in range(6)]
+    assert sizes == [(375, 500), (500, 375), (500, 375)] * 2  # every third one portrait
+    rate, per_cpu_second, other_cores = throughput.bench_inline(str(tmp_path), 32, 2, 2)
+    assert rate > 0 and per_cpu_second > 0 and (other_cores is None or other_cores >= 0)
