@@ -21,6 +21,7 @@ def _records(capsys):
     return [json.loads(line) for line in lines]
 
 
+@pytest.mark.slow  # compiles and times the step, writes a profile
 def test_benchmark_prints_the_figures_as_json(capsys, tmp_path):
     code = cli.run(benchmark.main, benchmark.FLAGS, [CONFIG, '--steps=2', '--warmup=1',
                                                      f'--profile={tmp_path / "trace"}', '--profile_steps=1'])

@@ -106,6 +106,7 @@ def test_block_against_xla_cost_analysis(kind, block):
     assert 3.0 <= train / analytic < 3.2, train / analytic
 
 
+@pytest.mark.slow  # compiles a whole model forward and backward twice
 @pytest.mark.parametrize('overrides', [
     # reference CRATE-MAE with an unrolled scan
     {'depth': 2, 'decoder_depth': 2, 'scan_unroll': 2},

@@ -356,6 +356,7 @@ def test_encode_vit_and_visible_only():
         ref.assert_close(got, ref.encode(sd, images, cfg), RTOL, 'encode %s' % cfg.encoder_sees_mask_tokens)
 
 
+@pytest.mark.slow  # a full-size CRATE-MAE-Small in float64 and in Flax
 def test_crate_mae_small_full_size():
     """The registry's CRATE-MAE-Small at 224 px (197 tokens, h = 48), batch 1, once: about 10 s on 2 CPU cores."""
     run_and_compare(experiments.get_config('crate_mae_small').model, 0.75, batch=1)
