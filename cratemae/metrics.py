@@ -88,9 +88,10 @@ class MetricWriter:
         self._jsonl.flush()
         for k, v in values.items():
             self._tb.add_scalar(k, v, int(step))
-        if self._lines:
+        shown = {k: v for k, v in values.items() if k.count('/') < 2}  # per-layer series stay in the files
+        if self._lines and shown:
             of = f'/{self._total}' if self._total else ''
-            _LOG.info('step %d%s: %s', step, of, ', '.join(f'{k}={v:.4g}' for k, v in values.items()))
+            _LOG.info('step %d%s: %s', step, of, ', '.join(f'{k}={v:.4g}' for k, v in shown.items()))
 
     def write_images(self, step: int, images: dict, png: bool = False):
         """name -> HWC image (uint8, or float in [0,1]); also saved as PNG if png=True."""

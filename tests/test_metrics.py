@@ -76,6 +76,7 @@ def test_progress_off_a_terminal_is_one_line_per_write_not_bar_redraws(tmp_path,
         w.update(step, loss=1.0 / step)
         if step % 25 == 0:
             w.write_scalars(step, {'loss': 1.0 / step})
+    w.write_scalars(50, {'whitebox/sparsity/layer_00': 0.5})  # per-layer series: in the files, not in the log
     w.close()
     assert [r.getMessage() for r in caplog.records] == ['step 25/100: loss=0.04', 'step 50/100: loss=0.02']
     assert '\r' not in capsys.readouterr().err
