@@ -1,4 +1,4 @@
-"""Metric writers without TensorFlow: JSONL + tensorboardX event files + progress on stderr.
+"""Metric writers without TensorFlow: JSONL + tensorboardX event files + progress (a tqdm bar on a terminal).
 
   <workdir>/metrics.jsonl      one JSON object per write_scalars call: {"step": s, "loss": ...}
   <workdir>/tensorboard/       tensorboardX event files (scalars, images)
@@ -8,12 +8,10 @@ Only process 0 writes (enabled=None means jax.process_index() == 0); the others 
 writers, so the loop can call them unconditionally. The JSONL file is opened in append mode,
 so a resumed run continues the same file (rows past the resume step are not deleted: readers
 should keep the last row per step).
-
-Progress: on a terminal, a tqdm bar redrawn in place; anywhere else (a log file, nohup, a pod's captured output)
-one plain line per log interval, so a long run's log holds lines, not thousands of carriage-return frames.
 """
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -22,6 +20,7 @@ import jax
 import numpy as np
 from etils import epath
 
+_LOG = logging.getLogger(__name__)
 JSONL_FILE = 'metrics.jsonl'
 TB_DIR = 'tensorboard'
 
@@ -41,39 +40,44 @@ def _as_image(img) -> np.ndarray:
     return img
 
 
+def read_scalars(workdir) -> list[dict]:
+    """The rows of <workdir>/metrics.jsonl in step order, the last row kept where a resumed run wrote a step twice."""
+    rows = {}
+    with (epath.Path(workdir) / JSONL_FILE).open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows.setdefault(row['step'], {}).update(row)
+    return [rows[s] for s in sorted(rows)]
+
+
 class MetricWriter:
-    """Writes scalars/images for process 0 and shows progress with ETA.
+    """Writes scalars/images for process 0 and shows a progress bar with ETA.
 
     Args:
       workdir: run directory (local or gs://; appends need a filesystem that supports them).
-      total_steps: for the ETA.
-      start_step: where progress starts (the resumed step).
+      total_steps: for the progress bar's ETA.
+      start_step: where the bar starts (the resumed step).
       enabled: write at all; default jax.process_index() == 0.
-      progress: show progress on `stream`: a tqdm bar if it is a terminal, else a line every `log_every` steps.
-      log_every: the interval of the progress lines (and the last step); 1 if not given.
-      stream: where progress goes; default sys.stderr.
+      progress: show progress on stderr: a tqdm bar when stderr is a terminal; otherwise (a log file, a pod's
+        nohup) one logged line per write_scalars call, so a log holds lines at the log interval, not bar redraws.
     """
 
-    def __init__(self, workdir, total_steps=None, *, start_step=0, enabled=None, progress=True, log_every=None,
-                 stream=None):
+    def __init__(self, workdir, total_steps=None, *, start_step=0, enabled=None, progress=True):
         self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
         self.workdir = epath.Path(workdir)
-        self._jsonl = self._tb = self._bar = self._lines = None
+        self._jsonl = self._tb = self._bar = None
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (self.workdir / JSONL_FILE).open('a')
         from tensorboardX import SummaryWriter  # imported lazily: ~0.3 s, unused off process 0
         self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR), flush_secs=30)
-        if not progress:
-            return
-        stream = sys.stderr if stream is None else stream
-        if stream.isatty():
+        self._total, self._lines = total_steps, progress and not sys.stderr.isatty()
+        if progress and not self._lines:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit='step', smoothing=0.1,
-                             file=stream)
-        else:
-            self._lines = _ProgressLines(stream, total_steps, start_step, log_every or 1)
+            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+                             unit='step', smoothing=0.1)
 
     def write_scalars(self, step: int, scalars: dict):
         """Append {'step': step, **scalars} to metrics.jsonl and add TB scalars."""
@@ -84,6 +88,10 @@ class MetricWriter:
         self._jsonl.flush()
         for k, v in values.items():
             self._tb.add_scalar(k, v, int(step))
+        shown = {k: v for k, v in values.items() if k.count('/') < 2}  # per-layer series stay in the files
+        if self._lines and shown:
+            of = f'/{self._total}' if self._total else ''
+            _LOG.info('step %d%s: %s', step, of, ', '.join(f'{k}={v:.4g}' for k, v in shown.items()))
 
     def write_images(self, step: int, images: dict, png: bool = False):
         """name -> HWC image (uint8, or float in [0,1]); also saved as PNG if png=True."""
@@ -100,9 +108,7 @@ class MetricWriter:
                     Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(f, 'PNG')
 
     def update(self, step: int, **postfix):
-        """Move progress to `step`; postfix values (e.g. loss=...) are shown beside it."""
-        if self._lines is not None:
-            self._lines.update(int(step), postfix)
+        """Move the progress bar to `step`; postfix values (e.g. loss=...) are shown beside it."""
         if self._bar is None:
             return
         self._bar.update(int(step) - self._bar.n)
@@ -118,29 +124,8 @@ class MetricWriter:
         for obj in (self._bar, self._tb, self._jsonl):
             if obj is not None:
                 obj.close()
-        self._jsonl = self._tb = self._bar = self._lines = None
+        self._jsonl = self._tb = self._bar = None
         self.enabled = False
-
-
-class _ProgressLines:
-    """tqdm's meter text (steps, elapsed<remaining, rate, postfix) as one plain line per interval."""
-
-    def __init__(self, stream, total, start, every):
-        self.stream, self.total, self.start, self.every = stream, total, int(start), int(every)
-        self.t0 = time.perf_counter()
-
-    def update(self, step, postfix):
-        if step % self.every and step != self.total:
-            return
-        from tqdm import tqdm
-        elapsed = time.perf_counter() - self.t0
-        rate = (step - self.start) / elapsed if elapsed > 0 and step > self.start else None
-        text = ', '.join(f'{k}={_scalar(v):.4g}' for k, v in postfix.items())
-        meter = tqdm.format_meter(step, self.total, elapsed, unit='step', rate=rate, postfix=text or None,
-                                  initial=self.start, bar_format='step {n_fmt}/{total_fmt} [{elapsed}<{remaining}, '
-                                  '{rate_fmt}{postfix}]')
-        self.stream.write(meter + '\n')
-        self.stream.flush()
 
 
 class Throughput:

@@ -32,11 +32,11 @@ def main(argv):
     if not flag.startswith('--kill_at_step='):
         raise SystemExit(f'usage: python tests/faults.py --kill_at_step=N launch.MODULE [FLAGS...]; got {argv}')
     kill_at_step(int(flag.split('=', 1)[1]))
-    from absl import app
+    from launch import cli
 
     launcher = importlib.import_module(module)
     sys.argv = [module, *rest]
-    app.run(launcher.main)
+    cli.main(launcher.main, launcher.FLAGS)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cratemae import data
+from cratemae.data import tfds_source
+from launch import cli
 from launch import prepare_data
 
 NETWORK_CALLS = []
@@ -129,16 +131,17 @@ def test_real_array_record_dataset_end_to_end(tiny_tfds):
 # ------------------------------------------------------------------------------------------
 # launch.prepare_data (the download itself is never run here)
 
+def _prepare(*argv):
+    return cli.run(prepare_data.main, prepare_data.FLAGS, list(argv))
+
+
 def test_prepare_data_refuses_what_it_cannot_prepare(monkeypatch, capsys):
-    assert prepare_data.main(['mnist']) == 0
+    assert _prepare('mnist') == 0
     assert 'needs no preparation' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match='unknown dataset'):
-        prepare_data.main(['nope'])
-    with pytest.raises(SystemExit, match='manual_dir'):
-        prepare_data.main(['imagenet2012'])
-    monkeypatch.setattr(prepare_data, 'tensorflow_available', lambda: False)
-    with pytest.raises(SystemExit, match='tensorflow-cpu'):
-        prepare_data.main(['cifar10', '--data_dir', '/nonexistent'])
+    assert _prepare('nope') == 2 and 'unknown dataset' in capsys.readouterr().err
+    assert _prepare('imagenet2012') == 2 and 'manual_dir' in capsys.readouterr().err
+    monkeypatch.setattr(tfds_source, 'tensorflow_available', lambda: False)
+    assert _prepare('cifar10', '--data_dir', '/nonexistent') == 2 and 'tensorflow-cpu' in capsys.readouterr().err
 
 
 def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
@@ -158,10 +161,9 @@ def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
         calls.update(name=name, **kwargs)
         return FakeBuilder()
 
-    monkeypatch.setattr(prepare_data, 'tensorflow_available', lambda: True)
+    monkeypatch.setattr(tfds_source, 'tensorflow_available', lambda: True)
     monkeypatch.setattr(tfds, 'builder', fake_builder)
-    assert prepare_data.main(['imagenet2012', '--data_dir', str(tmp_path),
-                              '--manual_dir', '/tars']) == 0
+    assert _prepare('imagenet2012', '--data_dir', str(tmp_path), '--manual_dir', '/tars') == 0
     assert calls['name'] == 'imagenet2012' and calls['data_dir'] == str(tmp_path)
     assert calls['file_format'] == 'array_record'
     assert calls['download_config'].manual_dir == '/tars'
@@ -241,3 +243,16 @@ def test_split_subfolders_are_used_when_present(tmp_path):
     cfg = cfg_for('image_folder', folder=str(tmp_path), split_eval='val')
     assert data.make_pipeline(cfg, 'train', 3, seed=0).info.num_examples == 3
     assert data.make_pipeline(cfg, 'val', 2, seed=0, train=False).info.num_examples == 2
+
+
+# ------------------------------------------------------------------------------------------
+# launch.benchmark_data's photos and inline measurement (cratemae/data/throughput.py)
+
+def test_throughput_photos_are_imagenet_shaped_and_the_inline_pipeline_reads_them(tmp_path):
+    from cratemae.data import throughput
+
+    throughput.make_jpegs(str(tmp_path), 6)
+    sizes = [Image.open(tmp_path / f'{i:05d}.jpg').size for i in range(6)]
+    assert sizes == [(375, 500), (500, 375), (500, 375)] * 2  # every third one portrait
+    rate, per_cpu_second, other_cores = throughput.bench_inline(str(tmp_path), 32, 2, 2)
+    assert rate > 0 and per_cpu_second > 0 and (other_cores is None or other_cores >= 0)

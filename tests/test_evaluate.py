@@ -24,7 +24,8 @@ from cratemae.evaluate import features
 from cratemae.train import engine
 from cratemae.train import finetune
 from experiments import downstream
-from experiments import registry
+from experiments import base
+from launch import cli
 from launch import probe as probe_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,6 +54,7 @@ def _equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # the real command in a subprocess
 def test_export_cli_round_trip(workdir, tmp_path):
     out = tmp_path / 'encoder.safetensors'
     cmd = [sys.executable, '-m', 'launch.export', f'--workdir={workdir}', '--format=safetensors', f'--out={out}',
@@ -101,7 +103,7 @@ def test_second_probe_reads_cached_features(workdir, tmp_path, test_split, monke
 
 def test_probe_cli_writes_results_and_table(workdir, tmp_path, capsys):
     args = [f'--checkpoint={workdir}', f'--out={tmp_path}', f'--cache_dir={tmp_path / "cache"}', '--methods=ridge,knn']
-    assert probe_cli.main(args) == 0
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args) == 0
     record = json.loads((tmp_path / 'probe_mnist_cls.json').read_text())
     assert record['step'] == 2 and record['num_train'] == 4500 and record['num_test'] == 500
     assert set(record['results']) == {'ridge', 'knn'} and 0.0 <= record['results']['knn']['top1'] <= 1.0
@@ -144,7 +146,7 @@ def test_checkpoint_errors(workdir, tmp_path):
         checkpoints.load(unfinished)
 
 
-def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
+def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path, capsys):
     folder = tmp_path / 'flat'
     folder.mkdir()
     from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -155,9 +157,9 @@ def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
     cfg.update(name='image_folder', folder=str(folder), image_size=28, augment='none')
     with pytest.raises(ValueError, match='no labels'):
         features.split_features(checkpoints.load(workdir), cfg, 'train', 'cls', use_cache=False)
-    with pytest.raises(SystemExit, match='launch.prepare_data cifar10'):
-        probe_cli.main([f'--checkpoint={workdir}', '--dataset=cifar10', f'--data_dir={tmp_path}',
-                        f'--cache_dir={tmp_path}'])
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--dataset=cifar10',
+                                                     f'--data_dir={tmp_path}', f'--cache_dir={tmp_path}']) == 2
+    assert 'launch.prepare_data cifar10' in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
 
 
 def _finetune_config(checkpoint, **model):
-    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
                                         batch=16, image_size=28)
     config.model.update(model)
     config.data.update(crop_scale=(0.6, 1.0), hflip=False)

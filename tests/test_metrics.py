@@ -1,6 +1,8 @@
 """Tests for cratemae.metrics: JSONL rows, TensorBoard events, images, throughput."""
 import json
+import logging
 import struct
+import sys
 import time
 
 import pytest
@@ -59,6 +61,27 @@ def test_resume_appends_and_disabled_writes_nothing(tmp_path):
     assert not (tmp_path / 'off').exists()
 
 
+def test_read_scalars_keeps_the_last_row_of_a_step_written_twice(tmp_path):
+    (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n'
+                                            '{"step": 4, "loss": 0.25, "eval/x": 3}\n{"step": 3, "loss": 0.75}\n')
+    assert metrics.read_scalars(tmp_path) == [{'step': 2, 'loss': 1.0}, {'step': 3, 'loss': 0.75},
+                                              {'step': 4, 'loss': 0.25, 'eval/x': 3}]
+
+
+def test_progress_off_a_terminal_is_one_line_per_write_not_bar_redraws(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: False, raising=False)
+    caplog.set_level(logging.INFO, logger='cratemae.metrics')
+    w = metrics.MetricWriter(tmp_path, total_steps=100, enabled=True, progress=True)
+    for step in range(1, 51):
+        w.update(step, loss=1.0 / step)
+        if step % 25 == 0:
+            w.write_scalars(step, {'loss': 1.0 / step})
+    w.write_scalars(50, {'whitebox/sparsity/layer_00': 0.5})  # per-layer series: in the files, not in the log
+    w.close()
+    assert [r.getMessage() for r in caplog.records] == ['step 25/100: loss=0.04', 'step 50/100: loss=0.02']
+    assert '\r' not in capsys.readouterr().err
+
+
 def test_throughput_and_core_hours():
     t0 = time.perf_counter()
     tp = metrics.Throughput(global_batch=64, num_devices=8, start_step=100, core_hours=2.0)
@@ -84,39 +107,3 @@ def test_busy_cpu_seconds_grows_while_this_process_computes():
         pass
     assert metrics.busy_cpu_seconds() - before >= 0.2
 
-
-class _Stream:
-    """A stderr stand-in that says whether it is a terminal."""
-
-    def __init__(self, tty):
-        self.tty, self.text = tty, ''
-
-    def isatty(self):
-        return self.tty
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
-
-
-def test_progress_off_a_terminal_is_one_plain_line_per_log_interval(tmp_path):
-    stream = _Stream(tty=False)
-    w = metrics.MetricWriter(tmp_path, total_steps=12, start_step=2, enabled=True, log_every=5, stream=stream)
-    for step in range(3, 13):
-        w.update(step, loss=jnp.float32(1.0 / step))
-    w.close()
-    assert '\r' not in stream.text
-    lines = stream.text.splitlines()
-    assert [line.split()[:2] for line in lines] == [['step', '5/12'], ['step', '10/12'], ['step', '12/12']]
-    assert lines[0].endswith('loss=0.2]') and 'step/s' in lines[0]
-
-
-def test_progress_on_a_terminal_is_a_tqdm_bar(tmp_path):
-    stream = _Stream(tty=True)
-    w = metrics.MetricWriter(tmp_path, total_steps=12, enabled=True, log_every=5, stream=stream)
-    for step in range(1, 13):
-        w.update(step, loss=0.5)
-    w.close()
-    assert '\r' in stream.text and '12/12' in stream.text  # redrawn in place

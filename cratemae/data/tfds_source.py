@@ -7,6 +7,7 @@ a dataset that is not prepared in array_record format is an immediate
 download for ~205 s offline before failing.
 """
 
+import importlib.util
 import os
 
 TFDS_NAMES = ('imagenet2012', 'cifar10', 'cifar100', 'oxford_flowers102',
@@ -90,3 +91,29 @@ def open_split(name, split, data_dir=None):
         raise
     label = source.dataset_info.features['label']
     return TfdsSource(source, num_classes=getattr(label, 'num_classes', None))
+
+
+def tensorflow_available():
+    return importlib.util.find_spec('tensorflow') is not None
+
+
+def prepare(name, data_dir=None, manual_dir=None):
+    """Downloads (where tfds can) and writes `name` as array_record; returns the tfds builder.
+
+    ValueError names what is missing: an unknown name, imagenet2012's manually downloaded tars, TensorFlow (tfds
+    encodes `Image` features with it; reading the prepared files needs no TF).
+    """
+    if name not in TFDS_NAMES:
+        raise ValueError(f'unknown dataset {name!r}; tfds datasets: {", ".join(TFDS_NAMES)}')
+    if name == 'imagenet2012' and not manual_dir:
+        raise ValueError('imagenet2012 cannot be downloaded automatically: put ILSVRC2012_img_train.tar and '
+                         'ILSVRC2012_img_val.tar (from image-net.org) in a folder and pass --manual_dir.')
+    if not tensorflow_available():
+        raise ValueError('preparing a tfds image dataset needs TensorFlow to encode images: pip install '
+                         'tensorflow-cpu (training does not).')
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+                                     file_format='array_record')
+    return builder

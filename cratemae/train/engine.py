@@ -176,7 +176,7 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
         core_hours = float(meta.get('core_hours', 0.0))
         log.info('Resumed from step %d.', start_step)
 
-    writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step, log_every=config.train.log_every)
+    writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step)
     throughput = metrics_lib.Throughput(config.train.global_batch, jax.device_count(), start_step=start_step,
                                         core_hours=core_hours)
     train_flops = task.train_flops_per_image()
