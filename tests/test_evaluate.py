@@ -214,6 +214,7 @@ finetune.finetune_and_evaluate(config, sys.argv[2])
 """
 
 
+@pytest.mark.slow  # a fine-tuning process killed in a subprocess
 def test_finetune_resumes_bit_exactly_after_sigkill(workdir, finetuned, tmp_path):
     config_file, out = tmp_path / 'config.pkl', tmp_path / 'killed'
     config_file.write_bytes(pickle.dumps(_finetune_config(workdir)))
