@@ -150,10 +150,10 @@ def test_aot_table_renders_refusals_fits_and_tight_rows():
 
 
 def test_a_fine_tuning_entry_compiles_the_fine_tuning_program():
+    from experiments import base
     from experiments import downstream
-    from experiments import registry
 
-    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
                                         batch=16, image_size=28)
     train_step, (state, batch), mesh = aot.build_train_step(config, jax.devices())
     assert set(state.params) == {'backbone', 'head', 'head_norm'} and state.params['head']['kernel'].shape == (32, 10)
