@@ -8,6 +8,7 @@ from ml_collections import config_dict
 
 from cratemae.data import randaugment
 from cratemae.data import registry
+from cratemae.data import tfds_source
 
 AUGMENTS = ('mae', 'none')
 NORMALIZE = ('dataset', 'none')
@@ -16,7 +17,10 @@ NORMALIZE = ('dataset', 'none')
 def default_data_config():
     """The embedded default: MNIST at 32 px, 1 channel, MAE augmentation.
 
-    Keys: name, split_train, split_eval, data_dir (None -> tfds default),
+    Keys: name (registered, or tfds:NAME[:VERSION]), split_train,
+    split_eval ('auto': validation/ val/ test, whichever the data has),
+    data_dir (None -> tfds default), image_key / label_key (tfds; None ->
+    supervised keys or the first Image / ClassLabel feature),
     folder (image_folder only), image_size, channels, augment ('mae'|'none'),
     crop_scale, hflip, randaugment (None or (num_ops, magnitude) of
     torchvision's RandAugment, applied to training images after the crop
@@ -27,8 +31,10 @@ def default_data_config():
     return ml_collections.ConfigDict(dict(
         name='mnist',
         split_train='train',
-        split_eval='test',
+        split_eval='auto',
         data_dir=config_dict.placeholder(str),
+        image_key=config_dict.placeholder(str),
+        label_key=config_dict.placeholder(str),
         folder=config_dict.placeholder(str),
         image_size=32,
         channels=1,
@@ -50,9 +56,14 @@ def _is_int(x):
 def validate_data_config(cfg):
     """Raises ValueError naming the key and the accepted values."""
     errors = []
-    if cfg.get('name') not in registry.DATASETS:
-        errors.append(f'data.name={cfg.get("name")!r} is not a dataset; valid '
-                      f'names: {", ".join(registry.dataset_names())}')
+    name = cfg.get('name')
+    if isinstance(name, str) and name.startswith(tfds_source.PREFIX):
+        if (problem := tfds_source.check_name(name)) is not None:
+            errors.append(problem)
+    elif name not in registry.DATASETS:
+        errors.append(f'data.name={name!r} is not a dataset; valid '
+                      f'names: {", ".join(registry.dataset_names())}, or '
+                      'tfds:NAME[:VERSION] for any prepared tfds image dataset')
     for key in ('split_train', 'split_eval'):
         if not isinstance(cfg.get(key), str) or not cfg.get(key):
             errors.append(f'data.{key}={cfg.get(key)!r} must be a split name')
@@ -93,8 +104,9 @@ def validate_data_config(cfg):
     spec = registry.DATASETS.get(cfg.get('name'))
     if spec is not None and spec.splits:
         for key in ('split_train', 'split_eval'):
-            if cfg.get(key) not in spec.splits:
+            if cfg.get(key) not in spec.splits and not (key == 'split_eval'
+                                                        and cfg.get(key) == 'auto'):
                 errors.append(f'data.{key}={cfg.get(key)!r}: {spec.name} has '
-                              f'splits {spec.splits}')
+                              f'splits {spec.splits} (--config.data.{key})')
     if errors:
         raise ValueError('invalid config.data:\n  ' + '\n  '.join(errors))

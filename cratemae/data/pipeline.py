@@ -34,6 +34,7 @@ import grain
 import numpy as np
 
 from cratemae.data import augment
+from cratemae.data import decode
 from cratemae.data import randaugment
 from cratemae.data import config as config_lib
 from cratemae.data import registry
@@ -67,32 +68,80 @@ def _convert_stats(mean, std, channels):
 
 
 class _Transform:
-    """uint8 example -> (uint8 HWC image at size, label); picklable for
-    workers. Normalisation happens once per batch (`_Batcher`): vectorised,
-    and uint8 is a quarter of the bytes to move between transforms."""
+    """(index, payload, label) -> (uint8 HWC image at size, label); picklable
+    for workers. A payload is a uint8 array (embedded sources, tfds Tensor
+    features) or encoded bytes (folder files, tfds Image features), which
+    `decode.decode_crop` decodes straight to the crop. Bytes that do not
+    decode are replaced by the next decodable record of the source
+    (deterministically) and logged. Normalisation happens once per batch
+    (`_Batcher`): vectorised, on a quarter of the bytes."""
 
-    def __init__(self, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment_spec=None):
+    def __init__(self, source, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True,
+                 randaugment_spec=None):
+        self.source = source
         self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.scale, self.flip, self.crop_pct = tuple(scale), flip, crop_pct
         self.mae_crop, self.randaugment_spec = mae_crop, randaugment_spec
 
+    def _crop(self, index, payload, box_fn):
+        n = len(self.source)
+        for k in range(_MAX_FALLBACK):
+            try:
+                if decode.is_encoded(payload):
+                    return decode.decode_crop(payload, box_fn, self.size, self.channels)
+                image = augment.to_channels(payload, self.channels)
+                return augment.resized_crop(image, box_fn(*image.shape[:2]), self.size)
+            except decode.UndecodableImage as e:
+                j = (int(index) + k + 1) % n
+                log.warning('record %d of %s: %s; using record %d instead',
+                            (int(index) + k) % n, _describe(self.source, (int(index) + k) % n), e, j)
+                payload = self.source[j][0]
+        raise decode.UndecodableImage(
+            f'{_MAX_FALLBACK} consecutive records from index {index} failed to decode')
+
     def train(self, example, rng):
-        image, label = example
-        image = augment.to_channels(image, self.channels)
+        index, payload, label = example
         if self.mae_crop:
-            image = augment.mae_train(image, rng, self.size, self.scale, self.flip)
+            box_fn = lambda h, w: augment.random_resized_crop_box(rng, h, w, self.scale)
         else:
-            image = augment.eval_transform(image, self.size, self.crop_pct)
+            box_fn = lambda h, w: augment.center_box(h, w, self.crop_pct)
+        image = self._crop(index, payload, box_fn)
+        if self.mae_crop and self.flip and rng.random() < 0.5:
+            image = augment.hflip(image)
         if self.randaugment_spec is not None:  # after crop and flip, as torchvision's Compose in the reference
             image = randaugment.rand_augment(image, rng, *self.randaugment_spec)
         return image, label
 
     def eval(self, example):
-        image, label = example
-        image = augment.to_channels(image, self.channels)
-        return augment.eval_transform(image, self.size, self.crop_pct), label
+        index, payload, label = example
+        box_fn = lambda h, w: augment.center_box(h, w, self.crop_pct)
+        return self._crop(index, payload, box_fn), label
+
+
+# Decode failures in a row before giving up (a dataset of junk, not one bad file).
+_MAX_FALLBACK = 16
+
+
+def _describe(source, i):
+    """A file path for folder sources, else the record index."""
+    paths = getattr(source, 'paths', None)
+    return paths[i] if paths is not None else type(source).__name__
+
+
+class _Indexed:
+    """grain source: i -> (i, payload, label), so a failed decode can fall back."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        payload, label = self.source[int(i)]
+        return int(i), payload, label
 
 
 def _derive_seeds(seed):
@@ -125,7 +174,7 @@ class _Batcher:
     def dataset(self):
         """grain.MapDataset: global position g -> (uint8 image, label)."""
         if self._ds is None:
-            ds = grain.MapDataset.source(self.source)
+            ds = grain.MapDataset.source(_Indexed(self.source))
             if self.train:
                 shuffle_seed, aug_seed = _derive_seeds(self.seed)
                 ds = ds.shuffle(seed=shuffle_seed)
@@ -169,7 +218,7 @@ class Pipeline:
             raise ValueError(f'global_batch={global_batch} must be a positive '
                              f'multiple of process_count={process_count}')
         spec = registry.get_spec(cfg.name)
-        source = registry.open_source(cfg, split)
+        source, split = registry.open_source(cfg, split)
         mean, std = registry.mean_std(spec)
         if cfg.get('normalize', 'dataset') == 'none':
             mean, std = (0.0,) * len(mean), (1.0,) * len(std)
@@ -178,7 +227,7 @@ class Pipeline:
         crop_pct = spec.eval_crop_pct if crop_pct is None else float(crop_pct)
         rand_aug = cfg.get('randaugment')
         rand_aug = None if rand_aug is None else tuple(int(v) for v in rand_aug)
-        transform = _Transform(cfg.image_size, cfg.channels, mean, std,
+        transform = _Transform(source, cfg.image_size, cfg.channels, mean, std,
                                cfg.crop_scale, cfg.hflip, crop_pct,
                                mae_crop=cfg.augment == 'mae', randaugment_spec=rand_aug)
         self.info = DataInfo(name=spec.name, num_examples=len(source),
