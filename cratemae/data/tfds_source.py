@@ -7,7 +7,7 @@ so cratemae decodes them itself (`decode.py`: JPEG DCT-domain downscaling,
 the same colour rules as image folders); Tensor features come as arrays.
 
 The image and label keys come from the dataset's supervised keys, else its
-first `Image` and first `ClassLabel` feature; `config.data.image_key` /
+first `Image` feature (or one called 'image') and first `ClassLabel` feature; `config.data.image_key` /
 `label_key` override them. No label feature: label -1, num_classes None.
 
 Training never downloads: a dataset that is not prepared in array_record
@@ -136,7 +136,8 @@ def resolve_keys(name, info, image_key=None, label_key=None):
         supervised = (None, None)
     if image_key is None:
         image_key = supervised[0] or next(
-            (k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+            (k for k, f in features.items() if isinstance(f, tfds.features.Image)),
+            'image' if 'image' in features else None)
     if label_key is None:
         label_key = supervised[1] or next(
             (k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
