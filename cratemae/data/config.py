@@ -24,8 +24,9 @@ def default_data_config():
     folder (image_folder only), image_size, channels, augment ('mae'|'none'),
     crop_scale, hflip, randaugment (None or (num_ops, magnitude) of
     torchvision's RandAugment, applied to training images after the crop
-    and flip; also with augment='none'), normalize ('dataset'|'none'), num_workers (0 = in
-    process), prefetch (batches made ahead by a background thread),
+    and flip; also with augment='none'), normalize ('dataset'|'none'), num_workers
+    ('auto': the cores of this process's CPU affinity less one for the trainer, 0 for the
+    in-memory embedded datasets; 0 = in process; see workers.py), prefetch (batches made ahead by a background thread),
     eval_crop_pct (None -> the dataset's default: 1.0 small, 0.875 photos).
     """
     return ml_collections.ConfigDict(dict(
@@ -43,7 +44,7 @@ def default_data_config():
         hflip=True,
         randaugment=config_dict.placeholder(tuple),
         normalize='dataset',
-        num_workers=0,
+        num_workers=config_dict.FieldReference('auto', field_type=object),  # 'auto' or an int
         prefetch=2,
         eval_crop_pct=config_dict.placeholder(float),
     ))
@@ -90,9 +91,11 @@ def validate_data_config(cfg):
         errors.append(problem)
     if not isinstance(cfg.get('hflip'), bool):
         errors.append(f'data.hflip={cfg.get("hflip")!r} must be True or False')
-    for key in ('num_workers', 'prefetch'):
-        if not _is_int(cfg.get(key)) or cfg.get(key) < 0:
-            errors.append(f'data.{key}={cfg.get(key)!r} must be an int >= 0')
+    if not (cfg.get('num_workers') == 'auto' or _is_int(cfg.get('num_workers'))
+            and cfg.get('num_workers') >= 0):
+        errors.append(f'data.num_workers={cfg.get("num_workers")!r} must be \'auto\' or an int >= 0')
+    if not _is_int(cfg.get('prefetch')) or cfg.get('prefetch') < 0:
+        errors.append(f'data.prefetch={cfg.get("prefetch")!r} must be an int >= 0')
     pct = cfg.get('eval_crop_pct')
     if pct is not None and not (isinstance(pct, numbers.Real) and 0 < pct <= 1):
         errors.append(f'data.eval_crop_pct={pct!r} must be None or in (0, 1]')

@@ -38,6 +38,7 @@ from cratemae.data import decode
 from cratemae.data import randaugment
 from cratemae.data import config as config_lib
 from cratemae.data import registry
+from cratemae.data import workers
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,10 @@ class Pipeline:
         self.split, self.train = split, train
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
-        self.num_workers = cfg.num_workers
         self.prefetch = cfg.prefetch
+        batch_bytes = self.local_batch * cfg.image_size ** 2 * cfg.channels * 4  # float32
+        self.num_workers = workers.resolve(cfg.num_workers, decodes=spec.kind != 'embedded',
+                                           batch_bytes=batch_bytes, buffer=max(1, cfg.prefetch))
         self._batcher = _Batcher(source, transform, seed, global_batch,
                                  process_index, process_count, train,
                                  augment_train=cfg.augment == 'mae' or rand_aug is not None)
