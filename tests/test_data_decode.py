@@ -79,8 +79,8 @@ def test_fast_path_matches_full_decode_of_the_same_crop(photo_jpeg, monkeypatch)
     scales = []
     real_load = decode._load  # pylint: disable=protected-access
 
-    def spy(payload, channels, draft_size=None):
-        im, scale = real_load(payload, channels, draft_size)
+    def spy(opened, channels, draft_size=None):
+        im, scale = real_load(opened, channels, draft_size)
         scales.append(scale)
         return im, scale
     monkeypatch.setattr(decode, '_load', spy)

@@ -256,3 +256,17 @@ def test_flat_folder_is_one_split_and_says_so(folder, caplog):
     assert ev.split == 'train' and 'evaluating on the training images' in caplog.text
     with pytest.raises(ValueError, match="one split is 'train'.*validation/<class>"):
         data.make_pipeline(cfg, 'test', 4, seed=0, train=False)
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_a_folder_gone_bad_raises_in_the_consumer(tmp_path, prefetch):
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        _save(tmp_path / f'{i}.png', _noise(rng, (20, 20, 3)))
+    pipe = data.make_pipeline(cfg_for('image_folder', folder=str(tmp_path), image_size=16,
+                                      prefetch=prefetch), 'train', 2, seed=0)
+    for i in range(3):
+        (tmp_path / f'{i}.png').unlink()  # every file vanishes after the scan
+    with pytest.raises(ValueError, match='16 consecutive records from index'):
+        with pipe.iterate(0) as it:
+            next(it)

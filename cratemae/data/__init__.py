@@ -23,6 +23,7 @@ from cratemae.data.registry import DATASETS
 from cratemae.data.registry import DatasetSpec
 from cratemae.data.registry import dataset_names
 from cratemae.data.tfds_source import DatasetNotPreparedError
+from cratemae.data import workers
 
 __all__ = [
     'DATASETS', 'DataInfo', 'DatasetNotPreparedError', 'DatasetSpec', 'Pipeline',

@@ -78,9 +78,8 @@ def _as_array(im):
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _load(payload, channels, draft_size=None):
-    """(PIL image in L/RGB, scale of its pixels relative to the full image)."""
-    im = open_image(payload)
+def _load(im, channels, draft_size=None):
+    """(opened image decoded to L/RGB, scale of its pixels relative to the full image)."""
     try:
         scale = 1.0
         orientation = _orientation(im)
@@ -101,13 +100,12 @@ def _load(payload, channels, draft_size=None):
 
 def decode(payload, channels):
     """Full decode: uint8 (H, W, channels)."""
-    im, _ = _load(payload, channels)
+    im, _ = _load(open_image(payload), channels)
     return _as_array(im)
 
 
-def image_size(payload):
+def _displayed_size(im):
     """(height, width) as displayed (after EXIF orientation), from the header."""
-    im = open_image(payload)
     w, h = im.size
     if _orientation(im) in (5, 6, 7, 8):  # transposed / rotated by 90 degrees
         w, h = h, w
@@ -130,11 +128,12 @@ def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=Tr
     fast=True uses libjpeg's scaled IDCT when the crop allows it (module
     docstring); fast=False always decodes at full size (the reference).
     """
-    height, width = image_size(payload)
+    im = open_image(payload)
+    height, width = _displayed_size(im)
     top, left, h, w = box_fn(height, width)
     r = reduction((top, left, h, w), size) if fast else 1
     draft = (max(1, width // r), max(1, height // r)) if r > 1 else None
-    im, scale = _load(payload, channels, draft)
+    im, scale = _load(im, channels, draft)
     box = (left * scale, top * scale, (left + w) * scale, (top + h) * scale)
     if (scale == 1.0 and h == size and w == size and float(top).is_integer()
             and float(left).is_integer()):
