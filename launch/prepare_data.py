@@ -3,7 +3,8 @@
     python -m launch.prepare_data NAME [--data_dir D] [--manual_dir M]
 
 NAME is one of cratemae's tfds datasets (imagenet2012, cifar10, cifar100,
-oxford_flowers102, oxford_iiit_pet). Training never downloads; this is the one
+oxford_flowers102, oxford_iiit_pet) or tfds:NAME[:VERSION] for any other tfds
+image dataset (train it with --config.data.name=tfds:NAME). Training never downloads; this is the one
 command that does (except imagenet2012, whose two tars you download yourself
 from image-net.org and pass with --manual_dir). data_dir defaults to tfds'
 own ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
@@ -23,7 +24,7 @@ from cratemae.data import tfds_source
 def _parser():
     p = argparse.ArgumentParser(prog='python -m launch.prepare_data',
                                 description=__doc__.split('\n\n')[0])
-    p.add_argument('name', help=f'one of {", ".join(tfds_source.TFDS_NAMES)}')
+    p.add_argument('name', help=f'one of {", ".join(tfds_source.TFDS_NAMES)}, or tfds:NAME[:VERSION]')
     p.add_argument('--data_dir', default=None,
                    help=f'tfds data dir (default {tfds_source.default_data_dir()})')
     p.add_argument('--manual_dir', default=None,
@@ -38,13 +39,16 @@ def tensorflow_available():
 def prepare(name, data_dir=None, manual_dir=None):
     """Downloads (if needed) and writes `name` as array_record; returns the
     builder, or None for a dataset that needs no preparation."""
-    if name not in tfds_source.TFDS_NAMES:
+    generic = name.startswith(tfds_source.PREFIX)
+    if generic and (problem := tfds_source.check_name(name)) is not None:
+        raise SystemExit(problem)
+    if name not in tfds_source.TFDS_NAMES and not generic:
         if name in data.DATASETS:
             print(f"'{name}' needs no preparation (it is embedded or read from a folder).")
             return None
         raise SystemExit(f'unknown dataset {name!r}; tfds datasets: '
-                         f'{", ".join(tfds_source.TFDS_NAMES)}')
-    if name == 'imagenet2012' and not manual_dir:
+                         f'{", ".join(tfds_source.TFDS_NAMES)}, or tfds:NAME[:VERSION]')
+    if tfds_source.tfds_name(name).split(':')[0] == 'imagenet2012' and not manual_dir:
         raise SystemExit('imagenet2012 cannot be downloaded automatically: put '
                          'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
                          '(from image-net.org) in a folder and pass --manual_dir.')
@@ -52,7 +56,8 @@ def prepare(name, data_dir=None, manual_dir=None):
         raise SystemExit('preparing a tfds image dataset needs TensorFlow to encode '
                          'images: pip install tensorflow-cpu (training does not).')
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    builder = tfds.builder(tfds_source.tfds_name(name), data_dir=data_dir,
+                           file_format='array_record')
     if builder.is_prepared():
         print(f'{name} is already prepared in {builder.data_dir}')
         return builder

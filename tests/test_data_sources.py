@@ -140,6 +140,11 @@ def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
     assert calls['file_format'] == 'array_record'
     assert calls['download_config'].manual_dir == '/tars'
     assert '--config.data.name=imagenet2012' in capsys.readouterr().out
+    assert prepare_data.main(['tfds:food101:2.0.0', '--data_dir', str(tmp_path)]) == 0
+    assert calls['name'] == 'food101:2.0.0' and calls['file_format'] == 'array_record'
+    assert '--config.data.name=tfds:food101:2.0.0' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='tfds:NAME or tfds:NAME:VERSION'):
+        prepare_data.main(['tfds:'])
 
 
 # ------------------------------------------------------------------------------------------
