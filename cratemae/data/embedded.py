@@ -97,7 +97,7 @@ def _build_digits():
     return _split_dict(images, d.target.astype(np.int32), test_per_class=18)
 
 
-def _skimage_photo(name):
+def skimage_photo(name):
     import skimage.data  # pylint: disable=import-outside-toplevel
     img = np.asarray(getattr(skimage.data, name)())
     if img.ndim == 2:
@@ -111,7 +111,7 @@ def _build_skimage_crops():
     split. One fixed seed per photo, so adding a photo changes nothing else."""
     images, labels, is_test = [], [], []
     for label, name in enumerate(SKIMAGE_SOURCES):
-        photo = _skimage_photo(name)
+        photo = skimage_photo(name)
         h, w = photo.shape[:2]
         pil = Image.fromarray(photo)
         rng = np.random.default_rng([label, 1234])

@@ -8,6 +8,9 @@ like any dataset prepared by tfds. Used by the tests and
 `launch.benchmark_data` to build data that looks like ImageNet's records.
 """
 
+import contextlib
+import sys
+
 import tensorflow_datasets as tfds
 
 
@@ -36,6 +39,7 @@ def write_dataset(data_dir, name, splits, num_classes, version='1.0.0',
 
     _Encoded.name = name
     builder = _Encoded(data_dir=str(data_dir), file_format='array_record')
-    builder.download_and_prepare()
+    with contextlib.redirect_stdout(sys.stderr):  # tfds prints its progress; stdout may be a report
+        builder.download_and_prepare()
     return builder
 
