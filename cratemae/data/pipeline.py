@@ -155,13 +155,14 @@ class _Batcher:
     """Index math + grain dataset; pickled into grain worker processes."""
 
     def __init__(self, source, transform, seed, global_batch, process_index,
-                 process_count, train, augment_train):
+                 process_count, train, augment_train, uint8=False):
         self.source, self.transform = source, transform
         self.seed, self.train, self.augment_train = seed, train, augment_train
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
         self.offset = process_index * self.local_batch
         self.num_examples = len(source)
+        self.uint8 = uint8
         self._ds = None
 
     def __getstate__(self):
@@ -197,7 +198,7 @@ class _Batcher:
         examples = [self.dataset[int(i)] for i in index]
         images = np.stack([e[0] for e in examples])
         t = self.transform
-        batch = {'image': augment.normalize(images, t.mean, t.std),
+        batch = {'image': images if self.uint8 else augment.normalize(images, t.mean, t.std),
                  'label': np.asarray([e[1] for e in examples], np.int32)}
         if not self.train:
             batch['valid'] = g < self.num_examples
@@ -208,7 +209,7 @@ class Pipeline:
     """Input for one split on one host; see the module docstring for order."""
 
     def __init__(self, cfg, split, global_batch, seed, process_index=0,
-                 process_count=1, train=True):
+                 process_count=1, train=True, uint8=False):
         config_lib.validate_data_config(cfg)
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f'process_index={process_index} must be in '
@@ -237,12 +238,13 @@ class Pipeline:
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
         self.prefetch = cfg.prefetch
-        batch_bytes = self.local_batch * cfg.image_size ** 2 * cfg.channels * 4  # float32
+        batch_bytes = self.local_batch * cfg.image_size ** 2 * cfg.channels * (1 if uint8 else 4)
         self.num_workers = workers.resolve(cfg.num_workers, decodes=spec.kind != 'embedded',
                                            batch_bytes=batch_bytes, buffer=max(1, cfg.prefetch))
         self._batcher = _Batcher(source, transform, seed, global_batch,
                                  process_index, process_count, train,
-                                 augment_train=cfg.augment == 'mae' or rand_aug is not None)
+                                 augment_train=cfg.augment == 'mae' or rand_aug is not None,
+                                 uint8=uint8)
         log.info('data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
                  spec.name, split, len(source),
                  f'augment={cfg.augment}, randaugment={rand_aug}' if train else f'eval crop_pct={crop_pct}',
@@ -260,7 +262,9 @@ class Pipeline:
         return math.ceil(self.info.num_examples / self.global_batch)
 
     def batch(self, step):
-        """{'image': float32 (B, H, W, C), 'label': int32 (B,)} at `step`;
+        """{'image': float32 (B, H, W, C) normalised (uint8, not normalised, if
+        the pipeline was made with uint8=True: `device.normalize` does it on the
+        devices), 'label': int32 (B,)} at `step`;
         eval batches also carry 'valid' (bool (B,)). B = GB / process_count."""
         if not self.train and not 0 <= step < self.num_batches:
             raise IndexError(f'eval batch {step} out of range [0, {self.num_batches})')
@@ -339,7 +343,8 @@ class _Batches:
 
 
 def make_pipeline(cfg, split, global_batch, seed, process_index=0,
-                  process_count=1, train=True):
-    """The pipeline the train/eval loops read; see `Pipeline`."""
+                  process_count=1, train=True, uint8=False):
+    """The pipeline the train/eval loops read; see `Pipeline`. uint8=True
+    hands uint8 batches over, to be normalised on the devices (`device.py`)."""
     return Pipeline(cfg, split, global_batch, seed, process_index=process_index,
-                    process_count=process_count, train=train)
+                    process_count=process_count, train=train, uint8=uint8)
