@@ -17,15 +17,17 @@ Eval reads the split in stored order, batch i = positions [i * GB, (i+1) * GB)
 split across hosts the same way; positions >= N repeat from the start
 (g mod N) and are marked valid=False. num_batches = ceil(N / GB).
 
-`iterate(start)` produces batches ahead of the consumer, all with grain: a
-background thread `config.data.prefetch` batches deep (`ReadOptions` /
-`ThreadPrefetchIterDataset`) and, with num_workers > 0, worker processes
-(`IterDataset.mp_prefetch`), each worker making whole batches.
+`iterate(start)` produces batches `config.data.prefetch` ahead of the
+consumer: in process with grain's read-ahead thread (`ReadOptions`), and with
+num_workers > 0 in grain worker processes (`IterDataset.mp_prefetch`, each
+worker making whole batches) copied out of shared memory by a thread of ours.
 """
 
 import dataclasses
 import logging
 import math
+import queue
+import threading
 from typing import Optional, Tuple
 
 import grain
@@ -277,24 +279,22 @@ class Pipeline:
 
     def iterate(self, start_step=0):
         """Iterator of (step, batch) from start_step (train: forever; eval: to
-        num_batches), made ahead by grain: `prefetch` batches deep in a
-        background thread, and with num_workers > 0 in worker processes.
-        Call .close() (or use `with`) to stop the producers early."""
+        num_batches), made `prefetch` batches ahead of the consumer. Call
+        .close() (or use `with`) to stop the producers early.
+
+        In process, grain's own read-ahead thread makes the batches
+        (`ReadOptions`). With num_workers > 0, grain worker processes make them
+        (`mp_prefetch`) and one thread of ours copies each out of shared
+        memory: grain's `ThreadPrefetchIterDataset` in that place stopped
+        scaling (16-core host, 2026-11-29: 373 images/s at 4 workers, 95 at
+        15, against 683 and 2,163 with this thread; docs/data.md)."""
         stop = self.num_batches if not self.train else start_step + 2**40  # "forever"
-        ds = grain.MapDataset.range(start_step, max(start_step, stop)).map(_StepBatch(self._batcher))
         if self.num_workers > 0:
-            _allow_grain_workers()
-            ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.num_workers, per_worker_buffer_size=max(1, self.prefetch)))
-            # Workers hand back arrays in shared memory; copying them into
-            # ordinary arrays (in grain's prefetch thread below) frees each
-            # segment at once instead of whenever the consumer drops the batch.
-            ds = grain.experimental.ThreadPrefetchIterDataset(
-                ds.map(_copy_out), prefetch_buffer_size=self.prefetch)
-        else:
-            ds = ds.to_iter_dataset(grain.ReadOptions(
-                num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch))
+            return Prefetcher(_grain_worker_iter(self._batcher, start_step, stop, self.num_workers,
+                                                 max(1, self.prefetch)), self.prefetch)
+        ds = grain.MapDataset.range(start_step, max(start_step, stop)).map(_StepBatch(self._batcher))
+        ds = ds.to_iter_dataset(grain.ReadOptions(
+            num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch))
         return _Batches(iter(ds))
 
 
@@ -306,18 +306,6 @@ class _StepBatch:
 
     def __call__(self, step):
         return int(step), self.batcher(step)
-
-
-def _copy_out(item):
-    step, batch = item
-    return step, {k: np.array(v) for k, v in batch.items()}
-
-
-def _allow_grain_workers():
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    if not flags.FLAGS.is_parsed():
-        # grain's workers read an absl flag; unparsed flags raise otherwise.
-        flags.FLAGS.mark_as_parsed()
 
 
 class _Batches:
@@ -334,6 +322,101 @@ class _Batches:
 
     def close(self):
         self._it.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _grain_worker_iter(batcher, start, stop, num_workers, buffer):
+    """Batches made by grain worker processes, in step order."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+        # grain's workers read an absl flag; unparsed flags raise otherwise.
+        flags.FLAGS.mark_as_parsed()
+    stop = start + 2**40 if stop is None else stop  # "forever" for training
+    ds = grain.MapDataset.range(start, stop).map(_StepBatch(batcher))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=buffer))
+    it = iter(ds)
+    # Workers hand back arrays in shared memory; copying them into ordinary
+    # arrays (in the prefetch thread) frees each segment at once instead of
+    # whenever the consumer drops the batch, even at interpreter exit.
+    try:
+        for step, batch in it:
+            yield step, {k: np.array(v) for k, v in batch.items()}
+    finally:
+        it.close()
+
+
+_END = object()
+
+
+class _Raised:
+    def __init__(self, error):
+        self.error = error
+
+
+class Prefetcher:
+    """Runs an iterator in a daemon thread, `size` items ahead (0: inline)."""
+
+    def __init__(self, iterator, size):
+        self._it = iterator
+        self._size = size
+        self._stop = threading.Event()
+        self._thread = None
+        if size > 0:
+            self._queue = queue.Queue(maxsize=size)
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name='cratemae-data-prefetch')
+            self._thread.start()
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        try:
+            for item in self._it:
+                if not self._put(item):
+                    return
+        except BaseException as e:  # pylint: disable=broad-except
+            self._put(_Raised(e))  # re-raised in the consumer
+            return
+        self._put(_END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            return next(self._it)
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._queue.put(item)  # the producer is gone: keep raising
+            raise item.error
+        return item
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():  # still inside the iterator: leave it
+                return
+        close = getattr(self._it, 'close', None)
+        if close is not None:
+            close()
 
     def __enter__(self):
         return self
