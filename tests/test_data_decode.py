@@ -287,3 +287,13 @@ def test_undecodable_tfds_record_is_replaced_and_logged(tmp_path, caplog):
     assert np.isfinite(b['image']).all() and len(b['image']) == 5
     means = sorted(np.rint(b['image'].mean((1, 2, 3)) * 255 / 40).astype(int).tolist())
     assert len(set(means)) == 4 and set(means) == {0, 1, 2, 3}  # the junk one shows a real image
+
+
+def test_a_prepared_dataset_copied_elsewhere_reads_the_same(jpeg_tfds, tmp_path):
+    """What a pod host does with a local copy of the prepared files (docs/data.md)."""
+    import shutil
+    shutil.copytree(jpeg_tfds, tmp_path / 'copy')
+    here = data.make_pipeline(tfds_cfg(jpeg_tfds), 'train', 4, seed=0).batch(2)
+    there = data.make_pipeline(tfds_cfg(str(tmp_path / 'copy')), 'train', 4, seed=0).batch(2)
+    np.testing.assert_array_equal(here['image'], there['image'])
+    np.testing.assert_array_equal(here['label'], there['label'])
