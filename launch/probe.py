@@ -40,6 +40,10 @@ def _parser():
                         'files you trust)')
     p.add_argument('--dataset', default=None, help='dataset name (default: the checkpoint\'s training data)')
     p.add_argument('--data_dir', '--data-dir', default=None, help='tfds data dir')
+    p.add_argument('--split_train', '--split-train', default=None,
+                   help="split the probe trains on (default: the checkpoint's, else train)")
+    p.add_argument('--split_eval', '--split-eval', default=None,
+                   help="split it is tested on (default: the checkpoint's, else auto: validation/val/test)")
     p.add_argument('--feature', default='cls', choices=features.FEATURES)
     p.add_argument('--methods', default='linear,ridge,knn', help=f'comma-separated subset of {probe.METHODS}')
     p.add_argument('--out', default=None, help='results folder (default: beside the checkpoint)')
@@ -116,7 +120,7 @@ def run(args):
                             trust_checkpoint=args.trust_checkpoint)
     if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
         ckpt = dataclasses.replace(ckpt, data_config=config.data)
-    data_cfg = features.probe_data_config(ckpt, args.dataset, args.data_dir)
+    data_cfg = features.probe_data_config(ckpt, args.dataset, args.data_dir, args.split_train, args.split_eval)
     weights = ckpt
     if args.random_init:
         weights = checkpoints.random_init(ckpt.model_config, args.seed)

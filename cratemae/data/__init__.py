@@ -22,10 +22,11 @@ from cratemae.data.pipeline import make_pipeline
 from cratemae.data.registry import DATASETS
 from cratemae.data.registry import DatasetSpec
 from cratemae.data.registry import dataset_names
+from cratemae.data.registry import resolve_split
 from cratemae.data.tfds_source import DatasetNotPreparedError
 from cratemae.data import workers
 
 __all__ = [
     'DATASETS', 'DataInfo', 'DatasetNotPreparedError', 'DatasetSpec', 'Pipeline',
-    'dataset_names', 'default_data_config', 'make_pipeline', 'validate_data_config',
+    'dataset_names', 'default_data_config', 'make_pipeline', 'resolve_split', 'validate_data_config',
 ]

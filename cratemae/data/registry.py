@@ -92,6 +92,22 @@ def open_source(cfg, split):
                                    image_size=cfg.image_size), split
 
 
+def resolve_split(cfg, split):
+    """The split `split` names for cfg's dataset ('auto' -> its evaluation
+    split), checked against the splits it has; cheap (no image is opened)."""
+    spec = get_spec(cfg.name)
+    if spec.kind == 'embedded':
+        split = 'test' if split == 'auto' else split
+        if split not in spec.splits:
+            raise ValueError(f'{spec.name} has no split {split!r}; its splits are {spec.splits}. '
+                             'Choose with --config.data.split_train / --config.data.split_eval')
+        return split
+    if spec.kind == 'tfds':
+        b = tfds_source.builder(spec.name, cfg.get('data_dir'))
+        return tfds_source.resolve_split(spec.name, b.info, split)
+    return folder_lib.folder_for_split(cfg.folder, split)[1]
+
+
 def mean_std(spec):
     """Per-native-channel (mean, std); computed from the train split if unset."""
     if spec.mean is not None:
