@@ -376,7 +376,8 @@ def parse_args(argv=None):
                    help="add the run's random initialisation to the curves")
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--dataset', help="registered dataset name (default: the run's)")
-    p.add_argument('--split', help="split (default: the run's eval split)")
+    p.add_argument('--split_eval', '--split-eval', '--split', dest='split',
+                   help="split the images come from (default: the run's eval split; auto: validation/val/test)")
     p.add_argument('--image-files', '--image_files', nargs='*', help='image files to show instead of dataset images')
     p.add_argument('--layers', default='all', help="encoder layers for attention_layers.png, '0,3' or 'all'")
     p.add_argument('--heads', default='mean', help="heads for attention_layers.png: '0,2', 'all' or 'mean'")

@@ -103,3 +103,9 @@ def test_multi_word_flags_take_either_spelling():
     parser = probe_cli._parser()
     assert vars(parser.parse_args(['--checkpoint=c', '--random-init', '--base-lr=0.5', '--no-cache'])) == vars(
         parser.parse_args(['--checkpoint=c', '--random_init', '--base_lr=0.5', '--no_cache']))
+
+
+def test_split_eval_flag_names_the_split_the_images_come_from():
+    for flag in ('--split_eval', '--split-eval', '--split'):
+        assert inspect_cli.parse_args(['--checkpoint=x', '--out=y', flag, 'validation']).split == 'validation'
+    assert inspect_cli.parse_args(['--checkpoint=x', '--out=y']).split is None
