@@ -3,7 +3,9 @@
   python -m launch.tpu_pod create --name=NAME --accelerator-type=v4-32 --zone=us-central2-b --project=P [--spot]
                                   [--queued] [--version=RUNTIME]
   python -m launch.tpu_pod setup  --name=NAME [--source=copy|git --repo=URL --branch=B]    # code + venv on all hosts
-  python -m launch.tpu_pod run    --name=NAME --experiment=crate_mae_base --bucket=gs://BUCKET [--config.KEY=VALUE ...]
+                                  [--data=gs://BUCKET/tfds [--data_mode=gcsfuse|copy]]   # + prepared tfds data
+  python -m launch.tpu_pod run    --name=NAME --experiment=crate_mae_base --bucket=gs://BUCKET [--data=gs://...]
+                                  [--config.KEY=VALUE ...]
   python -m launch.tpu_pod tail   --name=NAME                # the log of worker 0
   python -m launch.tpu_pod stop   --name=NAME                # SIGTERM: every host checkpoints, then exits
   python -m launch.tpu_pod delete --name=NAME [--queued]
@@ -27,6 +29,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+
+from cratemae.data import pod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_DIR = '~/cratemae'
@@ -125,6 +129,16 @@ def install_command(python: str) -> str:
             ".venv/bin/pip install -q -e \".[tpu]\"")
 
 
+def data_commands(t: Target, args):
+    """With --data=gs://...: make the prepared tfds data readable at pod.LOCAL_DIR on every host."""
+    if not args.data:
+        return []
+    try:
+        return [t.ssh(pod.host_command(args.data, args.data_mode))]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def setup_commands(t: Target, args):
     install = install_command(args.python)
     if args.source == 'git':
@@ -134,10 +148,10 @@ def setup_commands(t: Target, args):
         fetch = (f'sudo apt-get update -qq && sudo apt-get install -y -qq git && '
                  f'if [ -d {REMOTE_DIR}/.git ]; then git -C {REMOTE_DIR} pull --ff-only; '
                  f'else git clone{branch} {shlex.quote(args.repo)} {REMOTE_DIR}; fi')
-        return [t.ssh(fetch), t.ssh(install)]
+        return [t.ssh(fetch), t.ssh(install)] + data_commands(t, args)
     return [t.ssh(f'mkdir -p {REMOTE_DIR}'),
             t.scp_to_all(COPIED, REMOTE_DIR.replace('~/', '')),
-            t.ssh(install)]
+            t.ssh(install)] + data_commands(t, args)
 
 
 def train_command(experiment: str, workdir: str, overrides=()) -> str:
@@ -154,7 +168,10 @@ def run_commands(t: Target, args):
         raise UsageError('run needs --bucket=gs://BUCKET (workdir gs://BUCKET/EXPERIMENT) or --workdir: every host '
                          'must write the checkpoints to the same place, so a local path will not do on a pod.')
     workdir = args.workdir or f'{args.bucket.rstrip("/")}/{args.experiment}'
-    return [t.ssh(train_command(args.experiment, workdir, args.overrides))]
+    overrides = list(args.overrides)
+    if args.data:  # mounted again (a no-op when it is), e.g. after a host restart; then read from there
+        overrides = pod.train_overrides() + overrides
+    return data_commands(t, args) + [t.ssh(train_command(args.experiment, workdir, overrides))]
 
 
 def tail_commands(t: Target, args):
@@ -198,10 +215,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--repo', help='git URL for --source=git.')
     s.add_argument('--branch', help='git branch for --source=git.')
     s.add_argument('--python', default='python3.11', help='Interpreter for the venv (jax 0.10 needs >= 3.11).')
+    data_help = (f'gs://BUCKET[/PREFIX] holding prepared tfds datasets: made readable at {pod.LOCAL_DIR} on every '
+                 'host (docs/data.md, "ImageNet on pod hosts").')
+    s.add_argument('--data', help=data_help)
+    s.add_argument('--data_mode', '--data-mode', choices=pod.MODES, default='gcsfuse',
+                   help='gcsfuse: mount the bucket; copy: gcloud storage rsync it to the local disk.')
     r = sub.add_parser('run', parents=[common], help='Start training on every host, in the background.')
     r.add_argument('--experiment', required=True, help='Registry name, e.g. crate_mae_base.')
     r.add_argument('--bucket', help='gs://BUCKET; the workdir is gs://BUCKET/EXPERIMENT.')
     r.add_argument('--workdir', help='Explicit workdir (overrides --bucket).')
+    r.add_argument('--data', help=data_help + f' Training reads --config.data.data_dir={pod.LOCAL_DIR}.')
+    r.add_argument('--data_mode', '--data-mode', choices=pod.MODES, default='gcsfuse',
+                   help='as for setup')
     t = sub.add_parser('tail', parents=[common], help='Follow the training log of worker 0.')
     t.add_argument('--lines', type=int, default=100)
     sub.add_parser('stop', parents=[common], help='SIGTERM the training: checkpoint, then exit.')

@@ -90,3 +90,37 @@ def test_missing_gcloud_project_zone_and_bucket_are_named(monkeypatch, capsys):
     assert '--bucket' in capsys.readouterr().err
     assert tpu_pod.main(['stop', '--name=x', '--project=p', '--zone=z', '--dry-run', '--config.a=1']) == 2
     assert 'only `run` passes' in capsys.readouterr().err
+
+
+def _remote(argv):
+    """The --command= of each ssh the subcommand would run (argv lists, as main runs them)."""
+    args = tpu_pod.parse(argv)
+    commands = tpu_pod.SUBCOMMANDS[args.subcommand](tpu_pod.resolve_target(args), args)
+    return [a.split('=', 1)[1] for cmd in commands for a in cmd if a.startswith('--command=')]
+
+
+def test_setup_and_run_make_the_prepared_data_readable_on_every_host():
+    import subprocess  # pylint: disable=import-outside-toplevel
+    printed = _printed('setup', '--data=gs://my-bucket/tfds', *V4)
+    assert printed[-1].startswith('gcloud compute tpus tpu-vm ssh crate-v4 --project=my-project '
+                                  '--zone=us-central2-b --worker=all --command=')
+    mount = _remote(['setup', '--data=gs://my-bucket/tfds', *V4])[-1]
+    assert 'gcsfuse --implicit-dirs --only-dir tfds my-bucket /mnt/tfds' in mount
+    assert 'mountpoint -q /mnt/tfds ||' in mount and 'apt-get install -y -qq gcsfuse' in mount
+    copy = _remote(['setup', '--data=gs://my-bucket/tfds', '--data_mode=copy', *V4])[-1]
+    assert copy.endswith('gcloud storage rsync --recursive gs://my-bucket/tfds /mnt/tfds')
+    whole_bucket = _remote(['setup', '--data=gs://my-bucket', *V4])[-1]
+    assert 'gcsfuse --implicit-dirs my-bucket /mnt/tfds' in whole_bucket
+    for command in (mount, copy, whole_bucket):
+        assert subprocess.run(['bash', '-n', '-c', command]).returncode == 0  # parses as shell
+    run = _remote(['run', '--experiment=crate_mae_base', '--bucket=gs://my-bucket', '--data=gs://my-bucket/tfds',
+                   '--config.train.eval_batch=256', *V4])
+    assert run[0] == mount  # remounted if a host restarted, a no-op otherwise
+    assert ('launch.train --config=experiments/registry.py:crate_mae_base --workdir=gs://my-bucket/crate_mae_base '
+            '--config.data.data_dir=/mnt/tfds --config.train.eval_batch=256 >') in run[1]
+    assert 'data_dir' not in _remote(['run', '--experiment=crate_mae_base', '--bucket=gs://b', *V4])[0]
+
+
+def test_bad_data_url_is_a_usage_error(capsys):
+    assert tpu_pod.main(['setup', '--data=/local/tfds', *V4]) == 2
+    assert 'must be gs://BUCKET[/PREFIX]' in capsys.readouterr().err
