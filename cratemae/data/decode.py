@@ -21,13 +21,10 @@ shrinks. Only the crop is resampled (PIL `resize(box=...)`).
 """
 
 import io
-import logging
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
-
-log = logging.getLogger(__name__)
 
 _ORIENTATION = 0x0112
 _SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')

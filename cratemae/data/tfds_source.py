@@ -16,10 +16,7 @@ prepares it (`python -m launch.prepare_data NAME --data_dir D`). tfds itself
 would retry a download for ~205 s offline before failing.
 """
 
-import logging
 import os
-
-log = logging.getLogger(__name__)
 
 TFDS_NAMES = ('imagenet2012', 'cifar10', 'cifar100', 'oxford_flowers102',
               'oxford_iiit_pet')
