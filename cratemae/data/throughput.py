@@ -102,10 +102,10 @@ def write_data(root, jpegs):
                               num_classes=len(_PHOTOS))
 
 
-def bench_inline(cfg, batch, steps):
+def bench_inline(cfg, batch, steps, uint8=False):
     """pipe.batch(s) in this process after 1 warm-up: (images per wall second,
     images per CPU-second of this process, cores other processes used)."""
-    pipe = data.make_pipeline(cfg, 'train', batch, seed=0)
+    pipe = data.make_pipeline(cfg, 'train', batch, seed=0, uint8=uint8)
     pipe.batch(0)
     b0, t0, c0 = metrics.busy_cpu_seconds(), time.perf_counter(), time.process_time()
     for s in range(1, steps + 1):
@@ -126,9 +126,9 @@ def bench_examples(cfg, count):
     return count / (time.process_time() - c0)
 
 
-def bench_workers(cfg, batch, steps):
+def bench_workers(cfg, batch, steps, uint8=False):
     """images/s of pipe.iterate() with grain workers, after 2 warm-up batches."""
-    pipe = data.make_pipeline(cfg, 'train', batch, seed=0)
+    pipe = data.make_pipeline(cfg, 'train', batch, seed=0, uint8=uint8)
     with pipe.iterate(0) as it:
         for _ in range(2):
             next(it)
@@ -139,19 +139,19 @@ def bench_workers(cfg, batch, steps):
     return steps * batch / wall
 
 
-def measure(mode, root, size, batch, steps, worker_counts):
+def measure(mode, root, size, batch, steps, worker_counts, uint8=False):
     """The record of one mode ('folder' or 'tfds_jpeg') over the data `write_data` put in root."""
     load_before = os.getloadavg()
     rates, per_cpu, per_cpu_u8, foreign = {}, None, None, None
     for w in worker_counts:
         cfg = _config(mode, root, size, w)
         if w == 0:
-            rates[0], per_cpu, foreign = bench_inline(cfg, batch, steps)
+            rates[0], per_cpu, foreign = bench_inline(cfg, batch, steps, uint8)
             per_cpu_u8 = bench_examples(cfg, batch * steps)
         else:
-            rates[w] = bench_workers(cfg, batch, steps)
+            rates[w] = bench_workers(cfg, batch, steps, uint8)
     record = {
-        'mode': mode, 'size': size, 'batch': batch, 'steps': steps,
+        'mode': mode, 'size': size, 'batch': batch, 'steps': steps, 'uint8_batches': uint8,
         'images_per_cpu_second': None if per_cpu is None else round(per_cpu, 1),
         'decode_augment_per_cpu_second': None if per_cpu_u8 is None else round(per_cpu_u8, 1),
         'images_per_s': {str(w): round(r, 1) for w, r in rates.items()},
@@ -170,8 +170,9 @@ def measure(mode, root, size, batch, steps, worker_counts):
 MODES = ('folder', 'tfds_jpeg')
 
 
-def run(images, modes=MODES, size=224, batch=64, steps=12, worker_counts=(0, 1, 2), root=None):
-    """Writes `images` JPEGs under root (a temporary folder if None) and yields one record per mode."""
+def run(images, modes=MODES, size=224, batch=64, steps=12, worker_counts=(0, 1, 2), root=None, uint8=False):
+    """Writes `images` JPEGs under root (a temporary folder if None) and yields one record per mode;
+    uint8=True measures batches handed over as uint8 (normalised on the devices)."""
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ValueError(f'unknown modes {unknown}; choose from {", ".join(MODES)}')
@@ -186,4 +187,4 @@ def run(images, modes=MODES, size=224, batch=64, steps=12, worker_counts=(0, 1, 
                   'mean_kib': round(sum(len(b) for b, _ in jpegs) / len(jpegs) / 1024, 1),
                   'write_s': round(time.perf_counter() - t0, 1)}
         for mode in modes:
-            yield {**measure(mode, root, size, batch, steps, worker_counts), **common}
+            yield {**measure(mode, root, size, batch, steps, worker_counts, uint8), **common}
