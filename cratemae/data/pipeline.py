@@ -86,29 +86,31 @@ class _Transform:
         self.scale, self.flip, self.crop_pct = tuple(scale), flip, crop_pct
         self.mae_crop, self.randaugment_spec = mae_crop, randaugment_spec
 
-    def _crop(self, index, payload, box_fn):
+    def _crop(self, example, box_fn):
+        """(cropped uint8 image, label) of example = (index, payload, label);
+        a replacement record brings its own label."""
+        index, payload, label = example
         n = len(self.source)
         for k in range(_MAX_FALLBACK):
             try:
                 if decode.is_encoded(payload):
-                    return decode.decode_crop(payload, box_fn, self.size, self.channels)
+                    return decode.decode_crop(payload, box_fn, self.size, self.channels), label
                 image = augment.to_channels(payload, self.channels)
-                return augment.resized_crop(image, box_fn(*image.shape[:2]), self.size)
+                return augment.resized_crop(image, box_fn(*image.shape[:2]), self.size), label
             except decode.UndecodableImage as e:
                 j = (int(index) + k + 1) % n
                 log.warning('record %d of %s: %s; using record %d instead',
                             (int(index) + k) % n, _describe(self.source, (int(index) + k) % n), e, j)
-                payload = self.source[j][0]
+                payload, label = self.source[j]
         raise decode.UndecodableImage(
             f'{_MAX_FALLBACK} consecutive records from index {index} failed to decode')
 
     def train(self, example, rng):
-        index, payload, label = example
         if self.mae_crop:
             box_fn = lambda h, w: augment.random_resized_crop_box(rng, h, w, self.scale)
         else:
             box_fn = lambda h, w: augment.center_box(h, w, self.crop_pct)
-        image = self._crop(index, payload, box_fn)
+        image, label = self._crop(example, box_fn)
         if self.mae_crop and self.flip and rng.random() < 0.5:
             image = augment.hflip(image)
         if self.randaugment_spec is not None:  # after crop and flip, as torchvision's Compose in the reference
@@ -116,9 +118,7 @@ class _Transform:
         return image, label
 
     def eval(self, example):
-        index, payload, label = example
-        box_fn = lambda h, w: augment.center_box(h, w, self.crop_pct)
-        return self._crop(index, payload, box_fn), label
+        return self._crop(example, lambda h, w: augment.center_box(h, w, self.crop_pct))
 
 
 # Decode failures in a row before giving up (a dataset of junk, not one bad file).
