@@ -135,7 +135,7 @@ def load_images(args, loaded, notes):
         base = data_lib.default_data_config()
         base.update(name=name, split_eval='validation' if name == 'imagenet2012' else 'test', augment='none')
         data_config = base
-    data_config = ml_collections.ConfigDict(data_config.to_dict())
+    data_config = data_lib.data_config_from(data_config.to_dict())
     data_config.update(image_size=model_config.image_size, channels=model_config.channels, num_workers=0)
     if args.split:
         data_config.split_eval = args.split

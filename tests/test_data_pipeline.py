@@ -275,3 +275,16 @@ def test_num_workers_must_be_auto_or_a_count(value):
     cfg.num_workers = value
     with pytest.raises(ValueError, match="num_workers.*'auto' or an int"):
         data.validate_data_config(cfg)
+
+
+def test_a_data_config_read_back_from_json_takes_a_worker_count_again():
+    import json
+    import ml_collections
+    stored = json.loads(json.dumps(data.default_data_config().to_dict()))  # as a checkpoint keeps it
+    plain = ml_collections.ConfigDict(stored)
+    with pytest.raises(TypeError):
+        plain.num_workers = 0  # locked to str by 'auto'
+    cfg = data.data_config_from(stored)
+    cfg.num_workers = 0
+    cfg.num_workers = 'auto'
+    data.validate_data_config(cfg)

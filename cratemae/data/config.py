@@ -50,6 +50,14 @@ def default_data_config():
     ))
 
 
+def data_config_from(values):
+    """A data config with this module's field types from a plain mapping, e.g. one read back from a
+    checkpoint's JSON, where `num_workers` would otherwise be locked to the type of its stored value."""
+    cfg = default_data_config()
+    cfg.update(dict(values))
+    return cfg
+
+
 def _is_int(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
