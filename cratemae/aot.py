@@ -2,7 +2,7 @@
 
 With libtpu importable, ``jax.experimental.topologies.get_topology_desc`` returns compile-only TPU devices for any
 slice shape; a mesh over them plus ``jax.jit(...).lower(ShapeDtypeStruct...).compile()`` runs the TPU compiler on
-the host CPU. No TPU, network or credentials are needed (measured: /work/shared/docs/tpu_aot.md). The compiled
+the host CPU. No TPU, network or credentials are needed (measured: docs/scale_out.md). The compiled
 program then tells, per device:
 
   memory    arguments, outputs (the donated state aliases its output), temporaries and XLA's heap-simulated peak,
@@ -133,22 +133,10 @@ def topology_devices(tpu_slice: Slice):
     return devices
 
 
-def apply_overrides(config, global_batch=None, fsdp=False):
-    """A copy of `config` with the global batch and, for fsdp, every parameter and optimizer moment sharded over
-    'fsdp' (config.sharding_rules = (('.*', 'fsdp_largest'),), mesh data=1 fsdp=-1 model=1)."""
-    config = config.copy_and_resolve_references()
-    if global_batch is not None:
-        config.train.global_batch = int(global_batch)
-    if fsdp:
-        config.sharding_rules = tuple(tuple(r) for r in sharding.FSDP_RULES)
-        config.mesh.update(data=1, fsdp=-1, model=1)
-    return config
-
-
 def resolve_mesh_config(mesh_config, num_devices) -> dict:
     """config.mesh with one -1 axis (data or fsdp) replaced by the devices left over.
 
-    sharding.make_mesh accepts -1 for 'data' only, while the FSDP recipe (README, apply_overrides) is data=1
+    sharding.make_mesh accepts -1 for 'data' only, while the FSDP recipe (README) is data=1
     fsdp=-1; resolving here keeps that recipe working whichever axis holds the -1.
     """
     axes = {a: int(mesh_config.get(a, -1 if a == 'data' else 1)) for a in sharding.AXES}
@@ -230,19 +218,32 @@ def compile_report(config, tpu_slice: Slice, devices=None) -> Report:
         report.fits, report.error = False, str(e).strip().splitlines()[0]
         return report
     report.compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    report.argument, report.output = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    report.alias, report.temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-    report.peak = getattr(mem, 'peak_memory_in_bytes', 0)
-    report.code = mem.generated_code_size_in_bytes
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax, a dict in 0.10
-    report.xla_flops = float(cost['flops']) if cost and 'flops' in cost else None
+    mem = memory_analysis(compiled)
+    report.argument, report.output, report.alias, report.temp = mem['argument'], mem['output'], mem['alias'], mem['temp']
+    report.peak, report.code = mem['peak'], mem['generated_code']
+    report.xla_flops = xla_flops(compiled)
     # The compiler refuses a program whose temporaries exceed HBM (handled above); past that, XLA's heap-simulated
     # peak is the figure to hold against HBM. argument + output - alias + temp can exceed it (measured: 19.8 GiB
     # against a 13.4 GiB peak on v5e, accepted by the compiler), so it is shown as an upper bound only.
     report.fits = report.peak <= tpu_slice.hbm_bytes
     return report
+
+
+def memory_analysis(compiled) -> dict:
+    """XLA's per-device memory plan of a compiled program, in bytes: argument, output, alias, temp, generated_code,
+    peak (XLA's heap-simulated peak; 0 where the backend does not report it)."""
+    m = compiled.memory_analysis()
+    keys = ('argument', 'output', 'alias', 'temp', 'generated_code')
+    out = {k: int(getattr(m, f'{k}_size_in_bytes')) for k in keys}
+    out['peak'] = int(getattr(m, 'peak_memory_in_bytes', 0))
+    return out
+
+
+def xla_flops(compiled) -> float | None:
+    """XLA's own FLOP count of a compiled program (each while-loop body counted once), or None."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax, a dict in 0.10
+    return float(cost['flops']) if cost and 'flops' in cost else None
 
 
 def _gib(n) -> str:

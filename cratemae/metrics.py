@@ -1,4 +1,4 @@
-"""Metric writers without TensorFlow: JSONL + tensorboardX event files + a tqdm progress bar.
+"""Metric writers without TensorFlow: JSONL + tensorboardX event files + progress (a tqdm bar on a terminal).
 
   <workdir>/metrics.jsonl      one JSON object per write_scalars call: {"step": s, "loss": ...}
   <workdir>/tensorboard/       tensorboardX event files (scalars, images)
@@ -11,13 +11,16 @@ should keep the last row per step).
 """
 import contextlib
 import json
+import logging
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 from etils import epath
 
+_LOG = logging.getLogger(__name__)
 JSONL_FILE = 'metrics.jsonl'
 TB_DIR = 'tensorboard'
 
@@ -37,6 +40,17 @@ def _as_image(img) -> np.ndarray:
     return img
 
 
+def read_scalars(workdir) -> list[dict]:
+    """The rows of <workdir>/metrics.jsonl in step order, the last row kept where a resumed run wrote a step twice."""
+    rows = {}
+    with (epath.Path(workdir) / JSONL_FILE).open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows.setdefault(row['step'], {}).update(row)
+    return [rows[s] for s in sorted(rows)]
+
+
 class MetricWriter:
     """Writes scalars/images for process 0 and shows a progress bar with ETA.
 
@@ -45,7 +59,8 @@ class MetricWriter:
       total_steps: for the progress bar's ETA.
       start_step: where the bar starts (the resumed step).
       enabled: write at all; default jax.process_index() == 0.
-      progress: show the tqdm bar (on stderr).
+      progress: show progress on stderr: a tqdm bar when stderr is a terminal; otherwise (a log file, a pod's
+        nohup) one logged line per write_scalars call, so a log holds lines at the log interval, not bar redraws.
     """
 
     def __init__(self, workdir, total_steps=None, *, start_step=0, enabled=None, progress=True):
@@ -58,7 +73,8 @@ class MetricWriter:
         self._jsonl = (self.workdir / JSONL_FILE).open('a')
         from tensorboardX import SummaryWriter  # imported lazily: ~0.3 s, unused off process 0
         self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR), flush_secs=30)
-        if progress:
+        self._total, self._lines = total_steps, progress and not sys.stderr.isatty()
+        if progress and not self._lines:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
                              unit='step', smoothing=0.1)
@@ -72,6 +88,10 @@ class MetricWriter:
         self._jsonl.flush()
         for k, v in values.items():
             self._tb.add_scalar(k, v, int(step))
+        shown = {k: v for k, v in values.items() if k.count('/') < 2}  # per-layer series stay in the files
+        if self._lines and shown:
+            of = f'/{self._total}' if self._total else ''
+            _LOG.info('step %d%s: %s', step, of, ', '.join(f'{k}={v:.4g}' for k, v in shown.items()))
 
     def write_images(self, step: int, images: dict, png: bool = False):
         """name -> HWC image (uint8, or float in [0,1]); also saved as PNG if png=True."""

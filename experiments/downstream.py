@@ -2,9 +2,9 @@
 
 Run one with
 
-  python -m launch.finetune --checkpoint=PATH --config=experiments/registry.py:NAME [--workdir=DIR] [--config.KEY=V]
+  python -m launch.finetune --checkpoint=PATH --config=NAME [--workdir=DIR] [--config.KEY=V]
 
-(``experiments/downstream.py:NAME`` works too). PATH is a pretraining workdir, an export, or a reference-format file.
+PATH is a pretraining workdir, an export, or a reference-format file.
 Each entry starts from a pretraining entry (the architecture, in ``model``) and applies the transfer recipe of the
 reference's ``finetune.py`` (Ma-Lab-Berkeley/CRATE): AdamW betas (0.9, 0.999), weight decay 0.01, lr 5e-5 at batch
 256, cosine over 200 epochs without warmup, RandomResizedCrop (scale 0.08-1) + flip + RandAugment(2, 14) at 224 px
@@ -14,29 +14,7 @@ reference's ``finetune.py`` (Ma-Lab-Berkeley/CRATE): AdamW betas (0.9, 0.999), w
 import ml_collections
 from ml_collections import config_dict
 
-ENTRIES = {}
-
-
-def register(fn):
-    ENTRIES[fn.__name__] = fn
-    return fn
-
-
-def get_config(name):
-    """The locked config of a fine-tuning entry (for ``--config=experiments/downstream.py:NAME``)."""
-    if name not in ENTRIES:
-        raise ValueError(f'Unknown fine-tuning entry {name!r}; entries: {", ".join(sorted(ENTRIES))}.')
-    config = ENTRIES[name]()
-    config.name = name
-    config.lock()
-    return config
-
-
-def _registry():
-    from experiments import registry  # pylint: disable=import-outside-toplevel; registry imports this module
-
-    return registry
-
+from experiments import base
 
 def finetune_config(pretrain, dataset, splits, num_examples, epochs=200, batch=256, image_size=224):
     """The reference transfer recipe on ``dataset`` for the architecture of the pretraining config ``pretrain``."""
@@ -62,50 +40,45 @@ def finetune_config(pretrain, dataset, splits, num_examples, epochs=200, batch=2
     return c
 
 
-@register
 def finetune_cifar10():
     """CRATE-MAE-Base fine-tuned on CIFAR-10 at 224 px (reference transfer recipe, 200 epochs, batch 256).
 
     python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_cifar10
     """
-    return finetune_config(_registry().crate_mae_base(), 'cifar10', ('train', 'test'), 50_000)
+    return finetune_config(base.crate_mae_base(), 'cifar10', ('train', 'test'), 50_000)
 
 
-@register
 def finetune_cifar100():
     """CRATE-MAE-Base fine-tuned on CIFAR-100 at 224 px (reference transfer recipe, 200 epochs, batch 256).
 
     python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_cifar100
     """
-    return finetune_config(_registry().crate_mae_base(), 'cifar100', ('train', 'test'), 50_000)
+    return finetune_config(base.crate_mae_base(), 'cifar100', ('train', 'test'), 50_000)
 
 
-@register
 def finetune_oxford_flowers102():
     """CRATE-MAE-Base fine-tuned on Oxford Flowers-102 (1,020 train images, 6,149 test) at 224 px.
 
     python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_oxford_flowers102
     """
-    return finetune_config(_registry().crate_mae_base(), 'oxford_flowers102', ('train', 'test'), 1_020)
+    return finetune_config(base.crate_mae_base(), 'oxford_flowers102', ('train', 'test'), 1_020)
 
 
-@register
 def finetune_oxford_iiit_pet():
     """CRATE-MAE-Base fine-tuned on Oxford-IIIT Pets (trainval 3,680 = tfds 'train', test 3,669) at 224 px.
 
     python -m launch.finetune --checkpoint=runs/crate_mae_base --config=experiments/registry.py:finetune_oxford_iiit_pet
     """
-    return finetune_config(_registry().crate_mae_base(), 'oxford_iiit_pet', ('train', 'test'), 3_680)
+    return finetune_config(base.crate_mae_base(), 'oxford_iiit_pet', ('train', 'test'), 3_680)
 
 
-@register
 def finetune_mnist():
     """The default run's encoder (crate_mae_mnist sizes) fine-tuned on the embedded MNIST digits; 2 CPU cores, minutes.
 
     python -m launch.finetune --checkpoint=runs/crate_mae_mnist --config=experiments/registry.py:finetune_mnist
     Expected: top-1 on the 500 held-out digits above the linear probe of the same encoder (docs/evaluation.md).
     """
-    c = finetune_config(_registry().crate_mae_mnist(), 'mnist', ('train', 'test'), 4_500, epochs=30, batch=128,
+    c = finetune_config(base.crate_mae_mnist(), 'mnist', ('train', 'test'), 4_500, epochs=30, batch=128,
                         image_size=28)
     # Digits are neither flip-invariant nor robust to 0.08-area crops: mild crops, no flip, and a higher rate for a
     # small encoder pretrained for minutes.
@@ -117,7 +90,6 @@ def finetune_mnist():
     return c
 
 
-@register
 def finetune_skimage_crops():
     """A crate_mae_mnist-sized encoder (64 px, patch 8, RGB) fine-tuned on the embedded skimage_crops (10 photos).
 
@@ -127,7 +99,7 @@ def finetune_skimage_crops():
 
     python -m launch.finetune --checkpoint=runs/skimage --config=experiments/registry.py:finetune_skimage_crops
     """
-    c = finetune_config(_registry().crate_mae_mnist(), 'skimage_crops', ('train', 'test'), 2_240, epochs=30,
+    c = finetune_config(base.crate_mae_mnist(), 'skimage_crops', ('train', 'test'), 2_240, epochs=30,
                         batch=128, image_size=64)
     c.model.update(channels=3, patch_size=8)
     c.data.update(channels=3, crop_scale=(0.35, 1.0))

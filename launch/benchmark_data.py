@@ -1,38 +1,41 @@
 """Input-pipeline throughput, one JSON line per mode (cratemae/data/throughput.py).
 
-    python -m launch.benchmark_data [--images 256] [--batch 64] [--steps 12]
-                                    [--workers 0,1,2] [--size 224] [--modes folder,tfds_jpeg] [--uint8]
+  python -m launch.benchmark_data [--images=256] [--batch=64] [--steps=12] [--workers=0,1,2] [--size=224]
+                                  [--modes=folder,tfds_jpeg] [--uint8]
 
 Writes ImageNet-like JPEGs (500x375, ~110 KiB, photographic detail) as an image folder and as a tfds JPEG dataset,
 then prints, per mode, images per CPU-second in process, images/s per worker count, and the input cores each
 accelerator (or TPU host) needs at its target rate. See docs/data.md.
 """
 
-import argparse
 import json
 
+from absl import flags
+
 from cratemae.data import throughput
+from launch import cli
+
+FLAGS = cli.flag_values()
+flags.DEFINE_integer('images', 256, 'JPEGs to write.', flag_values=FLAGS)
+flags.DEFINE_integer('batch', 64, 'Batch size.', flag_values=FLAGS)
+flags.DEFINE_integer('steps', 12, 'Timed batches.', flag_values=FLAGS)
+flags.DEFINE_integer('size', 224, 'Crop size.', flag_values=FLAGS)
+flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker processes per measurement; 0 = in process.', flag_values=FLAGS)
+flags.DEFINE_list('modes', list(throughput.MODES), 'folder and/or tfds_jpeg.', flag_values=FLAGS)
+flags.DEFINE_bool('uint8', False, 'Batches handed over as uint8 (normalised on the devices).', flag_values=FLAGS)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m launch.benchmark_data')
-    p.add_argument('--images', type=int, default=256)
-    p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--steps', type=int, default=12)
-    p.add_argument('--size', type=int, default=224)
-    p.add_argument('--workers', default='0,1,2', help='comma list; 0 = in process')
-    p.add_argument('--modes', default=','.join(throughput.MODES), help='comma list of folder, tfds_jpeg')
-    p.add_argument('--uint8', action='store_true', help='batches as uint8 (normalised on the devices)')
-    args = p.parse_args(argv)
+def main(argv):
+    cli.no_positional(argv)
+    f = FLAGS
     try:
-        records = throughput.run(args.images, [m for m in args.modes.split(',') if m], args.size, args.batch,
-                                 args.steps, [int(w) for w in args.workers.split(',') if w], uint8=args.uint8)
+        records = throughput.run(f.images, f.modes, f.size, f.batch, f.steps, [int(w) for w in f.workers],
+                                 uint8=f.uint8)
         for record in records:
             print(json.dumps(record), flush=True)
     except ValueError as e:
-        p.error(str(e))
-    return 0
+        raise cli.UsageError(str(e)) from None
 
 
 if __name__ == '__main__':
-    raise SystemExit(main())
+    cli.main(main, FLAGS)

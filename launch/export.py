@@ -1,11 +1,11 @@
 """Export the weights of a training workdir, or convert a reference checkpoint once, for downstream use.
 
-    python -m launch.export --workdir DIR [--step N] --format {safetensors,npz,orbax} --out PATH [--encoder-only]
-    python -m launch.export --from FILE.pth --format safetensors --out FILE.safetensors [--config NAME]
-                            [--trust_checkpoint]
+  python -m launch.export --workdir=DIR [--step=N] --format={safetensors,npz,orbax} --out=PATH [--encoder_only]
+  python -m launch.export --from=FILE.pth --format=safetensors --out=FILE.safetensors [--config=NAME]
+                          [--trust_checkpoint]
 
 safetensors / npz hold the reference PyTorch state dict (Ma-Lab-Berkeley/CRATE crate_ae names and layouts; the
-reference loads them with strict=True, or strict=False for --encoder-only); orbax writes the Flax params tree only
+reference loads them with strict=True, or strict=False for --encoder_only); orbax writes the Flax params tree only
 (ocp.StandardCheckpointer) into the directory PATH, with PATH.json beside it. Every format records the model config
 (and the data config and step), so a reader rebuilds the model without the registry. Without --step the newest step
 that restores is exported (damaged newer steps are skipped with a warning).
@@ -15,40 +15,27 @@ torch, here only) into a format the rest of cratemae reads without torch, record
 saved --model argument or the shapes; --config names it when neither tells the heads) and the epoch.
 """
 
-import argparse
 import logging
 import os
-import sys
+
+from absl import flags
 
 from cratemae import export
 from cratemae.evaluate import checkpoints
+from launch import cli
 
-
-def _parser():
-    p = argparse.ArgumentParser(prog='python -m launch.export', description=__doc__.split('\n\n')[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--workdir', help='training workdir (config.json + checkpoints/)')
-    src.add_argument('--from', dest='source', help='reference checkpoint file (.pth/.pt/.safetensors/.npz)')
-    p.add_argument('--step', type=int, default=None, help='step to export (default: the newest that restores)')
-    p.add_argument('--format', required=True, choices=export.FORMATS)
-    p.add_argument('--out', required=True, help='output file (safetensors, npz) or directory (orbax)')
-    p.add_argument('--encoder-only', '--encoder_only', dest='encoder_only', action='store_true',
-                   help='only the encoder (patch embedding, tokens, blocks, final norm): what downstream tasks read')
-    p.add_argument('--config', default=None, help='with --from: the registry entry of the architecture '
-                   '(NAME or experiments/registry.py:NAME), when the file does not show its number of heads')
-    p.add_argument('--trust_checkpoint', '--trust-checkpoint', action='store_true',
-                   help='with --from: unpickle a .pth without the weights_only restriction (runs code from the '
-                        'file; only for files you trust)')
-    return p
-
-
-def _convert(args):
-    model_config = None
-    if args.config:
-        import experiments  # pylint: disable=import-outside-toplevel
-        model_config = experiments.get_config(args.config.rpartition(':')[2]).model
-    out = export.convert(args.source, args.format, args.out, model_config=model_config, trust=args.trust_checkpoint)
-    print(f'Converted {args.source} to {args.format}: {out} ({_size(out):,} bytes)')
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', flag_values=FLAGS)
+_FROM = flags.DEFINE_string('from', None, 'Reference checkpoint file (.pth/.pt/.safetensors/.npz) to convert.',
+                            flag_values=FLAGS)
+_STEP = flags.DEFINE_integer('step', None, 'Step to export (default: the newest that restores).', flag_values=FLAGS)
+_FORMAT = flags.DEFINE_enum('format', None, list(export.FORMATS), 'Export format.', flag_values=FLAGS)
+_OUT = flags.DEFINE_string('out', None, 'Output file (safetensors, npz) or directory (orbax).', flag_values=FLAGS)
+_ENCODER_ONLY = flags.DEFINE_bool('encoder_only', False, 'Only the encoder (patch embedding, tokens, blocks, final '
+                                  'norm): what downstream tasks read.', flag_values=FLAGS)
+_CONFIG = cli.define_config(FLAGS, help_text='With --from: the architecture, when the file does not show its heads.')
+_TRUST = flags.DEFINE_bool('trust_checkpoint', False, 'With --from: unpickle a .pth without the weights_only '
+                           'restriction (runs code from the file; only for files you trust).', flag_values=FLAGS)
 
 
 def _size(out):
@@ -57,26 +44,33 @@ def _size(out):
     return os.path.getsize(out)
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
+def main(argv):
+    cli.no_positional(argv)
+    if (_WORKDIR.value is None) == (_FROM.value is None):
+        raise cli.UsageError('pass one of --workdir (a training run) and --from (a reference file).')
+    missing = [f'--{n}' for n in ('format', 'out') if FLAGS[n].value is None]
+    if missing:
+        raise cli.UsageError(f'{", ".join(missing)} required.')
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger('cratemae').setLevel(logging.INFO)
     try:
-        if args.source:
-            return _convert(args) or 0
-        if not checkpoints.is_workdir(args.workdir):
-            raise SystemExit(f'error: {args.workdir} is not a training workdir (it has no checkpoints/ folder).')
-        ckpt = checkpoints.load(args.workdir, step=args.step, encoder_only=args.encoder_only)
-        out = export.export_checkpoint(ckpt, args.format, args.out, encoder_only=args.encoder_only)
+        if _FROM.value:
+            model_config = _CONFIG.value.model if _CONFIG.value else None
+            out = export.convert(_FROM.value, _FORMAT.value, _OUT.value, model_config=model_config, trust=_TRUST.value)
+            print(f'Converted {_FROM.value} to {_FORMAT.value}: {out} ({_size(out):,} bytes)')
+            return 0
+        if not checkpoints.is_workdir(_WORKDIR.value):
+            raise cli.UsageError(f'{_WORKDIR.value} is not a training workdir (it has no checkpoints/ folder).')
+        ckpt = checkpoints.load(_WORKDIR.value, step=_STEP.value, encoder_only=_ENCODER_ONLY.value)
+        out = export.export_checkpoint(ckpt, _FORMAT.value, _OUT.value, encoder_only=_ENCODER_ONLY.value)
     except checkpoints.CheckpointError as e:
-        raise SystemExit(f'error: {e}') from None
+        raise cli.UsageError(str(e)) from None
     except (ValueError, ImportError) as e:  # e.g. a ViT model has no reference state-dict layout
-        hint = ' (--format orbax works for every architecture)' if args.format != 'orbax' and args.workdir else ''
-        raise SystemExit(f'error: {e}{hint}') from None
-    what = 'encoder' if args.encoder_only else 'model'
-    print(f'Exported the {what} of {args.workdir} at step {ckpt.step} as {args.format}: {out} ({_size(out):,} bytes)')
-    return 0
+        hint = ' (--format=orbax works for every architecture)' if _FORMAT.value != 'orbax' and _WORKDIR.value else ''
+        raise cli.UsageError(f'{e}{hint}') from None
+    what = 'encoder' if _ENCODER_ONLY.value else 'model'
+    print(f'Exported the {what} of {_WORKDIR.value} at step {ckpt.step} as {_FORMAT.value}: {out} ({_size(out):,} bytes)')
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    cli.main(main, FLAGS)

@@ -1,7 +1,7 @@
 """Fine-tune a pretrained encoder with a classification head.
 
-  python -m launch.finetune --checkpoint=PATH --config=experiments/registry.py:NAME [--workdir=DIR]
-                            [--split_train=S] [--split_eval=S] [--config.KEY=V]
+  python -m launch.finetune --checkpoint=PATH --config=NAME [--workdir=DIR] [--split_train=S] [--split_eval=S]
+                            [--config.KEY=VALUE ...]
 
 PATH is a pretraining workdir, an export (safetensors / npz / orbax) or a reference-format file; NAME a fine-tuning
 entry (experiments/downstream.py, e.g. finetune_mnist, finetune_cifar10). Rerunning the same command resumes from
@@ -13,36 +13,36 @@ import json
 import logging
 import os
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from cratemae import data
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import finetune
+from launch import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'experiments/registry.py:NAME (a fine-tuning entry), optionally followed by --config.KEY=VALUE.',
-    lock_config=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Pretrained weights: workdir, export, or reference file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (default runs/NAME).')
-_SPLIT_TRAIN = flags.DEFINE_string('split_train', None, 'Split to fine-tune on (= --config.data.split_train).')
+FLAGS = cli.flag_values()
+_CONFIG = cli.define_config(FLAGS, help_text='A fine-tuning entry (finetune_*), then --config.KEY=VALUE overrides.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Pretrained weights: workdir, export, or reference file.',
+                                  flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (default runs/NAME).',
+                               flag_values=FLAGS)
+_SPLIT_TRAIN = flags.DEFINE_string('split_train', None, 'Split to fine-tune on (= --config.data.split_train).',
+                                   flag_values=FLAGS)
 _SPLIT_EVAL = flags.DEFINE_string('split_eval', None, 'Split to evaluate on (= --config.data.split_eval; auto: '
-                                  'validation, val or test, whichever the data has).')
+                                  'validation, val or test, whichever the data has).', flag_values=FLAGS)
 _TRUST = flags.DEFINE_bool('trust_checkpoint', False, 'Read a .pth checkpoint without torch.load\'s weights_only '
-                           'guard (runs code from the file; only for files you trust).')
+                           'guard (runs code from the file; only for files you trust).', flag_values=FLAGS)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.no_positional(argv)
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger('cratemae').setLevel(logging.INFO)
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError('Pass --config=experiments/registry.py:NAME with a fine-tuning entry.')
+        raise cli.UsageError('pass --config=NAME with a fine-tuning entry (finetune_*; python -m launch.list).')
     if 'finetune' not in config:
-        raise app.UsageError(f'{config.name} is a pretraining entry; pass a fine-tuning entry (finetune_*).')
+        raise cli.UsageError(f'{config.name} is a pretraining entry; pass a fine-tuning entry (finetune_*).')
     if _CHECKPOINT.value:
         config.finetune.checkpoint = _CHECKPOINT.value
     if _TRUST.value:
@@ -54,17 +54,17 @@ def main(argv):
         for key in ('split_train', 'split_eval'):
             config.data[key] = data.resolve_split(config.data, config.data[key])
     except (ValueError, data.DatasetNotPreparedError) as e:
-        raise SystemExit(f'error: {e}') from None
+        raise cli.UsageError(str(e)) from None
     workdir = checkpoints.absolute(_WORKDIR.value or os.path.join('runs', config.name))  # Orbax needs absolute
     print(f'Fine-tuning {config.name} from {config.finetune.checkpoint} -> {workdir}', flush=True)
     try:
         result = finetune.finetune_and_evaluate(config, workdir)
     except checkpoints.CheckpointError as e:
-        raise SystemExit(f'error: {e}') from None
+        raise cli.UsageError(str(e)) from None
     print(json.dumps({k: v for k, v in result.items() if v is not None}), flush=True)
     if 'eval/top1' in result:
         print(f'top-1 on {config.data.name}/{config.data.split_eval}: {100 * result["eval/top1"]:.2f}%', flush=True)
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.main(main, FLAGS)

@@ -1,104 +1,67 @@
 """Linear probe, ridge probe and kNN accuracy of a frozen encoder.
 
-    python -m launch.probe --checkpoint PATH [--dataset NAME] [--feature cls|mean|pixels] [--out DIR]
+  python -m launch.probe --checkpoint=PATH [--dataset=NAME] [--feature=cls|mean|pixels] [--out=DIR]
 
-PATH is a training workdir, an export of ours, or a reference-format file (then also --config=FILE:NAME or
---model NAME for the architecture). The dataset defaults to the one the checkpoint was trained on. Features (the
-class token or the mean patch token after the final norm; 'pixels' probes the images themselves) are computed once
-per checkpoint, dataset, split and feature type and cached (--cache_dir). --random_init probes a randomly initialised
-encoder of the checkpoint's architecture instead of its weights: the baseline pretraining must beat. Results go to
+PATH is a training workdir, an export of ours, or a reference-format file (then also --config=NAME or FILE:NAME for
+the architecture). The dataset defaults to the one the checkpoint was trained on. Features (the class token or the
+mean patch token after the final norm; 'pixels' probes the images themselves) are computed once per checkpoint,
+dataset, split and feature type and cached (--cache_dir). --random_init probes a randomly initialised encoder of the
+checkpoint's architecture instead of its weights: the baseline pretraining must beat. Results go to
 DIR/probe_<dataset>_<feature>[_random].json and a table on the terminal. See docs/evaluation.md.
 """
 
-import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import logging
 import os
 import sys
 import time
 
+from absl import flags
+
 from cratemae import data
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
 from cratemae.evaluate import probe
+from launch import cli
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _parser():
-    p = argparse.ArgumentParser(prog='python -m launch.probe', description=__doc__.split('\n\n')[0])
-    p.add_argument('--checkpoint', required=True, help='training workdir, export, or reference-format file')
-    p.add_argument('--step', type=int, default=None, help='workdir step (default: the newest that restores)')
-    p.add_argument('--config', default=None, help='FILE:NAME (e.g. experiments/registry.py:crate_mae_base): the '
-                   'architecture of a reference-format checkpoint without our metadata')
-    p.add_argument('--model', default=None, help='registry NAME, the same as --config=experiments/registry.py:NAME')
-    p.add_argument('--trust_checkpoint', '--trust-checkpoint', action='store_true',
-                   help='read a .pth without torch.load\'s weights_only guard (runs code from the file; only for '
-                        'files you trust)')
-    p.add_argument('--dataset', default=None, help='dataset name (default: the checkpoint\'s training data)')
-    p.add_argument('--data_dir', '--data-dir', default=None, help='tfds data dir')
-    p.add_argument('--split_train', '--split-train', default=None,
-                   help="split the probe trains on (default: the checkpoint's, else train)")
-    p.add_argument('--split_eval', '--split-eval', default=None,
-                   help="split it is tested on (default: the checkpoint's, else auto: validation/val/test)")
-    p.add_argument('--feature', default='cls', choices=features.FEATURES)
-    p.add_argument('--methods', default='linear,ridge,knn', help=f'comma-separated subset of {probe.METHODS}')
-    p.add_argument('--out', default=None, help='results folder (default: beside the checkpoint)')
-    p.add_argument('--cache_dir', '--cache-dir', default=None,
-                   help=f'feature cache (default {features.default_cache_dir()})')
-    p.add_argument('--no_cache', '--no-cache', action='store_true',
-                   help='recompute features and do not write the cache')
-    p.add_argument('--batch_size', '--batch-size', type=int, default=256,
-                   help='feature extraction batch (split over devices)')
-    p.add_argument('--random_init', '--random-init', action='store_true',
-                   help='probe a random encoder of the same architecture')
-    p.add_argument('--seed', type=int, default=0, help='seed of --random_init and of the probe head')
-    g = p.add_argument_group('linear probe (MAE protocol: BN without affine + linear head)')
-    d = probe.LinearProbeConfig()
-    g.add_argument('--optimizer', default=d.optimizer, choices=probe.OPTIMIZERS)
-    g.add_argument('--base_lr', '--base-lr', type=float, default=d.base_lr, help='lr = base_lr * batch / 256')
-    g.add_argument('--weight_decay', '--weight-decay', type=float, default=d.weight_decay)
-    g.add_argument('--epochs', type=int, default=d.epochs)
-    g.add_argument('--warmup_epochs', '--warmup-epochs', type=int, default=d.warmup_epochs)
-    g.add_argument('--probe_batch_size', '--probe-batch-size', type=int, default=d.batch_size)
-    g = p.add_argument_group('kNN (cosine similarity)')
-    g.add_argument('--k', type=int, default=20)
-    g.add_argument('--temperature', type=float, default=0.07, help='weighted vote: exp(similarity / T)')
-    g.add_argument('--vote', default='weighted', choices=('weighted', 'majority'))
-    return p
-
-
-def _config_from_file(spec):
-    """FILE:NAME -> the module's get_config(NAME) (what ml_collections' config_flags does)."""
-    path, _, name = spec.partition(':')
-    path = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(_REPO, path)
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: --config file {path} not found.')
-    module_spec = importlib.util.spec_from_file_location('_probe_config', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(name) if name else module.get_config()
-
-
-def named_config(args):
-    """The experiment config named by --config / --model (its model section is the architecture), or None."""
-    if args.config and args.model:
-        raise SystemExit('error: pass --config or --model, not both.')
-    if args.model:
-        import experiments  # pylint: disable=import-outside-toplevel
-
-        return experiments.get_config(args.model)
-    return _config_from_file(args.config) if args.config else None
+FLAGS = cli.flag_values()
+_D = probe.LinearProbeConfig()
+flags.DEFINE_string('checkpoint', None, 'Training workdir, export, or reference-format file.', flag_values=FLAGS)
+flags.DEFINE_integer('step', None, 'Workdir step (default: the newest that restores).', flag_values=FLAGS)
+cli.define_config(FLAGS, help_text='The architecture (NAME or FILE:NAME) of a reference-format checkpoint.')
+flags.DEFINE_bool('trust_checkpoint', False, "Read a .pth without torch.load's weights_only guard (runs code from "
+                  'the file; only for files you trust).', flag_values=FLAGS)
+flags.DEFINE_string('dataset', None, "Dataset name (default: the checkpoint's training data).", flag_values=FLAGS)
+flags.DEFINE_string('data_dir', None, 'tfds data dir.', flag_values=FLAGS)
+flags.DEFINE_string('split_train', None, "Split the probe trains on (default: the checkpoint's, else train).",
+                    flag_values=FLAGS)
+flags.DEFINE_string('split_eval', None, "Split it is tested on (default: the checkpoint's, else auto: validation, "
+                    'val or test).', flag_values=FLAGS)
+flags.DEFINE_enum('feature', 'cls', list(features.FEATURES), 'What to probe.', flag_values=FLAGS)
+flags.DEFINE_list('methods', ['linear', 'ridge', 'knn'], f'Subset of {probe.METHODS}.', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'Results folder (default: beside the checkpoint).', flag_values=FLAGS)
+flags.DEFINE_string('cache_dir', None, f'Feature cache (default {features.default_cache_dir()}).', flag_values=FLAGS)
+flags.DEFINE_bool('no_cache', False, 'Recompute features and do not write the cache.', flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', 256, 'Feature extraction batch (split over devices).', flag_values=FLAGS)
+flags.DEFINE_bool('random_init', False, 'Probe a random encoder of the same architecture.', flag_values=FLAGS)
+flags.DEFINE_integer('seed', 0, 'Seed of --random_init and of the probe head.', flag_values=FLAGS)
+# The linear probe (MAE protocol: BN without affine + linear head) and kNN (cosine similarity).
+flags.DEFINE_enum('optimizer', _D.optimizer, list(probe.OPTIMIZERS), 'Linear probe optimizer.', flag_values=FLAGS)
+flags.DEFINE_float('base_lr', _D.base_lr, 'Linear probe: lr = base_lr * batch / 256.', flag_values=FLAGS)
+flags.DEFINE_float('weight_decay', _D.weight_decay, 'Linear probe weight decay.', flag_values=FLAGS)
+flags.DEFINE_integer('epochs', _D.epochs, 'Linear probe epochs.', flag_values=FLAGS)
+flags.DEFINE_integer('warmup_epochs', _D.warmup_epochs, 'Linear probe warmup epochs.', flag_values=FLAGS)
+flags.DEFINE_integer('probe_batch_size', _D.batch_size, 'Linear probe batch.', flag_values=FLAGS)
+flags.DEFINE_integer('k', 20, 'kNN neighbours.', flag_values=FLAGS)
+flags.DEFINE_float('temperature', 0.07, 'kNN weighted vote: exp(similarity / T).', flag_values=FLAGS)
+flags.DEFINE_enum('vote', 'weighted', ['weighted', 'majority'], 'kNN vote.', flag_values=FLAGS)
 
 
 def default_out(path):
     path = os.path.normpath(path)
-    if checkpoints.is_workdir(path):
-        return os.path.join(path, 'probe')
-    return os.path.splitext(path)[0] + '_probe'
+    return os.path.join(path, 'probe') if checkpoints.is_workdir(path) else os.path.splitext(path)[0] + '_probe'
 
 
 def _table(results, header):
@@ -108,36 +71,33 @@ def _table(results, header):
         rows.append((method, f'{100 * r["top1"]:.2f}', ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
                                                                    for k, v in details.items())))
     width = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [header] + ['  '.join(cell.ljust(w) for cell, w in zip(row, width)).rstrip() for row in rows]
-    return '\n'.join(lines)
+    return '\n'.join([header] + ['  '.join(c.ljust(w) for c, w in zip(row, width)).rstrip() for row in rows])
 
 
-def run(args):
+def run(f):
     """Loads, extracts (or reads cached) features, probes; returns the results record."""
-    methods = tuple(m.strip() for m in args.methods.split(',') if m.strip())
-    config = named_config(args)
-    ckpt = checkpoints.load(args.checkpoint, step=args.step, model_config=config and config.model, encoder_only=True,
-                            trust_checkpoint=args.trust_checkpoint)
+    config = f.config
+    ckpt = checkpoints.load(f.checkpoint, step=f.step, model_config=config and config.model, encoder_only=True,
+                            trust_checkpoint=f.trust_checkpoint)
     if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
         ckpt = dataclasses.replace(ckpt, data_config=config.data)
-    data_cfg = features.probe_data_config(ckpt, args.dataset, args.data_dir, args.split_train, args.split_eval)
+    data_cfg = features.probe_data_config(ckpt, f.dataset, f.data_dir, f.split_train, f.split_eval)
     weights = ckpt
-    if args.random_init:
-        weights = checkpoints.random_init(ckpt.model_config, args.seed)
-        weights = dataclasses.replace(weights, data_config=ckpt.data_config)
-    kwargs = {'batch_size': args.batch_size, 'cache_dir': args.cache_dir, 'use_cache': not args.no_cache}
+    if f.random_init:
+        weights = dataclasses.replace(checkpoints.random_init(ckpt.model_config, f.seed), data_config=ckpt.data_config)
+    kwargs = {'batch_size': f.batch_size, 'cache_dir': f.cache_dir, 'use_cache': not f.no_cache}
     t0 = time.perf_counter()
-    train = features.split_features(weights, data_cfg, data_cfg.split_train, args.feature, **kwargs)
-    test = features.split_features(weights, data_cfg, data_cfg.split_eval, args.feature, **kwargs)
+    train = features.split_features(weights, data_cfg, data_cfg.split_train, f.feature, **kwargs)
+    test = features.split_features(weights, data_cfg, data_cfg.split_eval, f.feature, **kwargs)
     t_features = time.perf_counter() - t0
-    linear_cfg = probe.LinearProbeConfig(args.optimizer, args.base_lr, args.weight_decay, 0.9, args.epochs,
-                                         args.warmup_epochs, args.probe_batch_size, args.seed)
-    results = probe.run_probes(train, test, methods, linear_cfg,
-                               {'k': args.k, 'temperature': args.temperature, 'vote': args.vote})
+    linear_cfg = probe.LinearProbeConfig(f.optimizer, f.base_lr, f.weight_decay, 0.9, f.epochs, f.warmup_epochs,
+                                         f.probe_batch_size, f.seed)
+    results = probe.run_probes(train, test, tuple(f.methods), linear_cfg,
+                               {'k': f.k, 'temperature': f.temperature, 'vote': f.vote})
     return {
-        'checkpoint': os.path.abspath(args.checkpoint), 'source': ckpt.source, 'step': ckpt.step,
-        'weights': 'random_init' if args.random_init else 'checkpoint', 'dataset': data_cfg.name,
-        'splits': [data_cfg.split_train, data_cfg.split_eval], 'feature': args.feature,
+        'checkpoint': os.path.abspath(f.checkpoint), 'source': ckpt.source, 'step': ckpt.step,
+        'weights': 'random_init' if f.random_init else 'checkpoint', 'dataset': data_cfg.name,
+        'splits': [data_cfg.split_train, data_cfg.split_eval], 'feature': f.feature,
         'num_train': len(train.y), 'num_test': len(test.y), 'feature_dim': int(train.x.shape[1]),
         'features_cached': bool(train.cached and test.cached), 'feature_seconds': round(t_features, 2),
         'results': results, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
@@ -145,27 +105,28 @@ def run(args):
     }
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
+def main(argv):
+    cli.no_positional(argv)
+    if not FLAGS.checkpoint:
+        raise cli.UsageError('--checkpoint is required (a training workdir, an export, or a reference-format file).')
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger('cratemae').setLevel(logging.INFO)
     try:
-        record = run(args)
+        record = run(FLAGS)
     except (checkpoints.CheckpointError, data.DatasetNotPreparedError, ValueError) as e:
-        raise SystemExit(f'error: {e}') from None
-    out = args.out or default_out(args.checkpoint)
+        raise cli.UsageError(str(e)) from None
+    out = FLAGS.out or default_out(FLAGS.checkpoint)
     os.makedirs(out, exist_ok=True)
-    name = f'probe_{record["dataset"]}_{record["feature"]}{"_random" if args.random_init else ""}.json'
+    name = f'probe_{record["dataset"]}_{record["feature"]}{"_random" if FLAGS.random_init else ""}.json'
     with open(os.path.join(out, name), 'w') as f:
         json.dump(record, f, indent=2)
     cached = ', cached features' if record['features_cached'] else ''
-    header = (f'{record["weights"]} of {args.checkpoint} (step {record["step"]}), {record["dataset"]} '
+    header = (f'{record["weights"]} of {FLAGS.checkpoint} (step {record["step"]}), {record["dataset"]} '
               f'{"/".join(record["splits"])}, feature {record["feature"]} ({record["feature_dim"]}-d, '
               f'{record["num_train"]} train / {record["num_test"]} test{cached})')
     print(_table(record['results'], header))
     print(f'Results: {os.path.join(out, name)}')
-    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    cli.main(main, FLAGS)

@@ -1,7 +1,7 @@
 """Pretrain a registered experiment.
 
   python -m launch.train                                   # the embedded default (crate_mae_mnist) into runs/
-  python -m launch.train --config=experiments/registry.py:NAME --workdir=DIR [--config.KEY=VALUE ...]
+  python -m launch.train --config=NAME|FILE:NAME --workdir=DIR [--config.KEY=VALUE ...]
 
 Rerunning the same command resumes from the newest good checkpoint in the workdir.
 """
@@ -10,35 +10,25 @@ import json
 import logging
 import os
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from cratemae import train
+from launch import cli
 
-_REGISTRY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'registry.py')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config',
-    f'{_REGISTRY}:crate_mae_mnist',
-    'experiments/registry.py:NAME, optionally followed by --config.KEY=VALUE.',
-    lock_config=True,
-)
+FLAGS = cli.flag_values()
+_CONFIG = cli.define_config(FLAGS, 'crate_mae_mnist')
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Where checkpoints, metrics and pictures go (default runs/NAME); local path or gs://.'
-)
+    'workdir', None, 'Where checkpoints, metrics and pictures go (default runs/NAME); local path or gs://.',
+    flag_values=FLAGS)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    'allow_config_change', False, 'Resume a workdir whose saved config differs from this one.'
-)
+    'allow_config_change', False, 'Resume a workdir whose saved config differs from this one.', flag_values=FLAGS)
 _FAULT_KILL_AT_STEP = flags.DEFINE_integer(
-    'fault_kill_at_step',
-    None,
-    'Testing only: SIGKILL this process after the given step (once started saves are committed).',
-)
+    'fault_kill_at_step', None,
+    'Testing only: SIGKILL this process after the given step (once started saves are committed).', flag_values=FLAGS)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.no_positional(argv)
     # Orbax and absl are chatty at INFO; keep their warnings and our own progress messages.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger('cratemae').setLevel(logging.INFO)
@@ -52,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.main(main, FLAGS)

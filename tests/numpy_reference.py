@@ -1,12 +1,12 @@
 """Independent float64 NumPy reference of CRATE-MAE and its ViT-MAE baselines.
 
-Written from docs/crate_mae_spec.md alone (not from cratemae/), so that the parity tests compare two
+Written from the equations of docs/model.md alone (not from cratemae/), so that the parity tests compare two
 independent implementations. Parameters come as a dict ``torch_name -> np.ndarray`` in the layout of the
-reference PyTorch state dict (spec §2.10): Linear weights are [out, in] and compute ``y = x W^T + b``,
+reference PyTorch state dict (docs/model.md §2.10): Linear weights are [out, in] and compute ``y = x W^T + b``,
 the patch-embedding conv weight is [d, C, p, p].
 
 Everything is computed in float64, except the sin-cos table, which the reference computes in float32
-(spec §2.3) and is then widened.
+(docs/model.md §2.3) and is then widened.
 
 Model configs are read with ``cfg.get(key, default)``; a plain dict or an ml_collections ConfigDict
 with the keys of the cratemae model config both work.
@@ -73,7 +73,7 @@ def patchify_cuv(images, p):
 
 
 def patch_embed(images, weight, bias):
-    """Stride-p conv, written as its definition (spec §2.2).
+    """Stride-p conv, written as its definition (docs/model.md §2.2).
 
     e[b, i*G+j, :] = sum_{c,u,v} W[:, c, u, v] x[b, p*i+u, p*j+v, c] + bias, W in R^{d x C x p x p}.
     """
@@ -86,7 +86,7 @@ def patch_embed(images, weight, bias):
 
 
 def sincos_pos_embed(width, grid_size, cls_token=True):
-    """Fixed 2-D sin-cos table (spec §2.3), computed in float32 like the reference.
+    """Fixed 2-D sin-cos table (docs/model.md §2.3), computed in float32 like the reference.
 
     q = width/4, w_k = 10000^(-k/q); P[1+i*G+j] = [sin(j w), cos(j w), sin(i w), cos(i w)]; row 0 = 0.
     Returns float32 of shape (1+G*G, width) (or (G*G, width) without the class row).
@@ -116,7 +116,7 @@ def num_keep(num_patches, mask_ratio):
 
 
 def random_masking(noise, mask_ratio):
-    """Masks from explicit noise (spec §2.4).
+    """Masks from explicit noise (docs/model.md §2.4).
 
     order = argsort(noise) (stable); the first keep indices are visible.
     Returns mask (B, L; 1 = masked, float64), ids_keep (B, keep) in noise order, ids_restore (B, L).
@@ -133,7 +133,7 @@ def random_masking(noise, mask_ratio):
 
 
 def mae_loss(images, pred, mask, p, norm_pix_loss=False):
-    """Mean squared error over masked patches, pooled over the batch (spec §2.8).
+    """Mean squared error over masked patches, pooled over the batch (docs/model.md §2.8).
 
     Target t = patchify(images) (u, v, c order); with norm_pix_loss each patch is
     (t - mean) / sqrt(var_unbiased + 1e-6). loss = sum(m * mean_k (pred - t)^2) / sum(m).
@@ -173,7 +173,7 @@ def softmax(x, axis=-1):
 
 
 def mssa(y, w_qkv, w_out, b_out, heads):
-    """Multi-head subspace self-attention with one shared projection (spec §2.5).
+    """Multi-head subspace self-attention with one shared projection (docs/model.md §2.5).
 
     W = Y U^T split into K heads W_k (N x h); A_k = softmax(W_k W_k^T / sqrt(h));
     out = concat_k(A_k W_k) W_o^T + b_o. Input y is already normalised.
@@ -300,7 +300,7 @@ def _run_decoder(y, sd, cfg):
 def forward(sd, images, noise, mask_ratio, cfg):
     """Training forward. Returns dict(loss, pred, mask, latent, ids_keep, encoder=[...], decoder=[...]).
 
-    Reference CRATE-MAE (encoder_sees_mask_tokens=True, spec §2.4-2.8):
+    Reference CRATE-MAE (encoder_sees_mask_tokens=True, docs/model.md §2.4-2.8):
       Z0 = [c ; e~] + P with e~_l = mask_token where masked; encoder; LN; decoder on the latent; LN; head.
     FAIR-style (encoder_sees_mask_tokens=False): pos added before masking; the encoder sees
       [c + P0 ; visible tokens in noise order]; then decoder_embed, mask tokens appended and unshuffled,
@@ -342,7 +342,7 @@ def forward(sd, images, noise, mask_ratio, cfg):
 
 
 def encode(sd, images, cfg):
-    """Feature path: no masking, no mask tokens (reference forward_encoder(x, 0.0), spec §2.11).
+    """Feature path: no masking, no mask tokens (reference forward_encoder(x, 0.0), docs/model.md §2.11).
 
     Z0 = [c ; e] + P, encoder, final LN -> (B, N, d). Patches stay in their original order.
     For the FAIR-style variant the class token gets pos row 0 and patches get pos rows 1..L (the same sum).
@@ -360,7 +360,7 @@ def encode(sd, images, cfg):
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter counting in torch layout (spec §1), for cross-checks.
+# Parameter counting in torch layout (docs/model.md §1), for cross-checks.
 
 def reference_param_shapes(cfg):
     """torch state-dict shapes of the model described by cfg, incl. pos-embs and decoder_embed."""

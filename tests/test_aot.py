@@ -8,7 +8,6 @@ import sys
 import jax
 import pytest
 
-import experiments
 from cratemae import aot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,14 +36,24 @@ def test_slice_names_map_to_libtpu_topologies():
             aot.resolve_slice(bad)
 
 
+def _config(*overrides):
+    """crate_mae_test with command-line overrides, parsed as launch.aot_compile parses them."""
+    from launch import aot_compile
+    from launch import cli
+
+    cli.parse(aot_compile.FLAGS, ['aot_compile', '--config=crate_mae_test', *overrides])
+    return aot_compile.FLAGS.config
+
+
 def test_batch_that_does_not_split_over_the_devices_is_rejected_before_tracing():
-    config = aot.apply_overrides(experiments.get_config('crate_mae_test'), global_batch=12)
+    config = _config('--config.train.global_batch=12')
     with pytest.raises(ValueError, match='must split evenly over the 8 devices'):
         aot.build_train_step(config, jax.devices())
 
 
 def test_fsdp_override_shards_every_parameter_over_all_devices():
-    config = aot.apply_overrides(experiments.get_config('crate_mae_test'), global_batch=32, fsdp=True)
+    config = _config('--config.train.global_batch=32', "--config.sharding_rules=(('.*', 'fsdp_largest'),)",
+                     '--config.mesh.data=1', '--config.mesh.fsdp=-1')
     assert (config.mesh.data, config.mesh.fsdp, config.train.global_batch) == (1, -1, 32)
     _, (state, batch), mesh = aot.build_train_step(config, jax.devices())
     assert dict(mesh.shape) == {'data': 1, 'fsdp': 8, 'model': 1}
@@ -79,14 +88,15 @@ def test_compiles_the_train_step_for_a_v5e_2x2_slice():
 
 @needs_libtpu
 def test_program_that_exceeds_hbm_exits_nonzero_with_the_compiler_message():
-    result = _aot('--config=experiments/registry.py:crate_mae_base', '--topology=v5e:2x2', '--global_batch=4096')
+    result = _aot('--config=experiments/registry.py:crate_mae_base', '--topology=v5e:2x2',
+                  '--config.train.global_batch=4096')
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     assert 'DOES NOT FIT' in result.stdout and 'RESOURCE_EXHAUSTED' in result.stdout, result.stdout
-    assert 'try --fsdp' in result.stderr
+    assert 'try FSDP' in result.stderr
 
 
 # --------------------------------------------------------------------------------------------------------------
-# launch.aot_table: which cells to compile next, and the docs table (no compile, no libtpu).
+# tools.aot_table: which cells to compile next, and the docs table (no compile, no libtpu).
 
 
 def _row(model, tpu_slice, fsdp, remat='none', error=None, peak=2**30, total=2**30, hbm=16 * 2**30):
@@ -113,7 +123,7 @@ REFUSED = (
 
 
 def test_aot_table_adds_remat_only_where_the_plain_cell_was_refused():
-    from launch import aot_table
+    from tools import aot_table
 
     assert aot_table.wanted_cells(['m'], ['v4-32'], ['none', 'full'], []) == [
         ('m', 'v4-32', False, 'none'),
@@ -126,7 +136,7 @@ def test_aot_table_adds_remat_only_where_the_plain_cell_was_refused():
 
 
 def test_aot_table_renders_refusals_fits_and_tight_rows():
-    from launch import aot_table
+    from tools import aot_table
 
     rows = [
         _row('b', 'v4-32', False, remat='full', peak=6 * 2**30, total=10 * 2**30, hbm=32 * 2**30),

@@ -11,6 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cratemae import data
+from cratemae.data import tfds_source
+from launch import cli
 from launch import prepare_data
 
 NETWORK_CALLS = []
@@ -103,16 +105,17 @@ def test_real_array_record_dataset_end_to_end(tiny_tfds):
 # ------------------------------------------------------------------------------------------
 # launch.prepare_data (the download itself is never run here)
 
+def _prepare(*argv):
+    return cli.run(prepare_data.main, prepare_data.FLAGS, list(argv))
+
+
 def test_prepare_data_refuses_what_it_cannot_prepare(monkeypatch, capsys):
-    assert prepare_data.main(['mnist']) == 0
+    assert _prepare('mnist') == 0
     assert 'needs no preparation' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match='unknown dataset'):
-        prepare_data.main(['nope'])
-    with pytest.raises(SystemExit, match='manual_dir'):
-        prepare_data.main(['imagenet2012'])
-    monkeypatch.setattr(prepare_data, 'tensorflow_available', lambda: False)
-    with pytest.raises(SystemExit, match='tensorflow-cpu'):
-        prepare_data.main(['cifar10', '--data_dir', '/nonexistent'])
+    assert _prepare('nope') == 2 and 'unknown dataset' in capsys.readouterr().err
+    assert _prepare('imagenet2012') == 2 and 'manual_dir' in capsys.readouterr().err
+    monkeypatch.setattr(tfds_source, 'tensorflow_available', lambda: False)
+    assert _prepare('cifar10', '--data_dir', '/nonexistent') == 2 and 'tensorflow-cpu' in capsys.readouterr().err
 
 
 def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
@@ -132,19 +135,17 @@ def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
         calls.update(name=name, **kwargs)
         return FakeBuilder()
 
-    monkeypatch.setattr(prepare_data, 'tensorflow_available', lambda: True)
+    monkeypatch.setattr(tfds_source, 'tensorflow_available', lambda: True)
     monkeypatch.setattr(tfds, 'builder', fake_builder)
-    assert prepare_data.main(['imagenet2012', '--data_dir', str(tmp_path),
-                              '--manual_dir', '/tars']) == 0
+    assert _prepare('imagenet2012', '--data_dir', str(tmp_path), '--manual_dir', '/tars') == 0
     assert calls['name'] == 'imagenet2012' and calls['data_dir'] == str(tmp_path)
     assert calls['file_format'] == 'array_record'
     assert calls['download_config'].manual_dir == '/tars'
     assert '--config.data.name=imagenet2012' in capsys.readouterr().out
-    assert prepare_data.main(['tfds:food101:2.0.0', '--data_dir', str(tmp_path)]) == 0
+    assert _prepare('tfds:food101:2.0.0', '--data_dir', str(tmp_path)) == 0
     assert calls['name'] == 'food101:2.0.0' and calls['file_format'] == 'array_record'
     assert '--config.data.name=tfds:food101:2.0.0' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match='tfds:NAME or tfds:NAME:VERSION'):
-        prepare_data.main(['tfds:'])
+    assert _prepare('tfds:') == 2 and 'tfds:NAME or tfds:NAME:VERSION' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
 from cratemae.evaluate import probe
 
+pytestmark = pytest.mark.slow  # pretrains half the default run: minutes
+
 STEPS = 750  # half the default run. A 750-step schedule of its own probes worse: ridge 0.844 = pixels' 0.844.
 LINEAR = probe.LinearProbeConfig()  # the launch.probe default: SGD momentum, blr 0.1, 90 epochs, batch 256
 

@@ -20,7 +20,8 @@ from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
 from cratemae.evaluate import finetune
 from experiments import downstream
-from experiments import registry
+from experiments import base
+from launch import cli
 from launch import probe as probe_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,6 +50,7 @@ def _equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # the real command in a subprocess
 def test_export_cli_round_trip(workdir, tmp_path):
     out = tmp_path / 'encoder.safetensors'
     cmd = [sys.executable, '-m', 'launch.export', f'--workdir={workdir}', '--format=safetensors', f'--out={out}',
@@ -97,7 +99,7 @@ def test_second_probe_reads_cached_features(workdir, tmp_path, test_split, monke
 
 def test_probe_cli_writes_results_and_table(workdir, tmp_path, capsys):
     args = [f'--checkpoint={workdir}', f'--out={tmp_path}', f'--cache_dir={tmp_path / "cache"}', '--methods=ridge,knn']
-    assert probe_cli.main(args) == 0
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args) == 0
     record = json.loads((tmp_path / 'probe_mnist_cls.json').read_text())
     assert record['step'] == 2 and record['num_train'] == 4500 and record['num_test'] == 500
     assert set(record['results']) == {'ridge', 'knn'} and 0.0 <= record['results']['knn']['top1'] <= 1.0
@@ -140,7 +142,7 @@ def test_checkpoint_errors(workdir, tmp_path):
         checkpoints.load(unfinished)
 
 
-def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
+def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path, capsys):
     folder = tmp_path / 'flat'
     folder.mkdir()
     from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -151,12 +153,12 @@ def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path):
     cfg.update(name='image_folder', folder=str(folder), image_size=28, augment='none')
     with pytest.raises(ValueError, match='no labels'):
         features.split_features(checkpoints.load(workdir), cfg, 'train', 'cls', use_cache=False)
-    with pytest.raises(SystemExit, match='launch.prepare_data cifar10'):
-        probe_cli.main([f'--checkpoint={workdir}', '--dataset=cifar10', f'--data_dir={tmp_path}',
-                        f'--cache_dir={tmp_path}'])
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--dataset=cifar10',
+                                                     f'--data_dir={tmp_path}', f'--cache_dir={tmp_path}']) == 2
+    assert 'launch.prepare_data cifar10' in capsys.readouterr().err
 
 
-def test_probe_splits_of_a_train_validation_folder_are_found_and_checked(workdir, tmp_path):
+def test_probe_splits_of_a_train_validation_folder_are_found_and_checked(workdir, tmp_path, capsys):
     """The reported bug: DIR/train/<class>/ + DIR/validation/<class>/ evaluated on the training images."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
     import dataclasses  # pylint: disable=import-outside-toplevel
@@ -176,8 +178,9 @@ def test_probe_splits_of_a_train_validation_folder_are_found_and_checked(workdir
     assert len(test.y) == 6 and test.num_classes == 2  # a, b: not train / validation
     with pytest.raises(ValueError, match="no split folder 'test'.*split_eval"):
         features.probe_data_config(ckpt, split_eval='test')
-    with pytest.raises(SystemExit, match="split_eval='nope': mnist has splits .*split_eval"):
-        probe_cli.main([f'--checkpoint={workdir}', '--split_eval=nope', f'--cache_dir={tmp_path}'])
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--split_eval=nope',
+                                                     f'--cache_dir={tmp_path}']) == 2
+    assert "split_eval='nope': mnist has splits" in capsys.readouterr().err
 
 
 def test_finetune_split_flags_are_checked_before_anything_is_built():
@@ -192,7 +195,7 @@ def test_finetune_split_flags_are_checked_before_anything_is_built():
 
 
 def _finetune_config(checkpoint, **model):
-    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
                                         batch=16, image_size=28)
     config.model.update(model)
     config.data.update(crop_scale=(0.6, 1.0), hflip=False)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cratemae import flops
+from cratemae import models
 
 BASE = {'image_size': 224, 'patch_size': 16, 'channels': 3, 'encoder_block': 'crate',
         'decoder_block': 'crate', 'width': 768, 'depth': 12, 'heads': 12, 'decoder_width': 768,
@@ -13,14 +14,14 @@ BASE = {'image_size': 224, 'patch_size': 16, 'channels': 3, 'encoder_block': 'cr
 
 
 def test_base_hand_figures():
-    # DESIGN.md / spec §8.12: 25.6 GFLOP forward, 76.7 GFLOP per train step per image.
+    # docs/model.md §8.12: 25.6 GFLOP forward, 76.7 GFLOP per train step per image.
     np.testing.assert_allclose(flops.forward_flops(BASE), 25.6e9, rtol=0.01)
     np.testing.assert_allclose(flops.train_flops(BASE), 76.7e9, rtol=0.01)
-    # Per encoder block: 5 N d^2 + 2 N^2 d multiply-adds (spec §8.12: about 0.64 GMAC).
+    # Per encoder block: 5 N d^2 + 2 N^2 d multiply-adds (docs/model.md §8.12: about 0.64 GMAC).
     n, d = 197, 768
     enc = sum(v for k, v in flops.forward_breakdown(BASE).items() if k.startswith('encoder/'))
     assert enc == 12 * 2 * (5 * n * d * d + 2 * n * n * d)
-    # FAIR MAE-Base (visible-only ViT encoder, dec512d8b): 58.5 GFLOP per train step (DESIGN.md).
+    # FAIR MAE-Base (visible-only ViT encoder, dec512d8b): 58.5 GFLOP per train step (docs/model.md §8.12).
     fair = dict(BASE, encoder_block='vit', decoder_block='vit', decoder_width=512,
                 decoder_depth=8, encoder_sees_mask_tokens=False)
     np.testing.assert_allclose(flops.train_flops(fair), 58.5e9, rtol=0.01)
@@ -47,7 +48,7 @@ def test_mfu_and_peak_table():
     assert flops.peak_flops('TPU v6 lite') == 918e12
     assert flops.peak_flops('TPU v4') == 275e12
     assert flops.peak_flops('cpu') is None
-    # DESIGN.md anchor: 2,388 img/s on one H200 at 76.7 GFLOP/img is 18.6% MFU.
+    # The H200 anchor of docs/performance.md: 2,388 img/s on one H200 at 76.7 GFLOP/img is 18.6% MFU.
     step_s = 256 / 2388
     np.testing.assert_allclose(
         flops.mfu(flops.train_flops(BASE) * 256, step_s, 'NVIDIA H200', 1), 0.186, atol=0.002)
@@ -68,14 +69,14 @@ def _mssa(y, u, wo, bo, heads):
 
 
 def _crate_encoder_block(p, z, heads=4):
-    """One CRATE encoder layer (spec §2.5) for one image, plain jnp."""
+    """One CRATE encoder layer (docs/model.md §2.5) for one image, plain jnp."""
     z = z + _mssa(_ln(z), p['u'], p['wo'], p['bo'], heads)
     v, dic = _ln(z), p['d']
     return jax.nn.relu(v + 0.1 * (v @ dic - (v @ dic.T) @ dic) - 0.05)
 
 
 def _crate_decoder_block(p, z, heads=4):
-    """One CRATE decoder layer (spec §2.6): G = LN(Y) A^T; G - MSSA(LN(G))."""
+    """One CRATE decoder layer (docs/model.md §2.6): G = LN(Y) A^T; G - MSSA(LN(G))."""
     g = _ln(z) @ p['a']
     return g - _mssa(_ln(g), p['u'], p['wo'], p['bo'], heads)
 
@@ -105,6 +106,7 @@ def test_block_against_xla_cost_analysis(kind, block):
     assert 3.0 <= train / analytic < 3.2, train / analytic
 
 
+@pytest.mark.slow  # compiles a whole model forward and backward twice
 @pytest.mark.parametrize('overrides', [
     # reference CRATE-MAE with an unrolled scan
     {'depth': 2, 'decoder_depth': 2, 'scan_unroll': 2},
@@ -113,7 +115,6 @@ def test_block_against_xla_cost_analysis(kind, block):
      'decoder_width': 64, 'decoder_heads': 2},
 ])
 def test_model_against_xla_cost_analysis(overrides):
-    models = pytest.importorskip('cratemae.models')
     cfg = models.default_model_config()
     cfg.update(dict({'image_size': 32, 'patch_size': 4, 'channels': 3, 'width': 128, 'heads': 4,
                          'decoder_width': 128, 'decoder_heads': 4}, **overrides))

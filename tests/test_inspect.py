@@ -100,9 +100,6 @@ def test_multi_word_flags_take_either_spelling():
     underscored = inspect_cli.parse_args(['--checkpoint=c', '--out=o', '--random_init', '--mask_ratios=0.5',
                                           '--all_steps'])
     assert vars(dashed) == vars(underscored) and dashed.random_init and dashed.mask_ratios == [0.5]
-    parser = probe_cli._parser()
-    assert vars(parser.parse_args(['--checkpoint=c', '--random-init', '--base-lr=0.5', '--no-cache'])) == vars(
-        parser.parse_args(['--checkpoint=c', '--random_init', '--base_lr=0.5', '--no_cache']))
 
 
 def test_split_eval_flag_names_the_split_the_images_come_from():

@@ -1,6 +1,8 @@
 """Tests for cratemae.metrics: JSONL rows, TensorBoard events, images, throughput."""
 import json
+import logging
 import struct
+import sys
 import time
 
 import pytest
@@ -57,6 +59,27 @@ def test_resume_appends_and_disabled_writes_nothing(tmp_path):
     off.update(1, loss=1.0)
     off.close()
     assert not (tmp_path / 'off').exists()
+
+
+def test_read_scalars_keeps_the_last_row_of_a_step_written_twice(tmp_path):
+    (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n'
+                                            '{"step": 4, "loss": 0.25, "eval/x": 3}\n{"step": 3, "loss": 0.75}\n')
+    assert metrics.read_scalars(tmp_path) == [{'step': 2, 'loss': 1.0}, {'step': 3, 'loss': 0.75},
+                                              {'step': 4, 'loss': 0.25, 'eval/x': 3}]
+
+
+def test_progress_off_a_terminal_is_one_line_per_write_not_bar_redraws(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: False, raising=False)
+    caplog.set_level(logging.INFO, logger='cratemae.metrics')
+    w = metrics.MetricWriter(tmp_path, total_steps=100, enabled=True, progress=True)
+    for step in range(1, 51):
+        w.update(step, loss=1.0 / step)
+        if step % 25 == 0:
+            w.write_scalars(step, {'loss': 1.0 / step})
+    w.write_scalars(50, {'whitebox/sparsity/layer_00': 0.5})  # per-layer series: in the files, not in the log
+    w.close()
+    assert [r.getMessage() for r in caplog.records] == ['step 25/100: loss=0.04', 'step 50/100: loss=0.02']
+    assert '\r' not in capsys.readouterr().err
 
 
 def test_throughput_and_core_hours():

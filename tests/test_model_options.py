@@ -20,7 +20,7 @@ import experiments
 from cratemae import models
 from cratemae import ops
 from cratemae import sharding
-from launch import benchmark  # tests may import launch/; the library may not
+from cratemae import benchmark
 
 F32_RTOL = 1e-5  # float32 reassociation; measured <= 5e-7 on these shapes
 
@@ -90,6 +90,7 @@ def _compare(option, rtol, **arch):
 
 
 # Each case is one XLA compile of forward + backward; the options are paired so that every value is covered once.
+@pytest.mark.slow  # compiles a train step per option
 @pytest.mark.parametrize('option', [
     {'attention': 'dot_product_attention', 'remat': 'full', 'scan_unroll': 2},
     {'attention': 'dot_product_attention', 'attention_pad': 64, 'remat': 'dots_saveable', 'scan_unroll': 3},
@@ -100,6 +101,7 @@ def test_float32_options_match_the_default_path(option):
     _compare(option, F32_RTOL)
 
 
+@pytest.mark.slow  # compiles several models
 def test_padded_attention_in_vit_blocks_and_visible_only_encoder():
     """ViT blocks use the same padded kernel; the visible-only encoder has N_e = 13 tokens (pad 16), decoder 50."""
     arch = {'encoder_block': 'vit', 'decoder_block': 'vit', 'encoder_sees_mask_tokens': False, 'qkv_bias': True,
@@ -175,6 +177,7 @@ def test_cudnn_config_validates_and_builds_without_a_gpu():
     assert models.build(cfg).attention_pad == 64
 
 
+@pytest.mark.slow  # compiles the step twice
 def test_donation_does_not_change_the_step():
     """The benchmark's step with and without donating the state: bit-identical state after two steps."""
     config = experiments.get_config('crate_mae_test')

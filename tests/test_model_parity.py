@@ -1,7 +1,7 @@
 """Forward parity of cratemae.models against the independent float64 NumPy reference.
 
 Flax params are converted to the reference torch state-dict layout by a mapping written here from the contract's
-parameter table and spec §2.10 (deliberately independent of cratemae/export.py). Parameters are randomised away
+parameter table and docs/model.md §2.10 (deliberately independent of cratemae/export.py). Parameters are randomised away
 from their init (LayerNorm scales != 1, biases != 0, large cls/mask tokens) so that every tensor matters.
 """
 
@@ -22,7 +22,7 @@ RTOL = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Flax -> torch layout (spec §2.10, contract "Flax parameter tree").
+# Flax -> torch layout (docs/model.md §2.10, contract "Flax parameter tree").
 
 _CRATE_ENC = {  # flax path under encoder/layers -> (torch suffix under blocks.i., transpose?)
     ('norm1', 'scale'): ('layers.0.0.norm.weight', False), ('norm1', 'bias'): ('layers.0.0.norm.bias', False),
@@ -356,6 +356,7 @@ def test_encode_vit_and_visible_only():
         ref.assert_close(got, ref.encode(sd, images, cfg), RTOL, 'encode %s' % cfg.encoder_sees_mask_tokens)
 
 
+@pytest.mark.slow  # a full-size CRATE-MAE-Small in float64 and in Flax
 def test_crate_mae_small_full_size():
     """The registry's CRATE-MAE-Small at 224 px (197 tokens, h = 48), batch 1, once: about 10 s on 2 CPU cores."""
     run_and_compare(experiments.get_config('crate_mae_small').model, 0.75, batch=1)

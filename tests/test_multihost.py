@@ -19,9 +19,12 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 import experiments
 from cratemae import train
+
+pytestmark = pytest.mark.slow  # two training processes and a resume, in subprocesses
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, PROCESSES = 16, 2  # crate_mae_test: global batch 16, 20 steps, evaluation and checkpoints every 10
@@ -42,9 +45,8 @@ def _recording(self, step):
     return _make_batch(self, step)
 
 pipeline._Batcher.__call__ = _recording
-from absl import app
-from launch import train
-app.run(train.main)
+from launch import cli, train
+cli.main(train.main, train.FLAGS)
 """
 
 

@@ -1,4 +1,4 @@
-"""Parameter counts (spec §1), the Flax tree's shapes against the torch layout, and initialisers (spec §2.9)."""
+"""Parameter counts (docs/model.md §1), the Flax tree's shapes against the torch layout, and initialisers (docs/model.md §2.9)."""
 
 import math
 
@@ -79,7 +79,7 @@ def test_registry_block_types():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Initialisers (spec §2.9) on a width-768 model with two layers each (one jit-compiled init).
+# Initialisers (docs/model.md §2.9) on a width-768 model with two layers each (one jit-compiled init).
 
 @pytest.fixture(scope='module')
 def init_params():

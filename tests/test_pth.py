@@ -8,6 +8,7 @@ extra, so none of this is skipped.
 import argparse
 import json
 import logging
+import re
 import sys
 
 import numpy as np
@@ -19,8 +20,9 @@ from cratemae import export
 from cratemae import ops
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import finetune
+from experiments import base
 from experiments import downstream
-from experiments import registry
+from launch import cli
 from launch import export as export_cli
 from launch import probe as probe_cli
 
@@ -209,7 +211,8 @@ def test_converter_round_trip(tmp_path, capsys):
     sd = _reference_state_dict(tiny, seed=3)
     src = _save_model_style(sd, tmp_path / 'checkpoint-799.pth', epoch=799, model='mae_crate_tiny', mask_ratio=0.5)
     out = tmp_path / 'crate_mae_tiny.safetensors'
-    assert export_cli.main(['--from', str(src), '--format', 'safetensors', '--out', str(out)]) == 0
+    argv = ['--from', str(src), '--format', 'safetensors', '--out', str(out)]
+    assert cli.run(export_cli.main, export_cli.FLAGS, argv) == 0
     assert 'Converted' in capsys.readouterr().out
     _, metadata = export.load_state_dict(out)
     assert metadata['epoch'] == '799' and metadata['converted_from'] == 'checkpoint-799.pth'
@@ -221,13 +224,15 @@ def test_converter_round_trip(tmp_path, capsys):
     _assert_params_equal(full.params, sd, tiny, encoder_only=False)
 
 
-def test_converter_needs_the_heads_when_nothing_shows_them(tmp_path, small):
+def test_converter_needs_the_heads_when_nothing_shows_them(tmp_path, small, capsys):
     src = tmp_path / 'bare.pth'
     torch.save(_reference_state_dict(small), src)
-    with pytest.raises(SystemExit, match='number of attention heads is not in the checkpoint'):
-        export_cli.main(['--from', str(src), '--format', 'safetensors', '--out', str(tmp_path / 'x.safetensors')])
+    assert cli.run(export_cli.main, export_cli.FLAGS, ['--from', str(src), '--format', 'safetensors',
+                                                       '--out', str(tmp_path / 'x.safetensors')]) == cli.EXIT_USAGE
+    assert 'number of attention heads is not in the checkpoint' in capsys.readouterr().err
     out = tmp_path / 'named.npz'
-    export_cli.main(['--from', str(src), '--format', 'npz', '--out', str(out), '--config', 'crate_mae_test'])
+    assert cli.run(export_cli.main, export_cli.FLAGS, ['--from', str(src), '--format', 'npz', '--out', str(out),
+                                                       '--config', 'crate_mae_test']) == 0
     assert checkpoints.load(out).model_config.heads == small.heads
 
 
@@ -239,20 +244,20 @@ def _fine_tuned_file_with_a_foreign_object(path, cfg):
     return path
 
 
-def test_probe_cli_trusts_a_file_only_when_told(tmp_path, small):
+def test_probe_cli_trusts_a_file_only_when_told(tmp_path, small, capsys):
     path = _fine_tuned_file_with_a_foreign_object(tmp_path / 'finetuned.pth', small)
     args = [f'--checkpoint={path}', '--config=experiments/registry.py:crate_mae_test', f'--out={tmp_path}',
             f'--cache_dir={tmp_path / "cache"}', '--methods=knn']
-    with pytest.raises(SystemExit, match='Foreign.*--trust_checkpoint'):
-        probe_cli.main(args)
-    assert probe_cli.main(args + ['--trust-checkpoint']) == 0
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args) == cli.EXIT_USAGE
+    assert re.search('Foreign.*--trust_checkpoint', capsys.readouterr().err)
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args + ['--trust-checkpoint']) == 0
     record = json.loads((tmp_path / 'probe_mnist_cls.json').read_text())
     assert record['source'] == 'torch' and record['num_test'] == 500
 
 
 def test_finetune_trusts_a_file_only_when_told(tmp_path, small):
     path = _fine_tuned_file_with_a_foreign_object(tmp_path / 'finetuned.pth', small)
-    config = downstream.finetune_config(registry.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
+    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
                                         batch=16, image_size=28)
     config.train.update(steps=2, log_every=2, eval_every=2, eval_batch=64)
     config.checkpoint.update(every=2, async_save=False)

@@ -1,4 +1,7 @@
 """The experiment registry: every entry builds, validates, and ablations change exactly what they declare."""
+import ast
+import os
+
 import pytest
 
 import experiments
@@ -7,7 +10,8 @@ from cratemae import models
 from experiments import ablations
 from experiments import registry
 
-ABLATIONS = [name for name, *_ in ablations.entries()]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABLATIONS = list(ablations.entries())
 
 
 @pytest.mark.parametrize('name', experiments.names())
@@ -52,3 +56,31 @@ def test_unknown_override_key_suggests_the_closest_one():
     config = experiments.get_config('crate_mae_test')
     with pytest.raises(AttributeError, match='Did you mean "width"'):
         config.model.widht = 3
+
+
+def test_every_name_is_written_out_in_the_file_list_says_defines_it():
+    for name in experiments.names():
+        path, line = experiments.where(name).split(':')
+        with open(os.path.join(REPO, path)) as f:
+            assert name in f.read().splitlines()[int(line) - 1], name
+
+
+def test_no_module_of_experiments_imports_the_registry_but_its_package():
+    """base, ablations and downstream build configs; only registry.py (and __init__) import them: no cycle."""
+    for file in ('base.py', 'ablations.py', 'downstream.py'):
+        with open(os.path.join(REPO, 'experiments', file)) as f:
+            tree = ast.parse(f.read())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {'registry', 'experiments.registry'} & imported, (file, imported)
+
+
+def test_list_grep_shows_where_each_match_is_defined(capsys):
+    from launch import cli
+    from launch import list as list_cli
+
+    assert cli.run(list_cli.main, list_cli.FLAGS, ['--grep=mnist_ablate_mask_(25|90)']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ['name', 'mnist_ablate_mask_25', 'mnist_ablate_mask_90']
+    assert lines[1].split()[2].startswith('experiments/ablations.py:')
+    assert cli.run(list_cli.main, list_cli.FLAGS, ['--grep=nothing_matches_this']) == cli.EXIT_USAGE

@@ -138,6 +138,7 @@ def straight_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # the real command in subprocesses
 def test_resume_after_sigkill_is_bit_exact(tmp_path, straight_run):
     killed = _launch(tmp_path / 'killed', '--fault_kill_at_step=13')
     assert killed.returncode == -signal.SIGKILL
@@ -147,6 +148,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, straight_run):
     jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / 'killed', 20), _final_params(straight_run, 20))
 
 
+@pytest.mark.slow  # the real command in subprocesses
 def test_schedule_steps_stops_a_run_early_on_its_original_schedule(tmp_path, straight_run):
     # Steps 0-9 of the 20-step run, stopped at 10: the same state as the straight run's step-10 checkpoint.
     stopped = _launch(tmp_path / 'stopped', '--config.train.steps=10', '--config.optim.schedule_steps=20')
@@ -164,6 +166,7 @@ def test_schedule_steps_stops_a_run_early_on_its_original_schedule(tmp_path, str
         loop.validate_config(config, 1, 1)
 
 
+@pytest.mark.slow  # the real command in subprocesses
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache')
     proc = subprocess.Popen(
@@ -197,6 +200,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert 'Preemption' in stderr
 
 
+@pytest.mark.slow  # the real command in subprocesses
 def test_unknown_override_key_names_the_closest_key(tmp_path):
     result = _launch(tmp_path, '--config.model.widht=64', timeout=120)
     assert result.returncode != 0
@@ -250,6 +254,7 @@ def test_invalid_model_values_are_rejected_at_config_time(key, value, message):
         models.validate_model_config(config.model)
 
 
+@pytest.mark.slow  # the real command in subprocesses
 def test_damaged_newest_checkpoint_falls_back_and_training_recovers(tmp_path, straight_run):
     damaged = tmp_path / 'damaged'
     first = _launch(damaged)

@@ -16,6 +16,7 @@ prepares it (`python -m launch.prepare_data NAME --data_dir D`). tfds itself
 would retry a download for ~205 s offline before failing.
 """
 
+import importlib.util
 import os
 
 TFDS_NAMES = ('imagenet2012', 'cifar10', 'cifar100', 'oxford_flowers102',
@@ -163,3 +164,33 @@ def open_split(name, split, data_dir=None, image_key=None, label_key=None):
     label = features[label_key] if label_key is not None else None
     return TfdsSource(source, getattr(label, 'num_classes', None), image_key,
                       label_key), split
+
+
+def tensorflow_available():
+    return importlib.util.find_spec('tensorflow') is not None
+
+
+def prepare(name, data_dir=None, manual_dir=None):
+    """Downloads (where tfds can) and writes `name` (a registered name or tfds:NAME[:VERSION]) as array_record;
+    returns the tfds builder.
+
+    ValueError names what is missing: an unknown name, imagenet2012's manually downloaded tars, TensorFlow (tfds
+    encodes `Image` features with it; reading the prepared files needs no TF).
+    """
+    generic = name.startswith(PREFIX)
+    if generic and (problem := check_name(name)) is not None:
+        raise ValueError(problem)
+    if name not in TFDS_NAMES and not generic:
+        raise ValueError(f'unknown dataset {name!r}; tfds datasets: {", ".join(TFDS_NAMES)}, or tfds:NAME[:VERSION]')
+    if tfds_name(name).split(':')[0] == 'imagenet2012' and not manual_dir:
+        raise ValueError('imagenet2012 cannot be downloaded automatically: put ILSVRC2012_img_train.tar and '
+                         'ILSVRC2012_img_val.tar (from image-net.org) in a folder and pass --manual_dir.')
+    if not tensorflow_available():
+        raise ValueError('preparing a tfds image dataset needs TensorFlow to encode images: pip install '
+                         'tensorflow-cpu (training does not).')
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    builder = tfds.builder(tfds_name(name), data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+                                     file_format='array_record')
+    return builder

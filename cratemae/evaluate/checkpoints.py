@@ -137,7 +137,7 @@ def read_workdir_config(workdir) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / checkpoint_lib.CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f'{workdir} has checkpoints but no {checkpoint_lib.CONFIG_FILE}: the model config is '
-                              'unknown. Pass --config=experiments/registry.py:NAME (or --model NAME).')
+                              'unknown. Pass --config=experiments/registry.py:NAME (or --config=NAME).')
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -228,7 +228,7 @@ def _config_from_json(text):
 def _architecture(stored, given, what, unknown):
     """The model config of a file: the one it records, checked against the one the user gave, or the given one."""
     if stored is None and given is None:
-        raise CheckpointError(f'{unknown}: pass --config=experiments/registry.py:NAME (or --model NAME).')
+        raise CheckpointError(f'{unknown}: pass --config=experiments/registry.py:NAME (or --config=NAME).')
     if stored is not None and given is not None:
         check_architecture(stored, given, what=what)
     return stored if stored is not None else given
@@ -245,7 +245,7 @@ def _load_file(path, model_config, encoder_only, trust_checkpoint):
         args = json.loads(metadata['args']) if 'args' in metadata else {}
         raise CheckpointError(
             f'{path} is a reference-format file without our metadata, so its architecture is unknown: pass '
-            '--config=experiments/registry.py:NAME (or --model NAME).'
+            '--config=experiments/registry.py:NAME (or --config=NAME).'
             + export.registry_hint(state_dict, args.get('model'))
             + f' Or convert it once, which records the architecture in the file:\n  {pth.convert_command(path)}')
     cfg = _architecture(stored, model_config, f'file {os.path.basename(path)}', '')

@@ -1,12 +1,12 @@
 """The per-device memory table of docs/scale_out.md: every (model, slice, FSDP, remat) cell, compiled ahead of time.
 
-  python -m launch.aot_table --rows=docs/aot_table.jsonl \
+  python -m tools.aot_table --rows=docs/aot_table.jsonl \
       [--models=crate_mae_tiny,crate_mae_small,crate_mae_base,crate_mae_large,mae_vit_base,fair_mae_base] \
       [--slices=v5e-256,v4-32,v5p-128] [--remat=none,full] [--global_batch=4096] [--budget_s=3600]
 
 Each cell is `cratemae.aot.compile_report` (the code path of `launch.aot_compile`) on the registry's config with
 `train.global_batch` set, `train.eval_batch` set to the device count (the registry's 64 does not split over 256
-devices) and FSDP as `aot_compile --fsdp` sets it. Cells already in --rows are skipped, so an interrupted or
+devices) and FSDP as docs/scale_out.md sets it. Cells already in --rows are skipped, so an interrupted or
 budget-limited run continues where it stopped; at the end (or with --render_only) the Markdown table of every row
 in the file is printed. Needs libtpu (pip install -e '.[tpu]'), not a TPU.
 """
@@ -124,7 +124,11 @@ def main(argv):
             tpu_slice = aot.resolve_slice(slice_name)
             if slice_name not in devices:
                 devices[slice_name] = aot.topology_devices(tpu_slice)
-            config = aot.apply_overrides(experiments.get_config(model), _GLOBAL_BATCH.value, fsdp)
+            config = experiments.get_config(model).copy_and_resolve_references()
+            config.train.global_batch = _GLOBAL_BATCH.value
+            if fsdp:  # what --config.sharding_rules="(('.*', 'fsdp_largest'),)" --config.mesh.data=1 fsdp=-1 sets
+                config.sharding_rules = (('.*', 'fsdp_largest'),)
+                config.mesh.update(data=1, fsdp=-1, model=1)
             config.train.eval_batch = tpu_slice.devices
             config.model.remat = remat
             report = aot.compile_report(config, tpu_slice, devices[slice_name])

@@ -1,6 +1,6 @@
 """One-shot train-step sweep for a session that has one H100 or H200: inside 8 minutes, JSON lines to --out.
 
-  python -m launch.gpu_sweep --out "$OUT" [--budget_s 450] [--steps 10] [--warmup 3] [--dry_run] [--smoke]
+  python -m tools.gpu_sweep --out "$OUT" [--budget_s 450] [--steps 10] [--warmup 3] [--dry_run] [--smoke]
 
 Every point is ``python -m launch.benchmark`` in its own process, so ``peak_bytes_in_use`` is the point's own peak
 and an out-of-memory or an unsupported kernel costs only that point. Points run in priority order and the later
@@ -214,7 +214,7 @@ def _environment(out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m launch.gpu_sweep')
+    p = argparse.ArgumentParser(prog='python -m tools.gpu_sweep')
     p.add_argument('--out', default=os.environ.get('OUT', 'gpu_sweep_out'))
     p.add_argument('--budget_s', type=float, default=450.0, help='Start no point that would end after this.')
     p.add_argument('--steps', type=int, default=10)

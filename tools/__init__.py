@@ -1,0 +1,1 @@
+"""Maintenance scripts (not the user CLI): python -m tools.NAME from the repository root."""
