@@ -150,6 +150,7 @@ def measure(mode, root, size, batch, steps, worker_counts, uint8=False):
             per_cpu_u8 = bench_examples(cfg, batch * steps)
         else:
             rates[w] = bench_workers(cfg, batch, steps, uint8)
+    per_cpu = None if per_cpu is None else round(per_cpu, 1)  # the figure printed is the one used
     record = {
         'mode': mode, 'size': size, 'batch': batch, 'steps': steps, 'uint8_batches': uint8,
         'images_per_cpu_second': None if per_cpu is None else round(per_cpu, 1),
