@@ -62,7 +62,7 @@ _LOGDET_BLOCK = 8
 
 
 def split_heads(w, heads):
-    """(..., N, d) -> (..., K, N, h): head k is the contiguous column block k of W (spec §2.5), h = d / K."""
+    """(..., N, d) -> (..., K, N, h): head k is the contiguous column block k of W (docs/model.md §2.5), h = d / K."""
     *lead, n, d = w.shape
     return jnp.moveaxis(w.reshape(*lead, n, heads, d // heads), -2, -3)
 

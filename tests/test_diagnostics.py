@@ -229,7 +229,7 @@ def test_whitebox_measures(tiny):
     np.testing.assert_allclose(m['compression_input_std'], np.std(before, 1, ddof=1), rtol=1e-4)
     np.testing.assert_allclose(m['sparsity_zeros'], np.mean(np.asarray(inter['ista_out']) == 0, (1, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(m['sparsity_l0'], 1 - m['sparsity_zeros'], rtol=1e-6)
-    assert np.all(m['sparsity_zeros'] > 0.2)  # ReLU outputs: about half zeros at init (spec §2.5)
+    assert np.all(m['sparsity_zeros'] > 0.2)  # ReLU outputs: about half zeros at init (docs/model.md §2.5)
     # Padded samples can be left out of the means.
     two = dg.whitebox_measures(model, params, images, valid=jnp.array([1.0, 1.0, 0.0]))
     np.testing.assert_allclose(two['compression_input'], np.mean(before[:, :2], 1), rtol=1e-5)
