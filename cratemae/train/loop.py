@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from cratemae import checkpoint
 from cratemae import data
@@ -191,7 +190,7 @@ def train_and_evaluate(
         return {'eval/reconstruction_loss': scalars['eval/reconstruction_loss']}
 
     def first_batch_pictures(step, local, batch, out):
-        """Reconstruction grid and, for CRATE encoders, layer-wise compression and sparsity (scalars and curves)."""
+        """Reconstruction grid and, for CRATE encoders, the layer-wise white-box measures (scalars and figures)."""
         n = min(config.eval.images, local['image'].shape[0])
         # Every process takes part in the gathers (they are collectives); process 0 draws.
         pred, mask = (np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:n] for k in ('pred', 'mask'))
@@ -201,16 +200,14 @@ def train_and_evaluate(
         if jax.process_index() != 0:
             return {}
         info = eval_data.info
-        grid = diagnostics.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size, info.mean,
-                                               info.std, config.model.norm_pix_loss)
+        grid = visualize.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size, info.mean,
+                                             info.std, config.model.norm_pix_loss)
         writer.write_images(step, {'reconstructions': grid}, png=True)
         if measures is None:
             return {}
-        if '://' in workdir:  # matplotlib writes local files; remote workdirs get the scalars only
-            return diagnostics.flatten_for_logging(measures)
-        path = visualize.layer_curves([(f'step {step}', measures)], os.path.join(workdir, 'images',
-                                                                                 f'whitebox_{step:08d}.png'))
-        writer.write_images(step, {'whitebox_curves': np.asarray(Image.open(path).convert('RGB'))})
+        runs = [(f'step {step}', measures)]
+        writer.write_images(step, {'whitebox_layerwise': visualize.layerwise(runs),
+                                   'whitebox_mssa_ista': visualize.mssa_ista(runs)}, png=True)
         return diagnostics.flatten_for_logging(measures)
 
     def save(step, force=False):
