@@ -6,7 +6,12 @@
 Rerunning the same command resumes from the newest good checkpoint in the workdir.
 """
 
-import json
+if __name__ == '__main__':  # before jax is imported: glibc reads its tunables at start-up (cratemae/platform.py)
+    from cratemae import platform as _platform
+
+    _platform.reexec_with_cpu_tunables()
+
+import json  # noqa: E402
 import logging
 import os
 
