@@ -13,7 +13,7 @@ Instructions inside the scanned layers run once per layer per step (``calls_per_
 import gzip, glob, json, os, re, sys, time, collections
 import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch import benchmark as B
+from cratemae import benchmark as B
 from cratemae import sharding, train
 from experiments import registry
 cfg_name, batch, steps, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -22,7 +22,14 @@ co = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 if os.environ.get('REANALYZE'):
     hlo = open(os.path.join(out, 'hlo.txt')).read(); wall = cpu = None
 else:
-    config = B.apply_overrides(registry.get_config(cfg_name), ov)
+    config = registry.get_config(cfg_name).copy_and_resolve_references()
+    config.unlock()
+    for key, value in ov.items():  # 'model.fused_ista': true
+        *parents, last = key.split('.')
+        node = config
+        for part in parents:
+            node = node[part]
+        node[last] = value
     config.train.global_batch = batch
     mesh = sharding.make_mesh(config.mesh)
     state, step, bs = B.build(config, mesh, True)
