@@ -11,7 +11,7 @@ if __name__ == '__main__':  # before jax is imported: glibc reads its tunables a
 
     _platform.reexec_with_cpu_tunables()
 
-import json  # noqa: E402
+import json
 import logging
 import os
 

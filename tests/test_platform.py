@@ -10,7 +10,7 @@ import pytest
 from cratemae import platform as cpu_platform
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LINUX = dict(system='Linux', libc='glibc', thp=True)
+_LINUX = {'system': 'Linux', 'libc': 'glibc', 'thp': True}
 
 
 def test_adds_the_tunable_on_a_linux_cpu():

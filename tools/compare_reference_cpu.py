@@ -30,15 +30,15 @@ if __name__ == '__main__':  # the same process settings as launch/train.py (crat
 
     _platform.reexec_with_cpu_tunables()
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -46,7 +46,7 @@ if _ROOT not in sys.path:
 
 
 def _load():
-    ps = subprocess.run(['ps', '-eo', 'pcpu,nice,args', '--sort=-pcpu'], capture_output=True, text=True).stdout
+    ps = subprocess.run(['ps', '-eo', 'pcpu,nice,args', '--sort=-pcpu'], capture_output=True, text=True, check=False).stdout
     return {'loadavg': [round(x, 2) for x in os.getloadavg()], 'top': [line[:110] for line in ps.splitlines()[1:6]]}
 
 
@@ -54,8 +54,7 @@ def _jax_mode(model, batch, dtype):
     import jax
     import jax.numpy as jnp
 
-    from cratemae import sharding
-    from cratemae import train
+    from cratemae import sharding, train
     from cratemae.train import loop
     from experiments import registry
 
@@ -85,7 +84,9 @@ def _torch_mode(model, batch, reference_dir, bf16, stub_torchvision):
     import torch
 
     sys.path.insert(0, reference_dir)
-    from model.crate_ae import crate_ae  # the reference's own code, from the user's checkout
+    from model.crate_ae import (
+        crate_ae,  # the reference's own code, from the user's checkout
+    )
 
     torch.manual_seed(0)
     net = getattr(crate_ae, f'mae_crate_{model}')()
@@ -113,7 +114,7 @@ class _PlaceholderType(type):
 class _Placeholder(types.ModuleType):
     """A torchvision module whose every attribute is an empty class: timm imports names, CRATE-MAE uses none."""
 
-    __path__ = []  # a package, so ``import torchvision.x.y`` goes through the finder below
+    __path__ = ()  # a package, so ``import torchvision.x.y`` goes through the finder below
 
     def __getattr__(self, name):
         if name.startswith('__'):
@@ -164,7 +165,7 @@ def main(argv=None):
     if not os.path.isdir(os.path.join(args.reference_dir, 'model', 'crate_ae')):
         p.error(f'--reference_dir {args.reference_dir!r} has no model/crate_ae: pass a Ma-Lab-Berkeley/CRATE checkout.')
 
-    from cratemae import flops  # noqa: E402 - after the re-exec
+    from cratemae import flops
 
     steps, model_config = {}, None
     for mode in modes:
@@ -197,7 +198,7 @@ def main(argv=None):
     import torch
 
     env = {
-        'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
         'cpu_count': os.cpu_count(), 'jax': jax.__version__, 'torch': torch.__version__,
         'torch_threads': torch.get_num_threads(), 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'torchvision_placeholder': args.stub_torchvision,

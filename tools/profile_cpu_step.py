@@ -10,17 +10,29 @@ step per category and its share of the summed thunk time, plus the 25 slowest in
 times of the worker threads: on a loaded machine they include time spent waiting for a core, so compare shares.
 Instructions inside the scanned layers run once per layer per step (``calls_per_step``).
 """
-import gzip, glob, json, os, re, sys, time, collections
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import time
+
 import jax
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cratemae import benchmark as B
-from cratemae import sharding, train
+from cratemae import sharding
 from experiments import registry
+
 cfg_name, batch, steps, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ov = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
 co = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 if os.environ.get('REANALYZE'):
-    hlo = open(os.path.join(out, 'hlo.txt')).read(); wall = cpu = None
+    with open(os.path.join(out, 'hlo.txt')) as f:
+        hlo = f.read()
+    wall = cpu = None
 else:
     config = registry.get_config(cfg_name).copy_and_resolve_references()
     config.unlock()
@@ -37,7 +49,8 @@ else:
     compiled = step.lower(state, data).compile(co or None)
     hlo = compiled.as_text()
     os.makedirs(out, exist_ok=True)
-    open(os.path.join(out, 'hlo.txt'), 'w').write(hlo)
+    with open(os.path.join(out, 'hlo.txt'), 'w') as f:
+        f.write(hlo)
     for _ in range(2):
         state, m = compiled(state, data)
     jax.block_until_ready(state)
@@ -84,7 +97,7 @@ def category(text, opname):
     if ' dot(' in text or 'dot_general' in o: return 'matmul'
     if 'transpose' in text or 'copy' in text: return 'transpose/copy'
     return 'elementwise/other'
-for cname, lines in comps.items():
+for lines in comps.values():
     for line in lines:
         mm = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
         if not mm: continue
@@ -100,7 +113,8 @@ for cname, lines in comps.items():
         cat = 'matmul' if fl else category(text, opname)
         if cat == 'matmul' and ('softmax' in opname or 'bkqs' in opname or 'bqkh' in opname): cat = 'matmul (attention)'
         info[name] = (opname, cat, fl, dt)
-t = json.load(gzip.open(sorted(glob.glob(os.path.join(out, 'plugins/profile/*/*.trace.json.gz')))[-1]))
+with gzip.open(max(glob.glob(os.path.join(out, 'plugins/profile/*/*.trace.json.gz')))) as f:
+    t = json.load(f)
 agg, cnt = collections.Counter(), collections.Counter()
 for e in t['traceEvents']:
     if e.get('ph') == 'X' and e['name'] in info:
