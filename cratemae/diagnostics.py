@@ -1,19 +1,26 @@
-"""Looking inside the white box: what each CRATE-MAE layer does, measured on a batch, and reconstructions.
+"""Looking inside the white box: what each CRATE-MAE encoder layer does, measured on a batch (measures only; the
+pictures of them are ``cratemae.visualize``).
 
-Every measure is a pure function of arrays (its equation in the docstring); ``whitebox_measures`` runs the model once
-without masking and returns all of them per layer:
+Encoder layer l (numbered from 0) maps Z^l -> Z^{l+1/2} = Z^l + MSSA(LN1(Z^l)) -> Z^{l+1} = ISTA(LN2(Z^{l+1/2})).
+``whitebox_measures`` runs the model once without masking and returns, per layer:
 
-  compression_before[l]  R^c of encoder layer l's input, against layer l's own subspaces (the U of its MSSA)
-  compression_after[l]   R^c of encoder layer l's output (after ISTA), against the same subspaces
-  sparsity_zeros[l]      fraction of exact zeros in layer l's ISTA output
-  sparsity_l1_l2[l]      mean over tokens of ||z||_1 / (sqrt(d) ||z||_2) of that output
-  inversion_error[l]     ||Y_{L-1-l} - Z^l|| / ||Z^l||: how far decoder layer L-1-l's output is from encoder layer l's
-                         input (decoder layer L-1-l is meant to undo encoder layer l; spec §2.6)
+  compression_input[l]   R^c(LN1(Z^l) U_l^T): the MSSA input in layer l's subspaces. This is the reference's hook
+                         (a forward hook on ``qkv`` of block l) and the curve of its layer-wise figure.
+  compression_mid[l]     R^c(LN1(Z^{l+1/2}) U_l^T): the MSSA output Z^{l+1/2}, same LN1 and U_l.
+  compression_output[l]  R^c(LN1(Z^{l+1}) U_l^T): the layer (ISTA) output, same LN1 and U_l.
+  mssa_effect[l]         compression_mid - compression_input (negative = the MSSA step compressed)
+  ista_effect[l]         compression_output - compression_mid (what the ISTA step did to the same rate)
+  sparsity_zeros[l]      fraction of exact zeros of Z^{l+1} (the reference's l0 measure)
+  sparsity_l0[l]         1 - sparsity_zeros = ||Z^{l+1}||_0 / (N d), the value the reference's sparsity plot shows
+  sparsity_l1_l2[l]      mean over tokens of ||z||_1 / (sqrt(d) ||z||_2) of Z^{l+1}
+  inversion_error[l]     ||Y^{L-l} - Z^l|| / ||Z^l||: decoder layer L-1-l's output against encoder layer l's input
   inversion_cosine[l]    mean per-token cosine between the same two token sets (scale-free)
 
-(each also with a ``_std`` over the batch). Layers are numbered from 0 as in the reference's
-``get_selfattention_enc(x, layer)``. Pictures of these live in ``cratemae.visualize``; ``launch/inspect.py`` writes
-them for a checkpoint.
+and with ``paper=True`` also ``compression_paper_{input,mid,output}`` and ``{mssa,ista}_effect_paper``: the same
+three points without the per-token normalisation and with each U_k replaced by an orthonormal basis of its span
+(``coding_rate_in_subspaces``), which separates U's conditioning from compression. Each has a ``_std`` over the batch:
+the unbiased one (torch's ``.std()``, as the reference's coding-rate tool) except for the two zero-fraction measures,
+whose spread is the population one (NumPy's ``np.std``, as the reference's ``cal_sparsity``).
 """
 
 import functools
@@ -25,15 +32,29 @@ import numpy as np
 from cratemae import ops
 
 CODING_RATE_EPS = 0.01  # the reference tool's eps, used as eps (not eps^2)
+POINTS = ('input', 'mid', 'output')  # MSSA input Z^l, MSSA output Z^{l+1/2}, layer output Z^{l+1}
 MEASURES = (
-    'compression_before',
-    'compression_after',
+    'compression_input',
+    'compression_mid',
+    'compression_output',
+    'mssa_effect',
+    'ista_effect',
     'sparsity_zeros',
+    'sparsity_l0',
     'sparsity_l1_l2',
     'inversion_error',
     'inversion_cosine',
 )
+PAPER_MEASURES = (
+    'compression_paper_input',
+    'compression_paper_mid',
+    'compression_paper_output',
+    'mssa_effect_paper',
+    'ista_effect_paper',
+)
+POPULATION_STD = ('sparsity_zeros', 'sparsity_l0')  # the reference's cal_sparsity uses np.std
 _TINY = 1e-12
+_LOGDET_BLOCK = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,7 +62,7 @@ _TINY = 1e-12
 
 
 def split_heads(w, heads):
-    """(..., N, d) -> (..., K, N, h): head k is the contiguous column block k of W (spec §2.5), h = d / K."""
+    """(..., N, d) -> (..., K, N, h): head k is the contiguous column block k of W (docs/model.md §2.5), h = d / K."""
     *lead, n, d = w.shape
     return jnp.moveaxis(w.reshape(*lead, n, heads, d // heads), -2, -3)
 
@@ -56,25 +77,31 @@ def l2_normalize(x, axis=-1):
 def logdet_spd(m):
     """log det M of symmetric positive-definite matrices M (..., n, n), by Gaussian elimination without pivoting:
 
-        det M = prod_j p_j,   p_j = the j-th pivot (diagonal of the j-th Schur complement), p_j > 0 for SPD M.
+        det M = prod_j p_j,   p_j = the j-th pivot (top-left entry of the j-th Schur complement), p_j > 0 for SPD M.
 
-    Written in jnp (a loop of n rank-1 updates) rather than ``jnp.linalg.cholesky``: on the CPU that calls jaxlib's
-    LAPACK kernel, which deadlocked here when two batched Cholesky calls ran at once on a 2-thread XLA pool (each
-    waits in ``ParallelBatchMap`` for sub-tasks no free thread can run; jaxlib 0.10.2). For M = I + PSD every pivot
-    is >= 1, so no pivoting is needed.
+    Written in jnp rather than ``jnp.linalg.cholesky``: on the CPU that calls jaxlib's LAPACK kernel, which
+    deadlocked here when two batched Cholesky calls ran at once on a 2-thread XLA pool (each waits in
+    ``ParallelBatchMap`` for sub-tasks no free thread can run; jaxlib 0.10.2). For M = I + PSD every pivot is >= 1,
+    so no pivoting is needed. The pivots are eliminated in blocks of 8 (a loop each), and each block's remaining
+    Schur complement is cut out before the next: about half the arithmetic of updating the whole matrix at every
+    step, and a loop per block instead of n unrolled steps keeps the compile short.
     """
-    m = jnp.asarray(m, jnp.float32)
-    n = m.shape[-1]
-    index = jnp.arange(n)
+    a = jnp.asarray(m, jnp.float32)
+    total = jnp.zeros(a.shape[:-2], jnp.float32)
+    while a.shape[-1]:
+        n, block = a.shape[-1], min(_LOGDET_BLOCK, a.shape[-1])
+        index = jnp.arange(n)
 
-    def eliminate(j, carry):
-        a, total = carry
-        pivot = jnp.take(jnp.take(a, j, axis=-1), j, axis=-1)
-        column = jnp.where(index > j, jnp.take(a, j, axis=-1), 0.0)
-        a = a - column[..., :, None] * column[..., None, :] / pivot[..., None, None]
-        return a, total + jnp.log(pivot)
+        def eliminate(j, carry, index=index):
+            a, total = carry
+            pivot = jnp.take(jnp.take(a, j, axis=-1), j, axis=-1)
+            column = jnp.where(index > j, jnp.take(a, j, axis=-1), 0.0)
+            a = a - column[..., :, None] * column[..., None, :] / pivot[..., None, None]
+            return a, total + jnp.log(pivot)
 
-    return jax.lax.fori_loop(0, n, eliminate, (m, jnp.zeros(m.shape[:-2], jnp.float32)))[1]
+        a, total = jax.lax.fori_loop(0, block, eliminate, (a, total))
+        a = a[..., block:, block:]
+    return total
 
 
 @functools.partial(jax.jit, static_argnames='eps')
@@ -95,6 +122,37 @@ def coding_rate(x, eps=CODING_RATE_EPS):
     n, h = x.shape[-2:]
     gram = jnp.einsum('...nh,...ng->...hg', x, x, precision=jax.lax.Precision.HIGHEST)
     return 0.5 * jnp.sum(logdet_spd(jnp.eye(h, dtype=jnp.float32) + (h / (n * eps)) * gram), axis=-1)
+
+
+def coding_rate_in_subspaces(w, u_gram, eps=CODING_RATE_EPS):
+    """The paper's compression term with orthonormal subspaces and no per-token normalisation, summed over heads.
+
+    w: (..., K, N, h), the tokens' coordinates W_k = Y U_k in the (not orthonormal) bases U_k (d, h) of the K
+    subspaces; u_gram: (K, h, h), U_k^T U_k. With Q_k = U_k (U_k^T U_k)^{-1/2}, an orthonormal basis of span(U_k),
+    and X_k = Y Q_k = W_k (U_k^T U_k)^{-1/2}:
+
+        R_k = 1/2 logdet(I_h + (h / (N eps)) X_k^T X_k)
+            = 1/2 [logdet(U_k^T U_k + (h / (N eps)) W_k^T W_k) - logdet(U_k^T U_k)],     R^c = sum_k R_k.
+
+    Any orthonormal basis of span(U_k) gives the same R_k (X_k changes by an h x h rotation), so this depends on the
+    subspaces only, not on how U stretches them. The paper writes the factor h / (N eps^2); the reference's 0.01 is
+    kept as that eps^2, so the constant equals the reference tool's. Unlike ``coding_rate`` the token norms count:
+    tokens that shrink inside a subspace lower R_k. Returns (...) float32.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    u_gram = jnp.asarray(u_gram, jnp.float32)
+    n, h = w.shape[-2:]
+    gram = jnp.einsum('...nh,...ng->...hg', w, w, precision=jax.lax.Precision.HIGHEST)
+    rate = logdet_spd(u_gram + (h / (n * eps)) * gram) - logdet_spd(u_gram)
+    return 0.5 * jnp.sum(rate, axis=-1)
+
+
+def subspace_gram(qkv_kernel, heads):
+    """U_k^T U_k (K, h, h) of the K column blocks U_k (d, h) of ``qkv_kernel`` = U^T (d, d) (W_k = Y U_k)."""
+    u = jnp.asarray(qkv_kernel, jnp.float32)
+    d = u.shape[-1]
+    u = jnp.moveaxis(u.reshape(u.shape[0], heads, d // heads), 1, 0)  # (K, d, h)
+    return jnp.einsum('kdh,kdg->khg', u, u, precision=jax.lax.Precision.HIGHEST)
 
 
 def layer_norm(x, scale, bias, eps):
@@ -175,35 +233,17 @@ def class_attention(projection, heads):
     return jax.nn.softmax(logits, axis=-1)[..., 1:]
 
 
-def pca_rgb(features, components=3):
-    """Per-patch RGB from the first principal components of patch features (B, L, d), fitted jointly on all B x L:
+def batch_mean_std(values, valid=None, ddof=1):
+    """Mean and standard deviation over the last (batch) axis, weighting samples by ``valid`` (B,) in {0, 1}.
 
-        F~ = F - mean,  F~ = U S V^T,  c = F~ V[:, :3],  rgb_j = (c_j - min c_j) / (max c_j - min c_j).
-
-    Returns (B, L, components) float32 in [0, 1] (NumPy; the reference's PCA scripts fit sklearn PCA the same way).
+    ddof=1 is the unbiased estimate sum w (x - mean)^2 / (sum w - 1) (torch's ``.std()``, the reference's coding-rate
+    spread), ddof=0 the population one (``np.std``); a single valid sample has spread 0.
     """
-    f = np.asarray(features, np.float64)
-    b, n, d = f.shape
-    flat = f.reshape(b * n, d)
-    flat = flat - flat.mean(0)
-    _, _, vt = np.linalg.svd(flat, full_matrices=False)
-    vt = vt[:components]
-    largest = np.abs(vt).argmax(1)
-    vt = vt * np.sign(vt[np.arange(len(vt)), largest])[:, None]  # deterministic sign: the largest loading positive
-    c = flat @ vt.T
-    if c.shape[1] < components:  # fewer features than components
-        c = np.pad(c, ((0, 0), (0, components - c.shape[1])))
-    lo, hi = c.min(0), c.max(0)
-    return ((c - lo) / np.maximum(hi - lo, _TINY)).reshape(b, n, components).astype(np.float32)
-
-
-def batch_mean_std(values, valid=None):
-    """Mean and standard deviation over the last (batch) axis, weighting samples by ``valid`` (B,) in {0, 1}."""
     values = jnp.asarray(values, jnp.float32)
     w = jnp.ones(values.shape[-1], jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
-    total = jnp.maximum(jnp.sum(w), 1.0)
-    mean = jnp.sum(values * w, axis=-1) / total
-    var = jnp.sum(jnp.square(values - mean[..., None]) * w, axis=-1) / total
+    total = jnp.sum(w)
+    mean = jnp.sum(values * w, axis=-1) / jnp.maximum(total, 1.0)
+    var = jnp.sum(jnp.square(values - mean[..., None]) * w, axis=-1) / jnp.maximum(total - ddof, 1.0)
     return mean, jnp.sqrt(var)
 
 
@@ -280,64 +320,74 @@ def unmasked_intermediates(model, params, images, with_decoder=None):
     return out
 
 
-def _per_sample_measures(model, params, inter):
+def _per_sample_measures(model, params, inter, paper=False):
     """(L, B) arrays of every measure from the intermediates."""
     layers = params['encoder']['layers']
+    kernels = layers['mssa']['qkv']['kernel']  # (L, d, d): U_l^T of each layer
     project = jax.vmap(subspace_projection, in_axes=(0, 0, 0, 0, None))  # over layers, each with its own LN1 and U
-    after = project(
-        inter['ista_out'],
-        layers['norm1']['scale'],
-        layers['norm1']['bias'],
-        layers['mssa']['qkv']['kernel'],
-        model.block_norm_eps,
-    )
-    out = {
-        # "before" is exactly what layer l's MSSA attends with: the sown projection of its input.
-        'compression_before': coding_rate(split_heads(inter['projection'], model.heads)),
-        # "after" is the layer output against the same U_l (not U_{l+1}: that would just be compression_before[l+1]).
-        'compression_after': coding_rate(split_heads(after, model.heads)),
+    projections = {
+        # The input point is exactly what layer l's MSSA attends with: the projection it sows.
+        'input': inter['projection'],
+        # The later points go through the same LN1 and U_l (not U_{l+1}: against those the output point would just be
+        # the next layer's input point), so the three differ only in the tokens.
+        'mid': project(inter['mssa_out'], layers['norm1']['scale'], layers['norm1']['bias'], kernels,
+                       model.block_norm_eps),
+        'output': project(inter['ista_out'], layers['norm1']['scale'], layers['norm1']['bias'], kernels,
+                          model.block_norm_eps),
     }
+    rates = coding_rate(split_heads(jnp.stack([projections[p] for p in POINTS]), model.heads))  # one batched call
+    out = {f'compression_{p}': rate for p, rate in zip(POINTS, rates)}
+    out['mssa_effect'] = out['compression_mid'] - out['compression_input']
+    out['ista_effect'] = out['compression_output'] - out['compression_mid']
+    if paper:
+        gram = jax.vmap(subspace_gram, in_axes=(0, None))(kernels, model.heads)[:, None]  # (L, 1, K, h, h)
+        rates = coding_rate_in_subspaces(split_heads(jnp.stack([projections[p] for p in POINTS]), model.heads), gram)
+        out.update({f'compression_paper_{p}': rate for p, rate in zip(POINTS, rates)})
+        out['mssa_effect_paper'] = out['compression_paper_mid'] - out['compression_paper_input']
+        out['ista_effect_paper'] = out['compression_paper_output'] - out['compression_paper_mid']
     out['sparsity_zeros'], out['sparsity_l1_l2'] = sparsity(inter['ista_out'])
+    out['sparsity_l0'] = 1.0 - out['sparsity_zeros']
     if 'decoder_tokens' in inter:
         out['inversion_error'], out['inversion_cosine'] = inversion(inter['encoder_inputs'], inter['decoder_tokens'])
     return out
 
 
-def whitebox_fn(model, with_decoder=True):
+def whitebox_fn(model, with_decoder=True, paper=False):
     """Returns fn(params, images, valid=None) -> {measure: (L,), measure + '_std': (L,)} of jax arrays.
 
     Pure and traceable: wrap it in ``jax.jit`` (with in_shardings for a sharded eval batch) in a training loop.
     ``valid`` (B,) excludes padded samples from the means. The inversion measures are present only when
-    ``with_decoder`` and the params hold a reference-layout decoder.
+    ``with_decoder`` and the params hold a reference-layout decoder; ``PAPER_MEASURES`` only with ``paper``.
     """
     check_whitebox(model)
 
     def fn(params, images, valid=None):
         inter = unmasked_intermediates(model, params, images, with_decoder and measures_inversion(model, params))
         out = {}
-        for key, values in _per_sample_measures(model, params, inter).items():
-            out[key], out[key + '_std'] = batch_mean_std(values, valid)
+        for key, values in _per_sample_measures(model, params, inter, paper).items():
+            out[key], out[key + '_std'] = batch_mean_std(values, valid, ddof=0 if key in POPULATION_STD else 1)
         return out
 
     return fn
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(model, with_decoder):
-    return jax.jit(whitebox_fn(model, with_decoder))
+def _jitted(model, with_decoder, paper):
+    return jax.jit(whitebox_fn(model, with_decoder, paper))
 
 
-def whitebox_measures(model, params, images, valid=None):
+def whitebox_measures(model, params, images, valid=None, paper=False):
     """All white-box measures of ``model`` with ``params`` on ``images`` (B, H, W, C), without masking.
 
-    Returns {name: np.ndarray (L,)} for each name of ``MEASURES`` (the inversion ones only with a decoder) and its
-    ``name + '_std'`` (batch standard deviation); entry l is encoder layer l (0-based). Compiled once per model.
+    Returns {name: np.ndarray (L,)} for each name of ``MEASURES`` (the inversion ones only with a decoder; those of
+    ``PAPER_MEASURES`` too with ``paper``) and its ``name + '_std'`` (the batch spread); entry l is encoder layer l
+    (0-based). Compiled once per model.
     """
-    return {k: np.asarray(v) for k, v in jax.device_get(_jitted(model, True)(params, images, valid)).items()}
+    return {k: np.asarray(v) for k, v in jax.device_get(_jitted(model, True, paper)(params, images, valid)).items()}
 
 
 def flatten_for_logging(measures, prefix='whitebox', include_std=False):
-    """{'compression_before': [r0, r1, ...], ...} -> {'whitebox/compression_before/layer_00': r0, ...} (floats)."""
+    """{'compression_input': [r0, r1, ...], ...} -> {'whitebox/compression_input/layer_00': r0, ...} (floats)."""
     flat = {}
     for key in sorted(measures):
         if key.endswith('_std') and not include_std:
@@ -345,45 +395,3 @@ def flatten_for_logging(measures, prefix='whitebox', include_std=False):
         for layer, value in enumerate(np.asarray(measures[key]).reshape(-1)):
             flat[f'{prefix}/{key}/layer_{layer:02d}'] = float(value)
     return flat
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reconstructions.
-
-
-def _to_pixels(images, mean, std):
-    """Undo the dataset normalisation and map to uint8."""
-    x = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def reconstruction_panels(images, pred, mask, patch_size, mean, std, norm_pix=False):
-    """Four NHWC uint8 panels per image: original, masked input, reconstruction, reconstruction with the visible
-    patches pasted back. With a norm-pix model the prediction is in per-patch standardised units, so it is mapped back
-    with each target patch's own mean and standard deviation (as FAIR's visualisation does)."""
-    images = np.asarray(images, np.float32)
-    channels = images.shape[-1]
-    target = np.asarray(ops.patchify(images, patch_size))
-    pred = np.asarray(pred, np.float32)
-    if norm_pix:
-        mu = target.mean(-1, keepdims=True)
-        sigma = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
-        pred = pred * sigma + mu
-    mask = np.asarray(mask, np.float32)[..., None]
-    grey = np.full_like(target, 0.0)
-    masked = target * (1 - mask) + grey * mask
-    pasted = target * (1 - mask) + pred * mask
-    to_image = lambda t: np.asarray(ops.unpatchify(t, patch_size, channels))  # noqa: E731
-    return [_to_pixels(x, mean, std) for x in (images, to_image(masked), to_image(pred), to_image(pasted))]
-
-
-def reconstruction_grid(images, pred, mask, patch_size, mean, std, norm_pix=False, pad=2):
-    """One uint8 HWC picture: a row per image, columns original / masked / reconstruction / reconstruction+visible."""
-    panels = reconstruction_panels(images, pred, mask, patch_size, mean, std, norm_pix)
-    n, h, w, c = panels[0].shape
-    grid = np.full((n * (h + pad) + pad, 4 * (w + pad) + pad, c), 255, np.uint8)
-    for row in range(n):
-        for col, panel in enumerate(panels):
-            top, left = pad + row * (h + pad), pad + col * (w + pad)
-            grid[top : top + h, left : left + w] = panel[row]
-    return grid

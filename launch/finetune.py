@@ -1,6 +1,7 @@
 """Fine-tune a pretrained encoder with a classification head.
 
-  python -m launch.finetune --checkpoint=PATH --config=NAME [--workdir=DIR] [--config.KEY=VALUE ...]
+  python -m launch.finetune --checkpoint=PATH --config=NAME [--workdir=DIR] [--split_train=S] [--split_eval=S]
+                            [--config.KEY=VALUE ...]
 
 PATH is a pretraining workdir, an export (safetensors / npz / orbax) or a reference-format file; NAME a fine-tuning
 entry (experiments/downstream.py, e.g. finetune_mnist, finetune_cifar10). Rerunning the same command resumes from
@@ -14,6 +15,7 @@ import os
 
 from absl import flags
 
+from cratemae import data
 from cratemae.evaluate import checkpoints
 from cratemae.train import finetune
 from launch import cli
@@ -24,6 +26,10 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Pretrained weights: workd
                                   flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (default runs/NAME).',
                                flag_values=FLAGS)
+_SPLIT_TRAIN = flags.DEFINE_string('split_train', None, 'Split to fine-tune on (= --config.data.split_train).',
+                                   flag_values=FLAGS)
+_SPLIT_EVAL = flags.DEFINE_string('split_eval', None, 'Split to evaluate on (= --config.data.split_eval; auto: '
+                                  'validation, val or test, whichever the data has).', flag_values=FLAGS)
 _TRUST = flags.DEFINE_bool('trust_checkpoint', False, 'Read a .pth checkpoint without torch.load\'s weights_only '
                            'guard (runs code from the file; only for files you trust).', flag_values=FLAGS)
 
@@ -41,6 +47,14 @@ def main(argv):
         config.finetune.checkpoint = _CHECKPOINT.value
     if _TRUST.value:
         config.finetune.trust_checkpoint = True
+    for key, flag in (('split_train', _SPLIT_TRAIN), ('split_eval', _SPLIT_EVAL)):
+        if flag.value is not None:
+            config.data[key] = flag.value
+    try:  # a missing split is a usage error before anything is built
+        for key in ('split_train', 'split_eval'):
+            config.data[key] = data.resolve_split(config.data, config.data[key])
+    except (ValueError, data.DatasetNotPreparedError) as e:
+        raise cli.UsageError(str(e)) from None
     workdir = checkpoints.absolute(_WORKDIR.value or os.path.join('runs', config.name))  # Orbax needs absolute
     print(f'Fine-tuning {config.name} from {config.finetune.checkpoint} -> {workdir}', flush=True)
     try:

@@ -2,7 +2,8 @@
 
   python -m launch.prepare_data NAME [--data_dir=D] [--manual_dir=M]
 
-NAME is one of cratemae's tfds datasets (imagenet2012, cifar10, cifar100, oxford_flowers102, oxford_iiit_pet).
+NAME is one of cratemae's tfds datasets (imagenet2012, cifar10, cifar100, oxford_flowers102, oxford_iiit_pet), or
+tfds:NAME[:VERSION] for any other tfds image dataset (train it with --config.data.name=tfds:NAME).
 Training never downloads; this is the one command that does (except imagenet2012, whose two tars you download
 yourself from image-net.org and pass with --manual_dir). data_dir defaults to tfds' own ($TFDS_DATA_DIR, else
 ~/tensorflow_datasets). Needs TensorFlow for this step only (pip install tensorflow-cpu).
@@ -22,7 +23,8 @@ _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder with manually down
 
 def main(argv):
     if len(argv) != 2:
-        raise cli.UsageError(f'expected one dataset NAME, one of {", ".join(tfds_source.TFDS_NAMES)}.')
+        raise cli.UsageError(f'expected one dataset NAME, one of {", ".join(tfds_source.TFDS_NAMES)}, or '
+                             'tfds:NAME[:VERSION].')
     name = argv[1]
     if name in data.DATASETS and name not in tfds_source.TFDS_NAMES:
         print(f"'{name}' needs no preparation (it is embedded or read from a folder).")

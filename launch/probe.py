@@ -35,6 +35,10 @@ flags.DEFINE_bool('trust_checkpoint', False, "Read a .pth without torch.load's w
                   'the file; only for files you trust).', flag_values=FLAGS)
 flags.DEFINE_string('dataset', None, "Dataset name (default: the checkpoint's training data).", flag_values=FLAGS)
 flags.DEFINE_string('data_dir', None, 'tfds data dir.', flag_values=FLAGS)
+flags.DEFINE_string('split_train', None, "Split the probe trains on (default: the checkpoint's, else train).",
+                    flag_values=FLAGS)
+flags.DEFINE_string('split_eval', None, "Split it is tested on (default: the checkpoint's, else auto: validation, "
+                    'val or test).', flag_values=FLAGS)
 flags.DEFINE_enum('feature', 'cls', list(features.FEATURES), 'What to probe.', flag_values=FLAGS)
 flags.DEFINE_list('methods', ['linear', 'ridge', 'knn'], f'Subset of {probe.METHODS}.', flag_values=FLAGS)
 flags.DEFINE_string('out', None, 'Results folder (default: beside the checkpoint).', flag_values=FLAGS)
@@ -77,7 +81,7 @@ def run(f):
                             trust_checkpoint=f.trust_checkpoint)
     if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
         ckpt = dataclasses.replace(ckpt, data_config=config.data)
-    data_cfg = features.probe_data_config(ckpt, f.dataset, f.data_dir)
+    data_cfg = features.probe_data_config(ckpt, f.dataset, f.data_dir, f.split_train, f.split_eval)
     weights = ckpt
     if f.random_init:
         weights = dataclasses.replace(checkpoints.random_init(ckpt.model_config, f.seed), data_config=ckpt.data_config)

@@ -3,7 +3,9 @@
   python -m launch.tpu_pod create --name=NAME --accelerator_type=v4-32 --zone=us-central2-b --project=P [--spot]
                                   [--queued] [--version=RUNTIME]
   python -m launch.tpu_pod setup  --name=NAME [--source=copy|git --repo=URL --branch=B]    # code + venv on all hosts
-  python -m launch.tpu_pod run    --name=NAME --config=crate_mae_base --bucket=gs://BUCKET [--config.KEY=VALUE ...]
+                                  [--data=gs://BUCKET/tfds [--data_mode=gcsfuse|copy]]   # + prepared tfds data
+  python -m launch.tpu_pod run    --name=NAME --config=crate_mae_base --bucket=gs://BUCKET [--data=gs://...]
+                                  [--config.KEY=VALUE ...]
   python -m launch.tpu_pod tail   --name=NAME                # the log of worker 0
   python -m launch.tpu_pod stop   --name=NAME                # SIGTERM: every host checkpoints, then exits
   python -m launch.tpu_pod delete --name=NAME [--queued]
@@ -21,13 +23,15 @@ import sys
 from absl import flags
 
 from cratemae import tpu_vm
+from cratemae.data import pod
 from launch import cli
 
 FLAGS = cli.flag_values()
 _COMMON = {'help', 'name', 'project', 'zone', 'dry_run'}
-_OWN = {'create': {'accelerator_type', 'version', 'spot', 'queued'}, 'setup': {'source', 'repo', 'branch', 'python'},
-        'run': {'config', 'bucket', 'workdir', 'allow_config_change'}, 'tail': {'lines'}, 'stop': set(),
-        'delete': {'queued'}}
+_OWN = {'create': {'accelerator_type', 'version', 'spot', 'queued'},
+        'setup': {'source', 'repo', 'branch', 'python', 'data', 'data_mode'},
+        'run': {'config', 'bucket', 'workdir', 'allow_config_change', 'data', 'data_mode'}, 'tail': {'lines'},
+        'stop': set(), 'delete': {'queued'}}
 flags.DEFINE_string('name', None, 'TPU VM (and queued resource) name.', flag_values=FLAGS)
 flags.DEFINE_string('project', None, 'GCP project (default: gcloud config get-value project).', flag_values=FLAGS)
 flags.DEFINE_string('zone', None, 'Zone, e.g. us-central2-b (default: gcloud config compute/zone).', flag_values=FLAGS)
@@ -42,11 +46,21 @@ flags.DEFINE_string('repo', None, 'setup: git URL for --source=git.', flag_value
 flags.DEFINE_string('branch', None, 'setup: git branch for --source=git.', flag_values=FLAGS)
 flags.DEFINE_string('python', 'python3.11', 'setup: interpreter for the venv (jax 0.10 needs >= 3.11).',
                     flag_values=FLAGS)
+flags.DEFINE_string('data', None, f'setup/run: gs://BUCKET[/PREFIX] holding prepared tfds datasets, made readable at '
+                    f'{pod.LOCAL_DIR} on every host; run then reads --config.data.data_dir={pod.LOCAL_DIR} '
+                    '(docs/data.md, "ImageNet on pod hosts").', flag_values=FLAGS)
+flags.DEFINE_enum('data_mode', 'gcsfuse', list(pod.MODES), 'setup/run: gcsfuse mounts the bucket; copy rsyncs it to '
+                  'the local disk.', flag_values=FLAGS)
 cli.define_config(FLAGS, help_text='run: the experiment (a registry NAME), then --config.KEY=VALUE overrides.')
 flags.DEFINE_string('bucket', None, 'run: gs://BUCKET; the workdir is gs://BUCKET/NAME.', flag_values=FLAGS)
 flags.DEFINE_string('workdir', None, 'run: explicit workdir (instead of --bucket).', flag_values=FLAGS)
 flags.DEFINE_bool('allow_config_change', False, 'run: passed on to launch.train.', flag_values=FLAGS)
 flags.DEFINE_integer('lines', 100, 'tail: lines of the log to show first.', flag_values=FLAGS)
+
+
+def data_commands(target, f):
+    """With --data=gs://...: make the prepared tfds data readable at pod.LOCAL_DIR on every host."""
+    return [target.ssh(pod.host_command(f.data, f.data_mode))] if f.data else []
 
 
 def run_commands(target, f):
@@ -64,12 +78,14 @@ def run_commands(target, f):
     train.validate_config(config, 1, 1)
     workdir = f.workdir or f'{f.bucket.rstrip("/")}/{config.name}'
     overrides = cli.override_args(FLAGS) + (['--allow_config_change'] if f.allow_config_change else [])
-    return tpu_vm.run_commands(target, config.name, workdir, overrides)
+    if f.data:  # mounted again (a no-op when it is), e.g. after a host restart; then read from there
+        overrides = pod.train_overrides() + overrides
+    return data_commands(target, f) + tpu_vm.run_commands(target, config.name, workdir, overrides)
 
 
 SUBCOMMANDS = {
     'create': lambda t, f: tpu_vm.create_commands(t, f.accelerator_type, f.version, f.spot, f.queued),
-    'setup': lambda t, f: tpu_vm.setup_commands(t, f.source, f.repo, f.branch, f.python),
+    'setup': lambda t, f: tpu_vm.setup_commands(t, f.source, f.repo, f.branch, f.python) + data_commands(t, f),
     'run': run_commands,
     'tail': lambda t, f: tpu_vm.tail_commands(t, f.lines),
     'stop': lambda t, f: tpu_vm.stop_commands(t),

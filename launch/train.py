@@ -6,6 +6,11 @@
 Rerunning the same command resumes from the newest good checkpoint in the workdir.
 """
 
+if __name__ == '__main__':  # before jax is imported: glibc reads its tunables at start-up (cratemae/platform.py)
+    from cratemae import platform as _platform
+
+    _platform.reexec_with_cpu_tunables()
+
 import json
 import logging
 import os

@@ -73,8 +73,8 @@ def test_every_command_parses_with_absl_on_its_own_flags_and_has_help():
     """The convention holds for each launcher: its own FlagValues with --help, a main, no argparse."""
     import importlib
 
-    for name in ('aot_compile', 'benchmark', 'benchmark_data', 'export', 'finetune', 'list', 'prepare_data', 'probe',
-                 'sweep', 'tpu_pod', 'train'):  # inspect.py: converted by its own branch
+    for name in ('aot_compile', 'benchmark', 'benchmark_data', 'export', 'finetune', 'inspect', 'list', 'prepare_data',
+                 'probe', 'sweep', 'tpu_pod', 'train'):
         module = importlib.import_module(f'launch.{name}')
         with open(module.__file__) as f:
             assert 'argparse' not in f.read(), name

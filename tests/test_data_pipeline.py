@@ -240,3 +240,51 @@ def test_digits_registered_only_with_sklearn():
                               train=False)
     assert pipe.info.num_examples == 180 and pipe.info.num_classes == 10
     assert pipe.batch(0)['image'].shape == (60, 8, 8, 1)
+
+
+def test_num_workers_auto_follows_cpu_affinity_and_leaves_the_trainer_a_core(monkeypatch):
+    from cratemae.data import workers
+    assert data.default_data_config().num_workers == 'auto'
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 3, 5, 7, 9})  # e.g. taskset
+    assert workers.available_cores() == 5
+    assert workers.auto_count(decodes=True) == 4
+    assert workers.auto_count(decodes=True, cores=1) == 0
+    assert workers.auto_count(decodes=True, cores=500) == workers.MAX_AUTO
+    assert workers.auto_count(decodes=False) == 0  # in-memory arrays: nothing to decode
+    assert data.make_pipeline(mnist_cfg(), 'train', 8, seed=0).num_workers == 0
+
+
+def test_workers_that_do_not_fit_shared_memory_are_lowered_with_a_message(caplog):
+    from cratemae.data import workers
+    mb = 1 << 20
+    assert workers.fit_shm(4, batch_bytes=10 * mb, buffer=2, free=1000 * mb) == 4
+    with caplog.at_level('WARNING'):
+        got = workers.fit_shm(8, batch_bytes=10 * mb, buffer=2, free=100 * mb)
+    assert got == 1  # 100 MB * 0.5 // (3 batches * 10 MB)
+    assert 'only 0.10 GB is free; using 1 worker(s)' in caplog.text and '--shm-size' in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+        assert workers.resolve(3, True, batch_bytes=600 * mb, buffer=2, free=1000 * mb) == 0
+    assert 'batches made in this process' in caplog.text
+    assert workers.resolve('auto', True, batch_bytes=mb, buffer=2, cores=3, free=None) == 2
+
+
+@pytest.mark.parametrize('value', ['many', -1, 1.5])
+def test_num_workers_must_be_auto_or_a_count(value):
+    cfg = data.default_data_config()
+    cfg.num_workers = value
+    with pytest.raises(ValueError, match="num_workers.*'auto' or an int"):
+        data.validate_data_config(cfg)
+
+
+def test_a_data_config_read_back_from_json_takes_a_worker_count_again():
+    import json
+    import ml_collections
+    stored = json.loads(json.dumps(data.default_data_config().to_dict()))  # as a checkpoint keeps it
+    plain = ml_collections.ConfigDict(stored)
+    with pytest.raises(TypeError):
+        plain.num_workers = 0  # locked to str by 'auto'
+    cfg = data.data_config_from(stored)
+    cfg.num_workers = 0
+    cfg.num_workers = 'auto'
+    data.validate_data_config(cfg)

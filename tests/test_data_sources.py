@@ -55,33 +55,6 @@ def test_unprepared_imagenet_message_mentions_manual_dir(tmp_path):
         data.make_pipeline(cfg_for('imagenet2012', data_dir=str(tmp_path)), 'train', 8, seed=0)
 
 
-def test_mock_cifar10_through_the_pipeline(tmp_path):
-    cfg = cfg_for('cifar10', data_dir=str(tmp_path))
-    with tfds.testing.mock_data(num_examples=20):
-        pipe = data.make_pipeline(cfg, 'train', 8, seed=0)
-        again = data.make_pipeline(cfg, 'train', 8, seed=0)
-        evals = data.make_pipeline(cfg, 'test', 8, seed=0, train=False)
-        b = pipe.batch(3)
-        np.testing.assert_array_equal(b['image'], again.batch(3)['image'])
-        e = evals.batch(2)
-    assert pipe.info.num_classes == 10 and pipe.info.num_examples == 20
-    assert pipe.info.mean == (0.4914, 0.4822, 0.4465)
-    assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.float32
-    assert ((0 <= b['label']) & (b['label'] < 10)).all()
-    assert evals.num_batches == 3 and e['valid'].tolist() == [True] * 4 + [False] * 4
-    assert not NETWORK_CALLS
-
-
-def test_mock_variable_size_tfds_images_are_resized(tmp_path):
-    cfg = cfg_for('oxford_iiit_pet', data_dir=str(tmp_path), image_size=24, channels=1)
-    with tfds.testing.mock_data(num_examples=6):
-        pipe = data.make_pipeline(cfg, 'train', 4, seed=0)
-        assert pipe.batch(0)['image'].shape == (4, 24, 24, 1)
-        ev = data.make_pipeline(cfg, 'test', 4, seed=0, train=False)
-        assert ev.batch(1)['image'].shape == (4, 24, 24, 1)
-    assert pipe.info.num_classes == 37
-
-
 class TinyImages(tfds.core.GeneratorBasedBuilder):
     """A real tfds builder that needs no TF: variable-size uint8 Tensor images."""
     VERSION = tfds.core.Version('1.0.0')
@@ -117,8 +90,9 @@ def test_real_array_record_dataset_end_to_end(tiny_tfds):
     assert b['image'].shape == (4, 16, 16, 3) and set(b['label'].tolist()) <= {0, 1, 2}
     half = data.make_pipeline(cfg, 'train[:50%]', 4, seed=0, train=False)
     assert half.info.num_examples == 6 and half.num_batches == 2
-    with pytest.raises(ValueError, match="no split 'validation'.*'train', 'test'"):
+    with pytest.raises(ValueError, match="no split 'validation'.*'train', 'test'.*split_eval"):
         data.make_pipeline(cfg, 'validation', 4, seed=0)
+    assert data.make_pipeline(cfg, 'auto', 4, seed=0, train=False).split == 'test'
     # A grain worker process opens the pickled array_record source itself.
     with data.make_pipeline(cfg_for('tiny_images', data_dir=tiny_tfds, image_size=16,
                                     num_workers=1), 'train', 4, seed=0).iterate(2) as it:
@@ -168,6 +142,10 @@ def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
     assert calls['file_format'] == 'array_record'
     assert calls['download_config'].manual_dir == '/tars'
     assert '--config.data.name=imagenet2012' in capsys.readouterr().out
+    assert _prepare('tfds:food101:2.0.0', '--data_dir', str(tmp_path)) == 0
+    assert calls['name'] == 'food101:2.0.0' and calls['file_format'] == 'array_record'
+    assert '--config.data.name=tfds:food101:2.0.0' in capsys.readouterr().out
+    assert _prepare('tfds:') == 2 and 'tfds:NAME or tfds:NAME:VERSION' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,7 +186,7 @@ def test_image_folder_classes_modes_and_skips(folder, caplog):
     assert b['image'].shape == (5, 32, 32, 3) and np.isfinite(b['image']).all()
     assert sorted(b['label'].tolist()) == [0, 0, 0, 1, 1]
     grey = data.make_pipeline(cfg_for('image_folder', folder=str(folder), channels=1),
-                              'test', 4, seed=0, train=False)
+                              'auto', 4, seed=0, train=False)
     e = grey.batch(1)
     assert e['image'].shape == (4, 32, 32, 1) and e['valid'].tolist() == [True, False, False, False]
 
@@ -220,7 +198,7 @@ def test_truncated_image_is_replaced_and_logged(tmp_path, caplog):
     raw = (tmp_path / '1.png').read_bytes()
     (tmp_path / '1.png').write_bytes(raw[: len(raw) // 2])  # header fine, pixels cut
     cfg = cfg_for('image_folder', folder=str(tmp_path), image_size=40)
-    pipe = data.make_pipeline(cfg, 'test', 3, seed=0, train=False)
+    pipe = data.make_pipeline(cfg, 'train', 3, seed=0, train=False)
     assert pipe.info.num_classes is None  # flat folder: unlabelled
     with caplog.at_level(logging.WARNING):
         b = pipe.batch(0)
@@ -245,14 +223,56 @@ def test_split_subfolders_are_used_when_present(tmp_path):
     assert data.make_pipeline(cfg, 'val', 2, seed=0, train=False).info.num_examples == 2
 
 
-# ------------------------------------------------------------------------------------------
-# launch.benchmark_data's photos and inline measurement (cratemae/data/throughput.py)
+@pytest.fixture
+def split_layout(tmp_path):
+    """DIR/train/<class>/ + DIR/validation/<class>/, 2 classes: the layout of the reported bug."""
+    rng = np.random.default_rng(3)
+    for split, n in (('train', 3), ('validation', 2)):
+        for cls in ('ant', 'bee'):
+            for i in range(n):
+                _save(tmp_path / split / cls / f'{i}.png', _noise(rng, (12, 12, 3)))
+    return tmp_path
 
-def test_throughput_photos_are_imagenet_shaped_and_the_inline_pipeline_reads_them(tmp_path):
-    from cratemae.data import throughput
 
-    throughput.make_jpegs(str(tmp_path), 6)
-    sizes = [Image.open(tmp_path / f'{i:05d}.jpg').size for i in range(6)]
-    assert sizes == [(375, 500), (500, 375), (500, 375)] * 2  # every third one portrait
-    rate, per_cpu_second, other_cores = throughput.bench_inline(str(tmp_path), 32, 2, 2)
-    assert rate > 0 and per_cpu_second > 0 and (other_cores is None or other_cores >= 0)
+def test_split_layout_finds_its_eval_split_and_never_reads_splits_as_classes(split_layout):
+    cfg = cfg_for('image_folder', folder=str(split_layout))  # split_eval left at its default
+    assert cfg.split_eval == 'auto'
+    train = data.make_pipeline(cfg, cfg.split_train, 4, seed=0)
+    ev = data.make_pipeline(cfg, cfg.split_eval, 4, seed=0, train=False)
+    assert ev.split == 'validation' and train.split == 'train'
+    assert (train.info.num_examples, ev.info.num_examples) == (6, 4)
+    assert train.info.num_classes == ev.info.num_classes == 2  # ant, bee: not train/validation
+    assert sorted(np.concatenate([ev.batch(0)['label']]).tolist()) == [0, 0, 1, 1]
+
+
+def test_missing_folder_split_is_an_error_listing_splits_and_the_flag(split_layout):
+    cfg = cfg_for('image_folder', folder=str(split_layout))
+    with pytest.raises(ValueError, match=r"no split folder 'test'.*\['train', 'validation'\]"
+                                         r".*--config.data.split_eval"):
+        data.make_pipeline(cfg, 'test', 4, seed=0, train=False)
+    (split_layout / 'validation').rename(split_layout / 'holdout')
+    with pytest.raises(ValueError, match='no evaluation split.*split_eval'):
+        data.make_pipeline(cfg, 'auto', 4, seed=0, train=False)
+
+
+def test_flat_folder_is_one_split_and_says_so(folder, caplog):
+    cfg = cfg_for('image_folder', folder=str(folder))
+    with caplog.at_level(logging.WARNING):
+        ev = data.make_pipeline(cfg, 'auto', 4, seed=0, train=False)
+    assert ev.split == 'train' and 'evaluating on the training images' in caplog.text
+    with pytest.raises(ValueError, match="one split is 'train'.*validation/<class>"):
+        data.make_pipeline(cfg, 'test', 4, seed=0, train=False)
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_a_folder_gone_bad_raises_in_the_consumer(tmp_path, prefetch):
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        _save(tmp_path / f'{i}.png', _noise(rng, (20, 20, 3)))
+    pipe = data.make_pipeline(cfg_for('image_folder', folder=str(tmp_path), image_size=16,
+                                      prefetch=prefetch), 'train', 2, seed=0)
+    for i in range(3):
+        (tmp_path / f'{i}.png').unlink()  # every file vanishes after the scan
+    with pytest.raises(ValueError, match='16 consecutive records from index'):
+        with pipe.iterate(0) as it:
+            next(it)

@@ -7,19 +7,17 @@ import pytest
 
 import experiments
 from cratemae import diagnostics as dg
+from cratemae import export
 from cratemae import models
 from cratemae import ops
 
+try:
+    import whitebox_reference as wref
+except ImportError:  # tests/ imported as a package
+    from tests import whitebox_reference as wref
+
 EPS = dg.CODING_RATE_EPS
-
-
-def _coding_rate_tokens_form(x, eps=EPS):
-    """float64 NumPy R^c in the N x N form: sum_k 1/2 logdet(I_N + h/(N eps) X_k X_k^T)."""
-    x = np.asarray(x, np.float64)
-    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
-    n, h = x.shape[-2:]
-    gram = np.einsum('...nh,...mh->...nm', x, x)
-    return 0.5 * np.linalg.slogdet(np.eye(n) + h / (n * eps) * gram)[1].sum(-1)
+_coding_rate_tokens_form = wref.coding_rate_tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,6 +70,49 @@ def test_split_heads_takes_contiguous_column_blocks():
     np.testing.assert_array_equal(heads[:, 1], w[:, :, 2:4])
 
 
+def _u_blocks(kernel, heads):
+    d = kernel.shape[0]
+    return [kernel[:, k * (d // heads):(k + 1) * (d // heads)] for k in range(heads)]
+
+
+def test_coding_rate_in_subspaces_equals_orthonormalised_n_by_n_form():
+    # Independent route: QR-orthonormalise each U_k, project, N x N logdet in float64 (tests/whitebox_reference.py).
+    rng = np.random.default_rng(5)
+    d, heads, n = 12, 3, 9
+    kernel = rng.normal(size=(d, d)) * rng.uniform(0.2, 3.0, size=(1, d))  # columns of very different lengths
+    y = rng.normal(size=(2, n, d)) * rng.uniform(0.5, 2.0, size=(2, n, 1))
+    w = dg.split_heads(jnp.asarray(y @ kernel, jnp.float32), heads)
+    got = dg.coding_rate_in_subspaces(w, dg.subspace_gram(kernel, heads))
+    np.testing.assert_allclose(got, wref.coding_rate_orthonormal(y, _u_blocks(kernel, heads)), rtol=1e-4)
+
+
+def test_paper_variant_ignores_how_u_stretches_its_subspaces_and_sees_token_norms():
+    rng = np.random.default_rng(6)
+    d, heads, n = 8, 2, 10
+    kernel = rng.normal(size=(d, d))
+    y = rng.normal(size=(1, n, d))
+    # U_k -> U_k M_k (an invertible h x h mix of its columns) keeps span(U_k): the paper variant is unchanged, the
+    # reference's measure (non-orthonormal U, normalised tokens) is not.
+    mix = np.kron(np.eye(heads), np.array([[1.0, 0.0, 0.0, 0.0], [5.0, 0.1, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0],
+                                           [0.0, 0.0, 0.0, 0.2]]))
+    stretched = kernel @ mix
+    rate = lambda k: dg.coding_rate_in_subspaces(dg.split_heads(y @ k, heads), dg.subspace_gram(k, heads))  # noqa
+    np.testing.assert_allclose(rate(stretched), rate(kernel), rtol=1e-4)
+    ref_rate = lambda k: dg.coding_rate(dg.split_heads(y @ k, heads))  # noqa: E731
+    assert abs(float(ref_rate(stretched)[0]) - float(ref_rate(kernel)[0])) > 1.0
+    # Shrinking every token lowers the paper variant (the reference's normalisation hides it).
+    assert float(rate(kernel)[0]) - float(dg.coding_rate_in_subspaces(
+        dg.split_heads(0.1 * y @ kernel, heads), dg.subspace_gram(kernel, heads))[0]) > 1.0
+    np.testing.assert_allclose(ref_rate(kernel), dg.coding_rate(dg.split_heads(0.1 * y @ kernel, heads)), rtol=1e-5)
+
+
+def test_subspace_gram_takes_the_head_column_blocks():
+    kernel = np.random.default_rng(7).normal(size=(6, 6))
+    gram = dg.subspace_gram(kernel, 3)
+    for k, u in enumerate(_u_blocks(kernel, 3)):
+        np.testing.assert_allclose(gram[k], u.T @ u, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sparsity, inversion, batch statistics.
 
@@ -107,25 +148,21 @@ def test_inversion_is_zero_for_an_exact_inverse_and_pairs_layers_in_reverse():
 
 
 def test_batch_mean_std_weights_valid_samples():
-    mean, std = dg.batch_mean_std(np.array([[1.0, 3.0, 100.0]]), valid=np.array([1, 1, 0]))
-    np.testing.assert_allclose(mean, [2.0])
-    np.testing.assert_allclose(std, [1.0])
-
-
-def test_pca_rgb_recovers_a_line():
-    t = np.linspace(-1.0, 2.0, 12)
-    direction = np.array([0.2, 0.9, -0.1, 0.3])
-    features = (t[:, None] * direction + 5.0).reshape(2, 6, 4)
-    rgb = dg.pca_rgb(features)
-    assert rgb.shape == (2, 6, 3) and rgb.min() >= 0 and rgb.max() <= 1
-    np.testing.assert_allclose(rgb[..., 0].reshape(-1), (t - t.min()) / (t.max() - t.min()), atol=1e-5)
+    values, valid = np.array([[1.0, 3.0, 8.0, 100.0]]), np.array([1, 1, 1, 0])
+    mean, std = dg.batch_mean_std(values, valid=valid)  # unbiased by default, as torch's .std()
+    np.testing.assert_allclose(mean, [4.0])
+    np.testing.assert_allclose(std, [np.std([1.0, 3.0, 8.0], ddof=1)], rtol=1e-6)
+    _, population = dg.batch_mean_std(values, valid=valid, ddof=0)
+    np.testing.assert_allclose(population, [np.std([1.0, 3.0, 8.0])], rtol=1e-6)
+    _, single = dg.batch_mean_std(values, valid=np.array([0, 1, 0, 0]))
+    np.testing.assert_allclose(single, [0.0])
 
 
 def test_flatten_for_logging():
     flat = dg.flatten_for_logging(
-        {'compression_after': np.array([1.0, 2.0]), 'compression_after_std': np.array([0.1, 0.2])}
+        {'mssa_effect': np.array([1.0, 2.0]), 'mssa_effect_std': np.array([0.1, 0.2])}
     )
-    assert flat == {'whitebox/compression_after/layer_00': 1.0, 'whitebox/compression_after/layer_01': 2.0}
+    assert flat == {'whitebox/mssa_effect/layer_00': 1.0, 'whitebox/mssa_effect/layer_01': 2.0}
     assert len(dg.flatten_for_logging({'x_std': np.zeros(3)}, include_std=True)) == 3
 
 
@@ -187,21 +224,50 @@ def test_whitebox_measures(tiny):
     m = dg.whitebox_measures(model, params, images, valid=jnp.ones(3))
     assert set(m) == set(dg.MEASURES) | {k + '_std' for k in dg.MEASURES}
     assert all(v.shape == (model.depth,) and np.all(np.isfinite(v)) for v in m.values())
-    before = dg.coding_rate(dg.split_heads(inter['projection'], model.heads))  # (L, B)
-    np.testing.assert_allclose(m['compression_before'], np.mean(before, 1), rtol=1e-5)
-    np.testing.assert_allclose(m['compression_before_std'], np.std(before, 1), rtol=1e-4)
+    before = dg.coding_rate(dg.split_heads(inter['projection'], model.heads))  # (L, B): the reference's hook
+    np.testing.assert_allclose(m['compression_input'], np.mean(before, 1), rtol=1e-5)
+    np.testing.assert_allclose(m['compression_input_std'], np.std(before, 1, ddof=1), rtol=1e-4)
     np.testing.assert_allclose(m['sparsity_zeros'], np.mean(np.asarray(inter['ista_out']) == 0, (1, 2, 3)), rtol=1e-6)
-    assert np.all(m['sparsity_zeros'] > 0.2)  # ReLU outputs: about half zeros at init (spec §2.5)
+    np.testing.assert_allclose(m['sparsity_l0'], 1 - m['sparsity_zeros'], rtol=1e-6)
+    assert np.all(m['sparsity_zeros'] > 0.2)  # ReLU outputs: about half zeros at init (docs/model.md §2.5)
     # Padded samples can be left out of the means.
     two = dg.whitebox_measures(model, params, images, valid=jnp.array([1.0, 1.0, 0.0]))
-    np.testing.assert_allclose(two['compression_before'], np.mean(before[:, :2], 1), rtol=1e-5)
+    np.testing.assert_allclose(two['compression_input'], np.mean(before[:, :2], 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize('scale', [1.0, 1.7])
+def test_whitebox_measures_match_the_float64_reference(tiny, scale):
+    """Every coding-rate, effect and sparsity measure (and spread) against tests/whitebox_reference.py, which runs its
+    own float64 encoder on the exported state dict and computes the reference's N x N form and a QR-orthonormalised
+    paper variant. scale=1.7 perturbs the weights away from their initial conditioning."""
+    model, params, images, _ = tiny
+    params = jax.tree.map(lambda p: p * scale, params)
+    config = experiments.get_config('crate_mae_test').model
+    sd = {k: np.asarray(v) for k, v in export.to_reference_state_dict(params, config, encoder_only=True).items()}
+    want = wref.layer_measures(sd, np.asarray(images), config)
+    got = dg.whitebox_measures(model, params, images, paper=True)
+    assert set(dg.PAPER_MEASURES) <= set(got)
+    for key, value in want.items():
+        is_zeros = key.startswith('sparsity')
+        # A float32 ReLU may put a borderline entry on the other side of zero: 1 of the N d entries per sample.
+        atol = 2.0 / (images.shape[1] // model.patch_size) ** 2 / model.width if is_zeros else 2e-3
+        np.testing.assert_allclose(got[key], value, rtol=2e-4, atol=atol, err_msg=key)
+
+
+def test_effects_are_differences_of_the_three_points(tiny):
+    model, params, images, _ = tiny
+    m = dg.whitebox_measures(model, params, images, paper=True)
+    for suffix in ('', '_paper'):
+        rate = 'compression_paper_' if suffix else 'compression_'
+        np.testing.assert_allclose(m['mssa_effect' + suffix], m[rate + 'mid'] - m[rate + 'input'], atol=1e-4)
+        np.testing.assert_allclose(m['ista_effect' + suffix], m[rate + 'output'] - m[rate + 'mid'], atol=1e-4)
 
 
 def test_encoder_only_params_give_encoder_measures(tiny):
     model, params, images, _ = tiny
     encoder_only = {k: v for k, v in params.items() if not k.startswith('decoder')}
     m = dg.whitebox_measures(model, encoder_only, images)
-    assert 'inversion_error' not in m and 'compression_after' in m
+    assert 'inversion_error' not in m and 'compression_output' in m
 
 
 def test_vit_encoder_is_rejected():

@@ -162,6 +162,38 @@ def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path, cap
     assert 'launch.prepare_data cifar10' in capsys.readouterr().err
 
 
+def test_probe_splits_of_a_train_validation_folder_are_found_and_checked(workdir, tmp_path, capsys):
+    """The reported bug: DIR/train/<class>/ + DIR/validation/<class>/ evaluated on the training images."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
+    for split in ('train', 'validation'):
+        for cls in ('a', 'b'):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((28, 28), 30 * i + (100 if cls == 'b' else 0), np.uint8)).save(
+                    tmp_path / split / cls / f'{i}.png')
+    cfg = data.default_data_config()
+    cfg.update(name='image_folder', folder=str(tmp_path), image_size=28, channels=1)
+    ckpt = dataclasses.replace(checkpoints.load(workdir), data_config=cfg)
+    probe_cfg = features.probe_data_config(ckpt)
+    assert (probe_cfg.split_train, probe_cfg.split_eval) == ('train', 'validation')
+    test = features.split_features(ckpt, probe_cfg, probe_cfg.split_eval, 'cls', use_cache=False)
+    assert len(test.y) == 6 and test.num_classes == 2  # a, b: not train / validation
+    with pytest.raises(ValueError, match="no split folder 'test'.*split_eval"):
+        features.probe_data_config(ckpt, split_eval='test')
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--split_eval=nope',
+                                                     f'--cache_dir={tmp_path}']) == 2
+    assert "split_eval='nope': mnist has splits" in capsys.readouterr().err
+
+
+def test_finetune_split_flags_are_checked_before_anything_is_built():
+    proc = subprocess.run([sys.executable, '-m', 'launch.finetune', '--config=experiments/registry.py:finetune_mnist',
+                           '--split_eval=nope'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "mnist has no split 'nope'" in proc.stderr and '--config.data.split_eval' in proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Fine-tuning.
 

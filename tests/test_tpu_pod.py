@@ -148,3 +148,25 @@ def test_missing_gcloud_project_and_zone_are_named(monkeypatch, capsys):
     assert 'Missing --project and --zone (gcloud is not installed' in capsys.readouterr().err
     assert cli.run(tpu_pod.main, tpu_pod.FLAGS, ['stop', '--name=x', '--zone=z', '--dry_run']) == 2
     assert 'Missing --project (' in capsys.readouterr().err
+
+
+def test_setup_and_run_make_the_prepared_data_readable_on_every_host():
+    mount = _remote(_printed('setup', '--data=gs://my-bucket/tfds', *V4)[-1])
+    assert 'gcsfuse --implicit-dirs --only-dir tfds my-bucket /mnt/tfds' in mount
+    assert 'mountpoint -q /mnt/tfds ||' in mount and 'apt-get install -y -qq gcsfuse' in mount
+    copy = _remote(_printed('setup', '--data=gs://my-bucket/tfds', '--data_mode=copy', *V4)[-1])
+    assert copy.endswith('gcloud storage rsync --recursive gs://my-bucket/tfds /mnt/tfds')
+    whole_bucket = _remote(_printed('setup', '--data=gs://my-bucket', *V4)[-1])
+    assert 'gcsfuse --implicit-dirs my-bucket /mnt/tfds' in whole_bucket
+    run = _printed('run', '--config=crate_mae_base', '--bucket=gs://my-bucket', '--data=gs://my-bucket/tfds',
+                   '--config.train.eval_batch=256', *V4)
+    assert _remote(run[0]) == mount  # remounted if a host restarted, a no-op otherwise
+    train = _remote(run[1])
+    assert '--config.data.data_dir=/mnt/tfds' in train and '--config.train.eval_batch=256' in train
+    assert train.index('--config.data.data_dir=/mnt/tfds') < train.index('--config.train.eval_batch=256')
+    assert 'data_dir' not in _remote(_printed('run', '--config=crate_mae_base', '--bucket=gs://b', *V4)[0])
+
+
+def test_bad_data_url_is_a_usage_error(capsys):
+    assert cli.run(tpu_pod.main, tpu_pod.FLAGS, ['setup', '--data=/local/tfds', *V4]) == 2
+    assert 'must be gs://BUCKET[/PREFIX]' in capsys.readouterr().err

@@ -309,11 +309,13 @@ def test_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
     train.train_and_evaluate(config, 'runs/relative')
     workdir = tmp_path / 'runs' / 'relative'
     assert (workdir / 'checkpoints' / '10').is_dir()
-    # The evaluation also logs the white-box measures per layer and draws reconstructions and layer curves.
+    # The evaluation also logs the white-box measures per layer, the MSSA and ISTA effects apart, and draws the
+    # reconstructions and the two layer-wise figures (arrays written as PNGs, no file read back).
     evals = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines() if 'eval/' in line]
-    assert {'whitebox/sparsity_zeros/layer_01', 'whitebox/compression_after/layer_00'} <= set(evals[-1])
-    assert {p.name for p in (workdir / 'images').iterdir()} >= {'reconstructions_00000010.png',
-                                                                'whitebox_00000010.png'}
+    assert {'whitebox/sparsity_zeros/layer_01', 'whitebox/compression_input/layer_00', 'whitebox/mssa_effect/layer_01',
+            'whitebox/ista_effect/layer_00', 'whitebox/compression_mid/layer_01'} <= set(evals[-1])
+    assert {p.name for p in (workdir / 'images').iterdir()} >= {
+        'reconstructions_00000010.png', 'whitebox_layerwise_00000010.png', 'whitebox_mssa_ista_00000010.png'}
 
 
 def test_random_params_are_a_runs_own_step_zero():

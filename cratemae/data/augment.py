@@ -109,15 +109,22 @@ def hflip(image):
     return np.ascontiguousarray(image[:, ::-1])
 
 
+def normalize_constants(mean, std):
+    """float32 (scale, bias) = (1 / (255 std), -mean / std), computed in float64."""
+    std = np.asarray(std, np.float64)
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    bias = (-np.asarray(mean, np.float64) / std).astype(np.float32)
+    return scale, bias
+
+
 def normalize(image, mean, std):
     """float32 (x / 255 - mean) / std per channel (mean, std in [0, 1] units).
 
     Works on one image or a whole uint8 batch (channels last); computed as
     x * (1 / (255 std)) - mean / std, two passes over the float output.
+    The devices compute the same from uint8 batches (`device.normalize`).
     """
-    std = np.asarray(std, np.float64)
-    scale = (1.0 / (255.0 * std)).astype(np.float32)
-    bias = (-np.asarray(mean, np.float64) / std).astype(np.float32)
+    scale, bias = normalize_constants(mean, std)
     out = np.multiply(image, scale, dtype=np.float32)
     out += bias
     return out

@@ -8,6 +8,7 @@ from ml_collections import config_dict
 
 from cratemae.data import randaugment
 from cratemae.data import registry
+from cratemae.data import tfds_source
 
 AUGMENTS = ('mae', 'none')
 NORMALIZE = ('dataset', 'none')
@@ -16,19 +17,25 @@ NORMALIZE = ('dataset', 'none')
 def default_data_config():
     """The embedded default: MNIST at 32 px, 1 channel, MAE augmentation.
 
-    Keys: name, split_train, split_eval, data_dir (None -> tfds default),
+    Keys: name (registered, or tfds:NAME[:VERSION]), split_train,
+    split_eval ('auto': validation/ val/ test, whichever the data has),
+    data_dir (None -> tfds default), image_key / label_key (tfds; None ->
+    supervised keys or the first Image / ClassLabel feature),
     folder (image_folder only), image_size, channels, augment ('mae'|'none'),
     crop_scale, hflip, randaugment (None or (num_ops, magnitude) of
     torchvision's RandAugment, applied to training images after the crop
-    and flip; also with augment='none'), normalize ('dataset'|'none'), num_workers (0 = in
-    process), prefetch (batches made ahead by a background thread),
+    and flip; also with augment='none'), normalize ('dataset'|'none'), num_workers
+    ('auto': the cores of this process's CPU affinity less one for the trainer, 0 for the
+    in-memory embedded datasets; 0 = in process; see workers.py), prefetch (batches made ahead by a background thread),
     eval_crop_pct (None -> the dataset's default: 1.0 small, 0.875 photos).
     """
     return ml_collections.ConfigDict(dict(
         name='mnist',
         split_train='train',
-        split_eval='test',
+        split_eval='auto',
         data_dir=config_dict.placeholder(str),
+        image_key=config_dict.placeholder(str),
+        label_key=config_dict.placeholder(str),
         folder=config_dict.placeholder(str),
         image_size=32,
         channels=1,
@@ -37,10 +44,18 @@ def default_data_config():
         hflip=True,
         randaugment=config_dict.placeholder(tuple),
         normalize='dataset',
-        num_workers=0,
+        num_workers=config_dict.FieldReference('auto', field_type=object),  # 'auto' or an int
         prefetch=2,
         eval_crop_pct=config_dict.placeholder(float),
     ))
+
+
+def data_config_from(values):
+    """A data config with this module's field types from a plain mapping, e.g. one read back from a
+    checkpoint's JSON, where `num_workers` would otherwise be locked to the type of its stored value."""
+    cfg = default_data_config()
+    cfg.update(dict(values))
+    return cfg
 
 
 def _is_int(x):
@@ -50,9 +65,14 @@ def _is_int(x):
 def validate_data_config(cfg):
     """Raises ValueError naming the key and the accepted values."""
     errors = []
-    if cfg.get('name') not in registry.DATASETS:
-        errors.append(f'data.name={cfg.get("name")!r} is not a dataset; valid '
-                      f'names: {", ".join(registry.dataset_names())}')
+    name = cfg.get('name')
+    if isinstance(name, str) and name.startswith(tfds_source.PREFIX):
+        if (problem := tfds_source.check_name(name)) is not None:
+            errors.append(problem)
+    elif name not in registry.DATASETS:
+        errors.append(f'data.name={name!r} is not a dataset; valid '
+                      f'names: {", ".join(registry.dataset_names())}, or '
+                      'tfds:NAME[:VERSION] for any prepared tfds image dataset')
     for key in ('split_train', 'split_eval'):
         if not isinstance(cfg.get(key), str) or not cfg.get(key):
             errors.append(f'data.{key}={cfg.get(key)!r} must be a split name')
@@ -79,9 +99,11 @@ def validate_data_config(cfg):
         errors.append(problem)
     if not isinstance(cfg.get('hflip'), bool):
         errors.append(f'data.hflip={cfg.get("hflip")!r} must be True or False')
-    for key in ('num_workers', 'prefetch'):
-        if not _is_int(cfg.get(key)) or cfg.get(key) < 0:
-            errors.append(f'data.{key}={cfg.get(key)!r} must be an int >= 0')
+    if not (cfg.get('num_workers') == 'auto' or _is_int(cfg.get('num_workers'))
+            and cfg.get('num_workers') >= 0):
+        errors.append(f'data.num_workers={cfg.get("num_workers")!r} must be \'auto\' or an int >= 0')
+    if not _is_int(cfg.get('prefetch')) or cfg.get('prefetch') < 0:
+        errors.append(f'data.prefetch={cfg.get("prefetch")!r} must be an int >= 0')
     pct = cfg.get('eval_crop_pct')
     if pct is not None and not (isinstance(pct, numbers.Real) and 0 < pct <= 1):
         errors.append(f'data.eval_crop_pct={pct!r} must be None or in (0, 1]')
@@ -93,8 +115,9 @@ def validate_data_config(cfg):
     spec = registry.DATASETS.get(cfg.get('name'))
     if spec is not None and spec.splits:
         for key in ('split_train', 'split_eval'):
-            if cfg.get(key) not in spec.splits:
+            if cfg.get(key) not in spec.splits and not (key == 'split_eval'
+                                                        and cfg.get(key) == 'auto'):
                 errors.append(f'data.{key}={cfg.get(key)!r}: {spec.name} has '
-                              f'splits {spec.splits}')
+                              f'splits {spec.splits} (--config.data.{key})')
     if errors:
         raise ValueError('invalid config.data:\n  ' + '\n  '.join(errors))

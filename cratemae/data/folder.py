@@ -5,12 +5,13 @@ num_classes None) or one subfolder per class (labels = sorted subfolder
 names' order). Any file PIL can open counts (JPEG, PNG, BMP, GIF, TIFF, WebP).
 The file list is sorted, so example i is the same file on every host.
 
+Examples are the files' bytes; the pipeline decodes them (`decode.py`: the
+same decoder and colour rules as tfds records, JPEG DCT-domain downscaling).
+
 Robustness:
   * a file PIL cannot identify is skipped at scan time and counted in one log
     message; a file that fails later, while decoding (e.g. a truncated JPEG),
     is replaced by the next readable example (deterministically) and logged;
-  * grey, palette, CMYK and RGBA images are converted to the configured
-    channel count (alpha dropped);
   * images smaller than the output size are upscaled by the crop/resize, and
     how many there are is logged once.
 """
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 
 _EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
                '.ppm', '.pgm')
-# Attempts before giving up on finding a decodable neighbour.
-_MAX_FALLBACK = 16
 
 
 def _list_files(folder):
@@ -44,6 +43,53 @@ def _list_files(folder):
     files = [(e.path, -1) for e in entries
              if e.is_file() and e.name.lower().endswith(_EXTENSIONS)]
     return files, None
+
+
+SPLIT_FOLDERS = ('train', 'validation', 'val', 'test')
+EVAL_SPLITS = ('validation', 'val', 'test')  # what split_eval='auto' looks for, in order
+_SPLIT_FLAGS = '--config.data.split_train / --config.data.split_eval'
+
+
+def split_folders(root):
+    """Split subfolders of `root` (a train/ + validation/ layout), in SPLIT_FOLDERS order."""
+    return [s for s in SPLIT_FOLDERS if os.path.isdir(os.path.join(root, s))]
+
+
+def folder_for_split(root, split):
+    """(folder to read, split name) for `split` of an image folder.
+
+    With split subfolders (train/, validation/, val/, test/) a split is its
+    subfolder and never a class; 'auto' (the default split_eval) takes the
+    first of validation/, val/, test/; any other missing split is an error
+    listing the ones that exist. A folder without split subfolders is the one
+    split 'train'; 'auto' then evaluates on those same images, with a warning.
+    """
+    splits = split_folders(root)
+    if splits:
+        if split == 'auto':
+            found = [s for s in EVAL_SPLITS if s in splits]
+            if not found:
+                raise ValueError(
+                    f'image_folder {root!r} has split folders {splits} but no evaluation '
+                    f'split ({"/, ".join(EVAL_SPLITS)}/); choose one with {_SPLIT_FLAGS}')
+            split = found[0]
+            log.info('image_folder %s: evaluation split %r', root, split)
+        if split not in splits:
+            raise ValueError(
+                f'image_folder {root!r} has no split folder {split!r}; its splits are '
+                f'{splits}. Choose with {_SPLIT_FLAGS}')
+        return os.path.join(root, split), split
+    if split == 'auto':
+        log.warning('image_folder %s has no split folders (%s): evaluating on the training '
+                    'images. Make a validation/ folder next to train/ for held-out data.',
+                    root, '/, '.join(SPLIT_FOLDERS) + '/')
+        return root, 'train'
+    if split != 'train':
+        raise ValueError(
+            f'image_folder {root!r} has no split folders ({"/, ".join(SPLIT_FOLDERS)}/), so '
+            f'its one split is \'train\' (the folder itself), not {split!r}. Lay it out as '
+            f'{root}/train/<class>/ + {root}/validation/<class>/, or set {_SPLIT_FLAGS}=train')
+    return root, split
 
 
 class FolderSource:
@@ -88,20 +134,12 @@ class FolderSource:
     def __len__(self):
         return len(self.paths)
 
-    def _decode(self, i):
-        with Image.open(self.paths[i]) as im:
-            im = im.convert('L' if self.channels == 1 else 'RGB')
-            arr = np.asarray(im)
-        return arr[:, :, None] if arr.ndim == 2 else arr
-
     def __getitem__(self, i):
-        n = len(self.paths)
-        for k in range(_MAX_FALLBACK):
-            j = (int(i) + k) % n
-            try:
-                return self._decode(j), int(self.labels[j])
-            except (OSError, ValueError, SyntaxError) as e:
-                log.warning('image_folder: cannot decode %s (%s); using the next '
-                            'image instead', self.paths[j], e)
-        raise OSError(f'image_folder: {_MAX_FALLBACK} consecutive images from '
-                      f'index {i} failed to decode in {self.folder}')
+        """(encoded file bytes, label): the pipeline decodes (`decode.py`)."""
+        try:
+            with open(self.paths[int(i)], 'rb') as f:
+                payload = f.read()
+        except OSError as e:  # gone since the scan: an undecodable record (logged, replaced)
+            log.warning('image_folder: cannot read %s (%s)', self.paths[int(i)], e)
+            payload = b''
+        return payload, int(self.labels[int(i)])

@@ -17,13 +17,13 @@ Eval reads the split in stored order, batch i = positions [i * GB, (i+1) * GB)
 split across hosts the same way; positions >= N repeat from the start
 (g mod N) and are marked valid=False. num_batches = ceil(N / GB).
 
-`iterate(start)` produces batches ahead of the consumer: in a background
-thread (config.data.prefetch batches deep) and, with num_workers > 0, in grain
-worker processes (`IterDataset.mp_prefetch`), each worker making whole batches.
+`iterate(start)` produces batches `config.data.prefetch` ahead of the
+consumer: in process with grain's read-ahead thread (`ReadOptions`), and with
+num_workers > 0 in grain worker processes (`IterDataset.mp_prefetch`, each
+worker making whole batches) copied out of shared memory by a thread of ours.
 """
 
 import dataclasses
-import itertools
 import logging
 import math
 import queue
@@ -34,9 +34,11 @@ import grain
 import numpy as np
 
 from cratemae.data import augment
+from cratemae.data import decode
 from cratemae.data import randaugment
 from cratemae.data import config as config_lib
 from cratemae.data import registry
+from cratemae.data import workers
 
 log = logging.getLogger(__name__)
 
@@ -67,32 +69,80 @@ def _convert_stats(mean, std, channels):
 
 
 class _Transform:
-    """uint8 example -> (uint8 HWC image at size, label); picklable for
-    workers. Normalisation happens once per batch (`_Batcher`): vectorised,
-    and uint8 is a quarter of the bytes to move between transforms."""
+    """(index, payload, label) -> (uint8 HWC image at size, label); picklable
+    for workers. A payload is a uint8 array (embedded sources, tfds Tensor
+    features) or encoded bytes (folder files, tfds Image features), which
+    `decode.decode_crop` decodes straight to the crop. Bytes that do not
+    decode are replaced by the next decodable record of the source
+    (deterministically) and logged. Normalisation happens once per batch
+    (`_Batcher`): vectorised, on a quarter of the bytes."""
 
-    def __init__(self, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment_spec=None):
+    def __init__(self, source, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True,
+                 randaugment_spec=None):
+        self.source = source
         self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.scale, self.flip, self.crop_pct = tuple(scale), flip, crop_pct
         self.mae_crop, self.randaugment_spec = mae_crop, randaugment_spec
 
+    def _crop(self, example, box_fn):
+        """(cropped uint8 image, label) of example = (index, payload, label);
+        a replacement record brings its own label."""
+        index, payload, label = example
+        n = len(self.source)
+        for k in range(_MAX_FALLBACK):
+            try:
+                if decode.is_encoded(payload):
+                    return decode.decode_crop(payload, box_fn, self.size, self.channels), label
+                image = augment.to_channels(payload, self.channels)
+                return augment.resized_crop(image, box_fn(*image.shape[:2]), self.size), label
+            except decode.UndecodableImage as e:
+                j = (int(index) + k + 1) % n
+                log.warning('record %d of %s: %s; using record %d instead',
+                            (int(index) + k) % n, _describe(self.source, (int(index) + k) % n), e, j)
+                payload, label = self.source[j]
+        raise decode.UndecodableImage(
+            f'{_MAX_FALLBACK} consecutive records from index {index} failed to decode')
+
     def train(self, example, rng):
-        image, label = example
-        image = augment.to_channels(image, self.channels)
         if self.mae_crop:
-            image = augment.mae_train(image, rng, self.size, self.scale, self.flip)
+            box_fn = lambda h, w: augment.random_resized_crop_box(rng, h, w, self.scale)
         else:
-            image = augment.eval_transform(image, self.size, self.crop_pct)
+            box_fn = lambda h, w: augment.center_box(h, w, self.crop_pct)
+        image, label = self._crop(example, box_fn)
+        if self.mae_crop and self.flip and rng.random() < 0.5:
+            image = augment.hflip(image)
         if self.randaugment_spec is not None:  # after crop and flip, as torchvision's Compose in the reference
             image = randaugment.rand_augment(image, rng, *self.randaugment_spec)
         return image, label
 
     def eval(self, example):
-        image, label = example
-        image = augment.to_channels(image, self.channels)
-        return augment.eval_transform(image, self.size, self.crop_pct), label
+        return self._crop(example, lambda h, w: augment.center_box(h, w, self.crop_pct))
+
+
+# Decode failures in a row before giving up (a dataset of junk, not one bad file).
+_MAX_FALLBACK = 16
+
+
+def _describe(source, i):
+    """A file path for folder sources, else the record index."""
+    paths = getattr(source, 'paths', None)
+    return paths[i] if paths is not None else type(source).__name__
+
+
+class _Indexed:
+    """grain source: i -> (i, payload, label), so a failed decode can fall back."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        payload, label = self.source[int(i)]
+        return int(i), payload, label
 
 
 def _derive_seeds(seed):
@@ -107,13 +157,14 @@ class _Batcher:
     """Index math + grain dataset; pickled into grain worker processes."""
 
     def __init__(self, source, transform, seed, global_batch, process_index,
-                 process_count, train, augment_train):
+                 process_count, train, augment_train, uint8=False):
         self.source, self.transform = source, transform
         self.seed, self.train, self.augment_train = seed, train, augment_train
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
         self.offset = process_index * self.local_batch
         self.num_examples = len(source)
+        self.uint8 = uint8
         self._ds = None
 
     def __getstate__(self):
@@ -125,7 +176,7 @@ class _Batcher:
     def dataset(self):
         """grain.MapDataset: global position g -> (uint8 image, label)."""
         if self._ds is None:
-            ds = grain.MapDataset.source(self.source)
+            ds = grain.MapDataset.source(_Indexed(self.source))
             if self.train:
                 shuffle_seed, aug_seed = _derive_seeds(self.seed)
                 ds = ds.shuffle(seed=shuffle_seed)
@@ -149,7 +200,7 @@ class _Batcher:
         examples = [self.dataset[int(i)] for i in index]
         images = np.stack([e[0] for e in examples])
         t = self.transform
-        batch = {'image': augment.normalize(images, t.mean, t.std),
+        batch = {'image': images if self.uint8 else augment.normalize(images, t.mean, t.std),
                  'label': np.asarray([e[1] for e in examples], np.int32)}
         if not self.train:
             batch['valid'] = g < self.num_examples
@@ -160,7 +211,7 @@ class Pipeline:
     """Input for one split on one host; see the module docstring for order."""
 
     def __init__(self, cfg, split, global_batch, seed, process_index=0,
-                 process_count=1, train=True):
+                 process_count=1, train=True, uint8=False):
         config_lib.validate_data_config(cfg)
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f'process_index={process_index} must be in '
@@ -169,7 +220,7 @@ class Pipeline:
             raise ValueError(f'global_batch={global_batch} must be a positive '
                              f'multiple of process_count={process_count}')
         spec = registry.get_spec(cfg.name)
-        source = registry.open_source(cfg, split)
+        source, split = registry.open_source(cfg, split)
         mean, std = registry.mean_std(spec)
         if cfg.get('normalize', 'dataset') == 'none':
             mean, std = (0.0,) * len(mean), (1.0,) * len(std)
@@ -178,7 +229,7 @@ class Pipeline:
         crop_pct = spec.eval_crop_pct if crop_pct is None else float(crop_pct)
         rand_aug = cfg.get('randaugment')
         rand_aug = None if rand_aug is None else tuple(int(v) for v in rand_aug)
-        transform = _Transform(cfg.image_size, cfg.channels, mean, std,
+        transform = _Transform(source, cfg.image_size, cfg.channels, mean, std,
                                cfg.crop_scale, cfg.hflip, crop_pct,
                                mae_crop=cfg.augment == 'mae', randaugment_spec=rand_aug)
         self.info = DataInfo(name=spec.name, num_examples=len(source),
@@ -188,11 +239,14 @@ class Pipeline:
         self.split, self.train = split, train
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
-        self.num_workers = cfg.num_workers
         self.prefetch = cfg.prefetch
+        batch_bytes = self.local_batch * cfg.image_size ** 2 * cfg.channels * (1 if uint8 else 4)
+        self.num_workers = workers.resolve(cfg.num_workers, decodes=spec.kind != 'embedded',
+                                           batch_bytes=batch_bytes, buffer=max(1, cfg.prefetch))
         self._batcher = _Batcher(source, transform, seed, global_batch,
                                  process_index, process_count, train,
-                                 augment_train=cfg.augment == 'mae' or rand_aug is not None)
+                                 augment_train=cfg.augment == 'mae' or rand_aug is not None,
+                                 uint8=uint8)
         log.info('data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
                  spec.name, split, len(source),
                  f'augment={cfg.augment}, randaugment={rand_aug}' if train else f'eval crop_pct={crop_pct}',
@@ -210,24 +264,38 @@ class Pipeline:
         return math.ceil(self.info.num_examples / self.global_batch)
 
     def batch(self, step):
-        """{'image': float32 (B, H, W, C), 'label': int32 (B,)} at `step`;
+        """{'image': float32 (B, H, W, C) normalised (uint8, not normalised, if
+        the pipeline was made with uint8=True: `device.normalize` does it on the
+        devices), 'label': int32 (B,)} at `step`;
         eval batches also carry 'valid' (bool (B,)). B = GB / process_count."""
         if not self.train and not 0 <= step < self.num_batches:
             raise IndexError(f'eval batch {step} out of range [0, {self.num_batches})')
         return self._batcher(step)
 
+    def example(self, position):
+        """(uint8 HWC image, label) at global stream position `position`:
+        decoded and augmented as in batch(), before normalisation."""
+        return self._batcher.dataset[int(position)]
+
     def iterate(self, start_step=0):
         """Iterator of (step, batch) from start_step (train: forever; eval: to
-        num_batches), made ahead by a background thread / worker processes.
-        Call .close() (or use `with`) to stop the producers early."""
-        stop = self.num_batches if not self.train else None
+        num_batches), made `prefetch` batches ahead of the consumer. Call
+        .close() (or use `with`) to stop the producers early.
+
+        In process, grain's own read-ahead thread makes the batches
+        (`ReadOptions`). With num_workers > 0, grain worker processes make them
+        (`mp_prefetch`) and one thread of ours copies each out of shared
+        memory: grain's `ThreadPrefetchIterDataset` in that place stopped
+        scaling (16-core host, 2026-11-29: 373 images/s at 4 workers, 95 at
+        15, against 683 and 2,163 with this thread; docs/data.md)."""
+        stop = self.num_batches if not self.train else start_step + 2**40  # "forever"
         if self.num_workers > 0:
-            source = _grain_worker_iter(self._batcher, start_step, stop,
-                                        self.num_workers, max(1, self.prefetch))
-        else:
-            steps = itertools.count(start_step) if stop is None else range(start_step, stop)
-            source = ((s, self._batcher(s)) for s in steps)
-        return Prefetcher(source, self.prefetch)
+            return Prefetcher(_grain_worker_iter(self._batcher, start_step, stop, self.num_workers,
+                                                 max(1, self.prefetch)), self.prefetch)
+        ds = grain.MapDataset.range(start_step, max(start_step, stop)).map(_StepBatch(self._batcher))
+        ds = ds.to_iter_dataset(grain.ReadOptions(
+            num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch))
+        return _Batches(iter(ds))
 
 
 class _StepBatch:
@@ -238,6 +306,28 @@ class _StepBatch:
 
     def __call__(self, step):
         return int(step), self.batcher(step)
+
+
+class _Batches:
+    """grain's iterator of (step, batch), closable, usable with `with`."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        self._it.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _grain_worker_iter(batcher, start, stop, num_workers, buffer):
@@ -336,7 +426,8 @@ class Prefetcher:
 
 
 def make_pipeline(cfg, split, global_batch, seed, process_index=0,
-                  process_count=1, train=True):
-    """The pipeline the train/eval loops read; see `Pipeline`."""
+                  process_count=1, train=True, uint8=False):
+    """The pipeline the train/eval loops read; see `Pipeline`. uint8=True
+    hands uint8 batches over, to be normalised on the devices (`device.py`)."""
     return Pipeline(cfg, split, global_batch, seed, process_index=process_index,
-                    process_count=process_count, train=train)
+                    process_count=process_count, train=train, uint8=uint8)

@@ -6,7 +6,6 @@ units) used for normalisation. Adding a dataset is one entry here.
 """
 
 import dataclasses
-import os
 from typing import Optional, Tuple
 
 from cratemae.data import embedded
@@ -60,35 +59,53 @@ if embedded.sklearn_available():
 
 
 def dataset_names():
-    """Sorted registered names (for error messages and `launch.list`)."""
+    """Sorted registered names (for error messages and `launch.list`); any
+    prepared tfds image dataset is also accepted as tfds:NAME[:VERSION]."""
     return sorted(DATASETS)
 
 
 def get_spec(name):
+    if isinstance(name, str) and name.startswith(tfds_source.PREFIX):
+        if (problem := tfds_source.check_name(name)) is not None:
+            raise ValueError(problem)
+        return DatasetSpec(name, 'tfds', None, None, IMAGENET_MEAN, IMAGENET_STD, 0.875)
     if name not in DATASETS:
         raise ValueError(f'unknown dataset {name!r}; valid names: '
-                         f'{", ".join(dataset_names())}')
+                         f'{", ".join(dataset_names())}, or tfds:NAME[:VERSION] for any '
+                         'prepared tfds image dataset')
     return DATASETS[name]
 
 
 def open_source(cfg, split):
-    """Random-access source for `split`: len(src), src[i] -> (uint8 HWC, label)."""
+    """(random-access source, resolved split name) for `split` ('auto' = the
+    dataset's evaluation split): len(src), src[i] -> (payload, label), the
+    payload a uint8 HWC array or encoded image bytes."""
     spec = get_spec(cfg.name)
     if spec.kind == 'embedded':
-        return embedded.open_split(spec.name, split)
+        split = 'test' if split == 'auto' else split
+        return embedded.open_split(spec.name, split), split
     if spec.kind == 'tfds':
-        return tfds_source.open_split(spec.name, split, cfg.get('data_dir'))
-    return folder_lib.FolderSource(_folder_for_split(cfg, split),
-                                   channels=cfg.channels, image_size=cfg.image_size)
+        return tfds_source.open_split(spec.name, split, cfg.get('data_dir'),
+                                      cfg.get('image_key'), cfg.get('label_key'))
+    folder, split = folder_lib.folder_for_split(cfg.folder, split)
+    return folder_lib.FolderSource(folder, channels=cfg.channels,
+                                   image_size=cfg.image_size), split
 
 
-def _folder_for_split(cfg, split):
-    """<folder>/<split> if that subfolder exists (train/ val/ layouts), else
-    <folder> itself for any split."""
-    sub = os.path.join(cfg.folder or '', split or '')
-    if split and os.path.isdir(sub) and split in ('train', 'val', 'validation', 'test'):
-        return sub
-    return cfg.folder
+def resolve_split(cfg, split):
+    """The split `split` names for cfg's dataset ('auto' -> its evaluation
+    split), checked against the splits it has; cheap (no image is opened)."""
+    spec = get_spec(cfg.name)
+    if spec.kind == 'embedded':
+        split = 'test' if split == 'auto' else split
+        if split not in spec.splits:
+            raise ValueError(f'{spec.name} has no split {split!r}; its splits are {spec.splits}. '
+                             'Choose with --config.data.split_train / --config.data.split_eval')
+        return split
+    if spec.kind == 'tfds':
+        b = tfds_source.builder(spec.name, cfg.get('data_dir'))
+        return tfds_source.resolve_split(spec.name, b.info, split)
+    return folder_lib.folder_for_split(cfg.folder, split)[1]
 
 
 def mean_std(spec):

@@ -1,55 +1,111 @@
-"""Input-pipeline throughput: decoded + MAE-augmented images per second, per core (``python -m launch.benchmark_data``).
+"""Input-pipeline throughput (``python -m launch.benchmark_data``): decoded + MAE-augmented images per second.
 
-``make_jpegs`` writes JPEGs (quality 90, 500x375 or 375x500 like a typical ImageNet photo) cut from scikit-image's
-bundled photos; ``bench_inline`` and ``bench_workers`` read them through the real ``image_folder`` pipeline (PIL
-decode, RandomResizedCrop bicubic, flip, normalise to float32, batch):
+``imagenet_like_jpegs`` makes JPEGs that look like ImageNet's: 500x375 or 375x500, quality 95, ~110 KiB on average.
+Each is a crop of one of scikit-image's bundled photos with the fine detail of a bundled texture (grass, gravel,
+brick: their high-pass, not random noise) added, so the files carry real photographic detail rather than the smooth
+upscaled crops that flatter a decoder. No download. ``write_data`` stores the same bytes as an image folder and as a
+tfds array_record dataset (``Image(encoding_format='jpeg')``), and ``measure`` reads one of them, as a pod host
+does, through the real pipeline (decode with JPEG DCT-domain downscaling where the crop allows, RandomResizedCrop
+bicubic, flip, normalise, batch):
 
-  * inline: ``pipe.batch(step)`` in this process, one core: images per CPU-second of this process = images/s per
-    core (robust to neighbours);
-  * W workers: ``pipe.iterate()`` with W grain worker processes + the prefetch thread, as training reads it; per
-    core = images/s / min(W, cores).
+  * images_per_cpu_second: ``pipe.batch(step)`` in this process, images per CPU-second of this process (= per core;
+    robust to neighbour load); decode_augment_per_cpu_second: the same without normalising and batching
+    (``pipe.example``), the cost once batches travel as uint8;
+  * images_per_s: {workers: images per wall second}; 0 = in process, W = ``pipe.iterate()`` with W grain worker
+    processes, as training reads it; scaling: {W: images_per_s / (W x images_per_cpu_second)};
+  * cores_needed: input cores per accelerator (or TPU host) at the rates in TARGETS;
+  * the load average and the cores other processes used meanwhile: a neighbour job slows every wall-clock figure.
 """
 
+import datetime
+import io
+import math
 import os
+import platform
+import tempfile
 import time
 
 import numpy as np
 from PIL import Image
+from PIL import ImageFilter
 
+from cratemae import data
 from cratemae import metrics
-from cratemae.data import config as data_config
 from cratemae.data import embedded
-from cratemae.data import pipeline
+from cratemae.data import tfds_writer
+from cratemae.data import workers
+
+# Images/s each input pipeline has to feed. GPUs: the CRATE-MAE-Base step target
+# on one H200 (docs/performance.md), the same for an H100. TPU hosts (4 chips
+# each): that rate scaled by each chip's peak bf16 FLOP/s relative to the H200
+# (989 TFLOP/s): v4 275, v5e 197, v5p 459, i.e. the same model FLOP utilisation.
+TARGETS = {
+    'H100/H200 GPU': 4600.0,
+    'TPU v4 host (4 chips)': 4 * 4600.0 * 275 / 989,
+    'TPU v5e host (4 chips)': 4 * 4600.0 * 197 / 989,
+    'TPU v5p host (4 chips)': 4 * 4600.0 * 459 / 989,
+}
+_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field',
+           'immunohistochemistry', 'retina')
+_TEXTURES = ('grass', 'gravel', 'brick')
 
 
-def make_jpegs(folder, count, seed=0):
-    """`count` JPEGs (4:3 or 3:4, 500 px long side) of random photo crops."""
+def imagenet_like_jpegs(count, seed=0, detail=3.0, quality=95):
+    """[(JPEG bytes, label)]: label = source photo index."""
     rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(embedded.skimage_photo(n))
-              for n in embedded.SKIMAGE_SOURCES[:7]]
+    photos = [Image.fromarray(embedded.skimage_photo(n)) for n in _PHOTOS]
+    textures = []
+    for n in _TEXTURES:
+        t = Image.fromarray(embedded.skimage_photo(n)).convert('L')
+        t = t.resize((1000, 1000), Image.BICUBIC)
+        hp = np.asarray(t, np.float32) - np.asarray(t.filter(ImageFilter.GaussianBlur(3)), np.float32)
+        textures.append(hp)
+    out = []
     for i in range(count):
-        photo = photos[i % len(photos)]
+        k = i % len(photos)
+        photo = photos[k]
         w, h = photo.size
-        side = rng.uniform(0.5, 1.0) * min(w, h)
+        size = (500, 375) if i % 3 else (375, 500)
+        side = rng.uniform(0.6, 1.0) * min(w, h)
         cw, ch = (side, side * 0.75) if i % 3 else (side * 0.75, side)
         left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-        size = (500, 375) if i % 3 else (375, 500)
-        img = photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch))
-        img.save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
+        base = np.asarray(photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch)),
+                          np.float32)
+        tex = textures[i % len(textures)]
+        y, x = rng.integers(0, 1000 - size[1]), rng.integers(0, 1000 - size[0])
+        pixels = base + detail * tex[y:y + size[1], x:x + size[0], None]
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=quality)
+        out.append((buf.getvalue(), k))
+    return out
 
 
-def _config(folder, size, workers):
-    cfg = data_config.default_data_config()
-    cfg.update(name='image_folder', folder=folder, image_size=size, channels=3,
-               augment='mae', hflip=True, num_workers=workers, prefetch=4)
+def _config(mode, root, size, num_workers):
+    cfg = data.default_data_config()
+    cfg.update(image_size=size, channels=3, augment='mae', hflip=True, num_workers=num_workers,
+               prefetch=4)
+    if mode == 'folder':
+        cfg.update(name='image_folder', folder=os.path.join(root, 'folder'))
+    else:
+        cfg.update(name='tfds:bench_jpegs', data_dir=os.path.join(root, 'tfds'))
     return cfg
 
 
-def bench_inline(folder, size, batch, steps):
-    """pipe.batch(s) in this process, after 1 warm-up: (images per wall
-    second, images per CPU-second of this process, cores' worth of CPU used
-    by other processes meanwhile)."""
-    pipe = pipeline.make_pipeline(_config(folder, size, 0), 'train', batch, seed=0)
+def write_data(root, jpegs):
+    """The same bytes as an image folder (one class per photo) and a tfds dataset."""
+    for i, (payload, label) in enumerate(jpegs):
+        folder = os.path.join(root, 'folder', f'class_{label}')
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f'{i:05d}.jpg'), 'wb') as f:
+            f.write(payload)
+    tfds_writer.write_dataset(os.path.join(root, 'tfds'), 'bench_jpegs', {'train': jpegs},
+                              num_classes=len(_PHOTOS))
+
+
+def bench_inline(cfg, batch, steps, uint8=False):
+    """pipe.batch(s) in this process after 1 warm-up: (images per wall second,
+    images per CPU-second of this process, cores other processes used)."""
+    pipe = data.make_pipeline(cfg, 'train', batch, seed=0, uint8=uint8)
     pipe.batch(0)
     b0, t0, c0 = metrics.busy_cpu_seconds(), time.perf_counter(), time.process_time()
     for s in range(1, steps + 1):
@@ -59,9 +115,20 @@ def bench_inline(folder, size, batch, steps):
     return steps * batch / wall, steps * batch / cpu, foreign
 
 
-def bench_workers(folder, size, batch, steps, workers):
+def bench_examples(cfg, count):
+    """Decoded + augmented uint8 examples per CPU-second, without normalising
+    or batching: what the pipeline costs once batches travel as uint8."""
+    pipe = data.make_pipeline(cfg, 'train', 1, seed=0)
+    pipe.example(0)
+    c0 = time.process_time()
+    for g in range(1, count + 1):
+        pipe.example(g)
+    return count / (time.process_time() - c0)
+
+
+def bench_workers(cfg, batch, steps, uint8=False):
     """images/s of pipe.iterate() with grain workers, after 2 warm-up batches."""
-    pipe = pipeline.make_pipeline(_config(folder, size, workers), 'train', batch, seed=0)
+    pipe = data.make_pipeline(cfg, 'train', batch, seed=0, uint8=uint8)
     with pipe.iterate(0) as it:
         for _ in range(2):
             next(it)
@@ -70,3 +137,55 @@ def bench_workers(folder, size, batch, steps, workers):
             next(it)
         wall = time.perf_counter() - t0
     return steps * batch / wall
+
+
+def measure(mode, root, size, batch, steps, worker_counts, uint8=False):
+    """The record of one mode ('folder' or 'tfds_jpeg') over the data `write_data` put in root."""
+    load_before = os.getloadavg()
+    rates, per_cpu, per_cpu_u8, foreign = {}, None, None, None
+    for w in worker_counts:
+        cfg = _config(mode, root, size, w)
+        if w == 0:
+            rates[0], per_cpu, foreign = bench_inline(cfg, batch, steps, uint8)
+            per_cpu_u8 = bench_examples(cfg, batch * steps)
+        else:
+            rates[w] = bench_workers(cfg, batch, steps, uint8)
+    per_cpu = None if per_cpu is None else round(per_cpu, 1)  # the figure printed is the one used
+    record = {
+        'mode': mode, 'size': size, 'batch': batch, 'steps': steps, 'uint8_batches': uint8,
+        'images_per_cpu_second': None if per_cpu is None else round(per_cpu, 1),
+        'decode_augment_per_cpu_second': None if per_cpu_u8 is None else round(per_cpu_u8, 1),
+        'images_per_s': {str(w): round(r, 1) for w, r in rates.items()},
+        'scaling': ({str(w): round(r / (w * per_cpu), 3) for w, r in rates.items() if w}
+                    if per_cpu else {}),
+        'cores_needed': ({k: math.ceil(v / per_cpu) for k, v in TARGETS.items()}
+                         if per_cpu else {}),
+        'targets_images_per_s': {k: round(v) for k, v in TARGETS.items()},
+        'other_processes_cores': None if foreign is None else round(foreign, 2),
+        'load_before': [round(x, 2) for x in load_before],
+        'load_after': [round(x, 2) for x in os.getloadavg()],
+    }
+    return record
+
+
+MODES = ('folder', 'tfds_jpeg')
+
+
+def run(images, modes=MODES, size=224, batch=64, steps=12, worker_counts=(0, 1, 2), root=None, uint8=False):
+    """Writes `images` JPEGs under root (a temporary folder if None) and yields one record per mode;
+    uint8=True measures batches handed over as uint8 (normalised on the devices)."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f'unknown modes {unknown}; choose from {", ".join(MODES)}')
+    with tempfile.TemporaryDirectory() as tmp:
+        root = root or tmp
+        t0 = time.perf_counter()
+        jpegs = imagenet_like_jpegs(images)
+        write_data(root, jpegs)
+        common = {'date': datetime.date.today().isoformat(),
+                  'machine': platform.processor() or platform.machine(),
+                  'cores': workers.available_cores(), 'images': len(jpegs),
+                  'mean_kib': round(sum(len(b) for b, _ in jpegs) / len(jpegs) / 1024, 1),
+                  'write_s': round(time.perf_counter() - t0, 1)}
+        for mode in modes:
+            yield {**measure(mode, root, size, batch, steps, worker_counts, uint8), **common}

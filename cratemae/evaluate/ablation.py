@@ -37,7 +37,7 @@ def last_layer_measures(model, params, batch):
     if model.encoder_block != 'crate':
         return math.nan, math.nan
     measures = diagnostics.whitebox_measures(model, params, batch['image'], batch['valid'])
-    return float(measures['compression_after'][-1]), float(measures['sparsity_zeros'][-1])
+    return float(measures['compression_output'][-1]), float(measures['sparsity_zeros'][-1])
 
 
 def evaluate_run(workdir) -> dict:

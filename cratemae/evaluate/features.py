@@ -51,8 +51,12 @@ def default_cache_dir():
     return os.path.join(embedded.cache_dir(), 'features')
 
 
-def probe_data_config(ckpt, dataset=None, data_dir=None):
-    """The data config for probing ``ckpt``: its training data by default, at the model's size, no augmentation."""
+def probe_data_config(ckpt, dataset=None, data_dir=None, split_train=None, split_eval=None):
+    """The data config for probing ``ckpt``: its training data by default, at the model's size, no augmentation.
+
+    ``split_train`` / ``split_eval`` override the splits; both are resolved (``'auto'`` -> the evaluation split the
+    data has) and checked here, so a missing split is an error before any feature is computed.
+    """
     trained = ckpt.data_config
     if dataset is None and trained is None:
         raise ValueError(f'{ckpt.path} does not record the dataset it was trained on; pass --dataset NAME '
@@ -63,11 +67,17 @@ def probe_data_config(ckpt, dataset=None, data_dir=None):
         cfg.update({k: v for k, v in trained.items() if k in cfg})
     else:
         cfg.name = dataset
-        cfg.split_train, cfg.split_eval = DEFAULT_SPLITS.get(dataset, ('train', 'test'))
+        cfg.split_train, cfg.split_eval = DEFAULT_SPLITS.get(dataset, ('train', 'auto'))
     cfg.update(image_size=ckpt.model_config.image_size, channels=ckpt.model_config.channels, augment='none')
     if data_dir is not None:
         cfg.data_dir = data_dir
+    if split_train is not None:
+        cfg.split_train = split_train
+    if split_eval is not None:
+        cfg.split_eval = split_eval
     data.validate_data_config(cfg)
+    cfg.split_train = data.resolve_split(cfg, cfg.split_train)
+    cfg.split_eval = data.resolve_split(cfg, cfg.split_eval)
     return cfg
 
 

@@ -5,13 +5,10 @@ one process per host), checkpoints with Orbax, resumes exactly, and writes metri
 workdir. The loop itself is ``cratemae.train.engine``; this module says what a step, an evaluation and a picture are.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from cratemae import diagnostics
 from cratemae import flops
@@ -62,7 +59,8 @@ class Pretrain:
         return (m.image_size, m.image_size, m.channels)
 
     def pictures(self, step, params, local, batch, out, info, writer, workdir):
-        """Reconstruction grid and, for CRATE encoders, layer-wise compression and sparsity (scalars and curves)."""
+        """Reconstruction grid and, for CRATE encoders, the layer-wise white-box measures (scalars and figures)."""
+        del workdir  # the figures are arrays, logged by the writer
         config = self.config
         n = min(config.eval.images, local['image'].shape[0])
         # Every process takes part in the gathers (they are collectives); process 0 draws.
@@ -72,18 +70,15 @@ class Pretrain:
             measures = diagnostics.whitebox_measures(self.model, params, batch['image'], batch['valid'])
         if jax.process_index() != 0:
             return {}
-        grid = diagnostics.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size, info.mean,
-                                               info.std, config.model.norm_pix_loss)
+        grid = visualize.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size, info.mean,
+                                             info.std, config.model.norm_pix_loss)
         writer.write_images(step, {'reconstructions': grid}, png=True)
         if measures is None:
             return {}
-        if '://' in os.fspath(workdir):  # matplotlib writes local files; remote workdirs get the scalars only
-            return diagnostics.flatten_for_logging(measures)
-        path = visualize.layer_curves([(f'step {step}', measures)], os.path.join(workdir, 'images',
-                                                                                 f'whitebox_{step:08d}.png'))
-        writer.write_images(step, {'whitebox_curves': np.asarray(Image.open(path).convert('RGB'))})
+        runs = [(f'step {step}', measures)]
+        writer.write_images(step, {'whitebox_layerwise': visualize.layerwise(runs),
+                                   'whitebox_mssa_ista': visualize.mssa_ista(runs)}, png=True)
         return diagnostics.flatten_for_logging(measures)
-
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Runs (or resumes) the pretraining experiment in ``config`` into ``workdir``; returns the last logged metrics."""

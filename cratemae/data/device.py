@@ -1,0 +1,47 @@
+"""The device side of the input: normalising uint8 batches inside the jitted step, and device prefetch.
+
+Batches can travel as uint8 (`make_pipeline(..., uint8=True)`): a quarter of the bytes of float32 through shared
+memory, host memory and the host-to-device copy. `normalize` then runs on the devices, inside the jitted step, with
+the float32 constants of `augment.normalize`:
+
+    x_norm = x * (1 / (255 std)) + (-mean / std)        (= (x / 255 - mean) / std)
+
+so the device batch equals the host-normalised one within float32 rounding (XLA may fuse the two operations into
+one multiply-add, which rounds once instead of twice).
+
+`prefetch(batches, mesh, size=2)` keeps `size` batches in flight on the devices, each placed with the batch sharding
+(`sharding.host_local_to_global`: every host passes its own rows). The copy is asynchronous, so the host-to-device
+transfer of the next batches overlaps the running step.
+"""
+
+import collections
+
+import jax.numpy as jnp
+
+from cratemae import sharding
+from cratemae.data import augment
+
+
+def normalize(images, mean, std):
+    """float32 (x / 255 - mean) / std of a uint8 (..., C) array, traceable inside jit."""
+    scale, bias = augment.normalize_constants(mean, std)
+    return images.astype(jnp.float32) * scale + bias
+
+
+def prefetch(batches, mesh, size=2):
+    """(step, host-local numpy batch) iterator -> (step, global device batch), `size` batches ahead."""
+    it = iter(batches)
+    queue = collections.deque()
+
+    def put():
+        item = next(it, None)
+        if item is not None:
+            step, batch = item
+            queue.append((step, sharding.host_local_to_global(batch, mesh)))
+
+    for _ in range(max(1, size)):
+        put()
+    while queue:
+        item = queue.popleft()
+        put()  # the next copy starts before this step runs
+        yield item
