@@ -6,7 +6,7 @@
 PATH/TO/CRATE is a checkout of Ma-Lab-Berkeley/CRATE (its model/crate_ae package is imported from there; nothing of
 it is copied here). It needs torch, timm and einops. Modes:
 
-- jax_f32: this framework's jitted train step (cratemae.train.loop.build_program, crate_mae_<model>, float32);
+- jax_f32: this framework's jitted train step (cratemae.train.tasks.build_program, crate_mae_<model>, float32);
 - jax_bf16: the same with model.dtype=bfloat16 (parameters stay float32);
 - torch_f32: the reference's mae_crate_<model> in eager PyTorch, AdamW, float32;
 - torch_bf16: the same under torch.autocast('cpu', bfloat16) (oneDNN's bf16 kernels).
@@ -55,7 +55,7 @@ def _jax_mode(model, batch, dtype):
     import jax.numpy as jnp
 
     from cratemae import sharding, train
-    from cratemae.train import loop
+    from cratemae.train import tasks
     from experiments import registry
 
     config = registry.get_config(f'crate_mae_{model}').copy_and_resolve_references()
@@ -64,8 +64,8 @@ def _jax_mode(model, batch, dtype):
     config.model.dtype = dtype
     mesh = sharding.make_mesh(config.mesh)
     train.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
-    program = loop.build_program(config, mesh)
-    state = jax.jit(program.init_fn, out_shardings=program.state_shardings)(jnp.zeros(program.image_shape))
+    program = tasks.build_program(config, mesh)
+    state = program.init()
     shape = (batch, config.model.image_size, config.model.image_size, config.model.channels)
     data = {'image': jax.random.normal(jax.random.key(0), shape, jnp.float32)}
     compiled = program.train_step.lower(state, data).compile()
