@@ -94,15 +94,6 @@ def workdir_and_step(path):
     return path, None
 
 
-def saved_steps(workdir):
-    """The finished steps of a workdir, ascending, on local paths and gs:// alike (a save in progress is a
-    '<step>.orbax-checkpoint-tmp' folder and is not listed)."""
-    directory = epath.Path(workdir) / checkpoint_lib.CKPT_DIR
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
 def random_init(model_config, seed):
     """The random initialisation of this architecture and seed (``checkpoints.random_init``, the one library
     function for it), with the decoder."""
@@ -129,7 +120,7 @@ def load(path, step=None, all_steps=False):
         return [Loaded(label, ckpt.step, ckpt.model_config, ckpt.params, ckpt.data_config)]
     seed = int(checkpoints.read_workdir_config(workdir).get('seed', 0))
     name = posixpath.basename(workdir)
-    steps = saved_steps(workdir) if all_steps else [path_step if step is None else step]  # None: newest that restores
+    steps = checkpoint_lib.saved_steps(workdir) if all_steps else [path_step if step is None else step]  # None: newest that restores
     loaded = []
     for s in steps:
         ckpt = checkpoints.load(workdir, step=s, encoder_only=False)

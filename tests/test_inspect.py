@@ -77,7 +77,7 @@ def test_inspect_workdir_all_steps(run, tmp_path):
     # The restored step-5 params are the saved ones.
     loaded = inspection.load(os.path.join(workdir, 'checkpoints', '5'))[0]
     np.testing.assert_allclose(loaded.params['cls_token'], perturbed['cls_token'])
-    assert inspection.saved_steps(workdir) == [0, 5]
+    assert checkpoint.saved_steps(workdir) == [0, 5]
 
 
 def test_bad_layer_and_head_name_the_valid_range(run, tmp_path, capsys):
