@@ -7,7 +7,7 @@ Layout under the workdir (local path or gs://, handled through etils.epath):
 
 Resume rule: restore_latest() tries the newest step, then older ones. A step that fails to
 restore (truncated data file, bad manifest, truncated _METADATA: orbax raises ValueError,
-JSONDecodeError or FileNotFoundError, see docs/environment.md §4) is skipped with a warning
+JSONDecodeError or FileNotFoundError, depending on which file is damaged) is skipped with a warning
 naming the step and the error. If steps exist but none restores we raise: silently restarting
 from scratch would overwrite a long run's history with step 0.
 

@@ -1,7 +1,7 @@
 """Export to and import from the reference PyTorch state dict of CRATE-MAE.
 
 The reference is `MaskedAutoencoderViT` in Ma-Lab-Berkeley/CRATE `model/crate_ae/crate_ae.py` with CRATE blocks
-(`mae_crate_{tiny,small,base,large}`); `_layout` is the key map of spec §2.10. torch `nn.Linear` computes
+(`mae_crate_{tiny,small,base,large}`); `_layout` is the key map of docs/model.md §2.10. torch `nn.Linear` computes
 y = x W^T + b, so W = Dense kernel^T (qkv U, to_out, decoder A, decoder_pred); the ISTA dictionary D is stored
 untransposed; conv weight [d,C,p,p] = kernel (p,p,C,d).transpose(3,2,0,1). pos_embed = decoder_pos_embed = the fixed
 sin-cos table (1,N,d); decoder_embed is written as zeros (the reference builds it but never uses it).

@@ -50,7 +50,7 @@ def tiny(tiny_fresh):
 
 
 def _spec_table(d, depth, dec_depth, p=16, c=3, n=197):
-    """{torch key: shape} of the reference MAE_CRATE state dict, spec §2.10."""
+    """{torch key: shape} of the reference MAE_CRATE state dict, docs/model.md §2.10."""
     t = {'patch_embed.proj.weight': (d, c, p, p), 'patch_embed.proj.bias': (d,), 'cls_token': (1, 1, d),
          'mask_token': (1, 1, d), 'pos_embed': (1, n, d), 'decoder_pos_embed': (1, n, d),
          'norm.weight': (d,), 'norm.bias': (d,), 'decoder_embed.weight': (d, d), 'decoder_embed.bias': (d,),
@@ -84,7 +84,7 @@ def test_keys_and_shapes_equal_the_reference(name, d, depth, total):
     expected = _spec_table(d, depth, depth)
     assert {k: v.shape for k, v in sd.items()} == expected
     assert len(sd) == 14 + 16 * depth
-    assert sum(int(np.prod(s)) for s in expected.values()) == total  # spec §1 "All params"
+    assert sum(int(np.prod(s)) for s in expected.values()) == total  # docs/model.md §1 "All params"
     assert sum(v.size for v in sd.values()) == total
     assert all(v.dtype == np.float32 for v in sd.values())
     assert export.reference_shapes(cfg) == expected

@@ -17,7 +17,7 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.floa
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-    """CRATE-MAE-Base as the reference builds it (spec §1, §4): 224 px, patch 16, 12 x 768 x 12 both sides."""
+    """CRATE-MAE-Base as the reference builds it (docs/model.md §1, §4): 224 px, patch 16, 12 x 768 x 12 both sides."""
     fields = {f.name: f.default for f in dataclasses.fields(MaskedAutoencoder) if f.name not in ('parent', 'name')}
     fields['dtype'] = 'float32'
     fields['param_dtype'] = 'float32'
@@ -153,7 +153,7 @@ def count_params(cfg, include_unused: bool = True) -> int:
     """Parameter count of ``config.model``.
 
     include_unused=True counts as the reference module does: the frozen sin-cos ``pos_embed`` and
-    ``decoder_pos_embed`` buffers and the ``decoder_embed`` Linear that the CRATE-MAE forward never uses (spec §1:
+    ``decoder_pos_embed`` buffers and the ``decoder_embed`` Linear that the CRATE-MAE forward never uses (docs/model.md §1:
     Base 44,638,464). include_unused=False counts the trainable parameters the forward pass uses (Base 43,745,280),
     which is the size of our Flax parameter tree.
     """

@@ -150,7 +150,7 @@ class MaskedAutoencoder(nn.Module):
         return self.encoder_norm(self.encoder(self.embed(images)))
 
     def _masked_encoder_tokens(self, e, mask, ids_keep):
-        """The encoder's input sequence after masking (spec §2.4 for the reference; FAIR's visible-only otherwise)."""
+        """The encoder's input sequence after masking (docs/model.md §2.4 for the reference; FAIR's visible-only otherwise)."""
         pos = ops.sincos_pos_embed(self.width, self.grid_size).astype(self.dtype)
         if self.encoder_sees_mask_tokens:
             e = jnp.where(mask[..., None] > 0, self.mask_token.astype(e.dtype), e)

@@ -1,4 +1,4 @@
-"""FAIR MAE's pretraining optimizer recipe (spec §5), as optax transformations.
+"""FAIR MAE's pretraining optimizer recipe (docs/model.md §5), as optax transformations.
 
 AdamW with betas (b1, b2) = (0.9, 0.95); weight decay only on parameters with >= 2 dimensions (which, as in timm's
 ``add_weight_decay``, includes the class and mask tokens, U, W_o, D and A but no bias or LayerNorm parameter);
