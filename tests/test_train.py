@@ -357,3 +357,35 @@ def test_random_params_are_a_runs_own_step_zero():
     jax.tree.map(np.testing.assert_array_equal, models.random_params(config.model, seed=3), step0)
     differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), models.random_params(config.model, seed=4), step0)
     assert differs['encoder']['layers']['mssa']['qkv']['kernel'] and differs['patch_embed']['kernel']
+
+
+def test_reconstruction_grid_of_a_uint8_eval_batch_shows_its_pixels():
+    """The host batch is uint8 now: the grid's 'original' column must still be the image's own pixels (a grid drawn
+    from the raw uint8 values as if normalised would be saturated), and the white-box figures get normalised images."""
+    config = _config()
+    mesh = _mesh(jax.devices())
+    task = pretrain.Pretrain(config)
+    program = engine.build_program(config, mesh, task)
+    pipe = data.make_pipeline(config.data, split=config.data.split_eval, global_batch=config.train.eval_batch, seed=0,
+                              train=False, uint8=True)
+    local = pipe.batch(0)
+    assert local['image'].dtype == np.uint8
+    batch = sharding.host_local_to_global({k: local[k] for k in task.eval_keys}, mesh)
+    params = program.init().params
+    out = program.eval_step(params, batch, jax.random.key(0))
+
+    class Writer:
+        images = {}
+
+        def write_images(self, step, images, png):
+            self.images.update(images)
+
+    writer = Writer()
+    task.pictures(1, params, local, batch, out, pipe.info, writer, None)
+    grid, pad, size = writer.images['reconstructions'], 2, config.model.image_size
+    n = min(config.eval.images, local['image'].shape[0])
+    assert grid.shape[0] == n * (size + pad) + pad
+    for row in range(n):
+        top = pad + row * (size + pad)
+        original = grid[top : top + size, pad : pad + size].astype(int)
+        np.testing.assert_allclose(original, local['image'][row].astype(int), atol=1)
