@@ -73,7 +73,7 @@ def test_train_step_on_uint8_equals_the_step_on_the_host_normalised_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params,
                  old_state.params)
     # and the normalisation is not a no-op: the raw pixels as floats give another loss
-    raw_state, raw_metrics = jax.device_get(old_step(program.init(), {'image': jax.device_put(
+    _, raw_metrics = jax.device_get(old_step(program.init(), {'image': jax.device_put(
         images.astype(np.float32), batch_sharding)}))
     assert abs(float(raw_metrics['loss']) - float(old_metrics['loss'])) > 1e-3
 
@@ -375,7 +375,8 @@ def test_reconstruction_grid_of_a_uint8_eval_batch_shows_its_pixels():
     out = program.eval_step(params, batch, jax.random.key(0))
 
     class Writer:
-        images = {}
+        def __init__(self):
+            self.images = {}
 
         def write_images(self, step, images, png):
             self.images.update(images)
