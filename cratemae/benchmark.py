@@ -53,10 +53,11 @@ def build(config, mesh, donate=True):
 
 
 def synthetic_batch(config, batch, batch_sharding, seed=0):
-    """Standard-normal NHWC images (normalised pixels), drawn directly on the devices that hold them; class-0 labels
-    for a fine-tuning config."""
+    """Uniform uint8 NHWC images (the batches travel as uint8; the step normalises them), drawn directly on the
+    devices that hold them; class-0 labels for a fine-tuning config."""
     shape = (batch, config.model.image_size, config.model.image_size, config.model.channels)
-    draw = jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32), out_shardings=batch_sharding)
+    draw = jax.jit(lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(jnp.uint8),
+                   out_shardings=batch_sharding)
     out = {'image': draw(jax.random.key(seed))}
     if tasks.task_name(config) == 'finetune':
         out['label'] = jax.device_put(jnp.zeros((batch,), jnp.int32), batch_sharding)

@@ -45,6 +45,19 @@ def _config(*overrides):
     return aot_compile.FLAGS.config
 
 
+def test_the_aot_and_benchmark_step_takes_uint8_images_as_the_engine_hands_them():
+    """The engine feeds uint8 batches (normalised inside the step); AOT and the benchmark compile that same step."""
+    from cratemae import benchmark
+    config = _config()
+    step, (state, batch), _ = aot.build_train_step(config, jax.devices())
+    assert batch['image'].dtype == jax.numpy.uint8
+    step.lower(state, batch)  # the jitted train step traces with the uint8 input
+    synthetic = benchmark.synthetic_batch(config, config.train.global_batch, batch['image'].sharding)
+    assert synthetic['image'].dtype == jax.numpy.uint8 and synthetic['image'].shape == batch['image'].shape
+    assert 0 <= int(synthetic['image'].min()) and int(synthetic['image'].max()) <= 255 and len(
+        set(jax.device_get(synthetic['image']).ravel().tolist())) > 100  # spread over the pixel range
+
+
 def test_batch_that_does_not_split_over_the_devices_is_rejected_before_tracing():
     config = _config('--config.train.global_batch=12')
     with pytest.raises(ValueError, match='must split evenly over the 8 devices'):

@@ -87,6 +87,24 @@ def test_features_identical_from_workdir_export_and_reference_file(workdir, tmp_
         np.testing.assert_array_equal(f.y, feats[0].y)
 
 
+@pytest.mark.parametrize('feature', ['pixels', 'mean'])
+def test_features_of_uint8_batches_equal_those_of_host_normalised_batches(workdir, test_split, feature):
+    """split_features reads uint8 batches and normalises them on the devices; the features equal those of the
+    float32 host-normalised pipeline within float32 rounding (and 'pixels' is the normalised image itself)."""
+    ckpt = checkpoints.load(workdir)
+    mesh = features.sharding.make_mesh()
+    pipes = [data.make_pipeline(test_split, split='test', global_batch=64, seed=0, train=False, uint8=u8)
+             for u8 in (False, True)]
+    (x_host, y_host), (x_dev, y_dev) = (features.extract(ckpt.model_config, ckpt.params, p, feature, mesh)
+                                        for p in pipes)
+    np.testing.assert_array_equal(y_dev, y_host)
+    np.testing.assert_allclose(x_dev, x_host, rtol=1e-5, atol=1e-5)
+    if feature == 'pixels':
+        u8 = np.concatenate([pipes[1].batch(i)['image'] for i in range(pipes[1].num_batches)])[:len(x_dev)]
+        ref = (u8 / 255.0 - np.array(pipes[1].info.mean)) / np.array(pipes[1].info.std)
+        np.testing.assert_allclose(x_dev, ref.reshape(len(ref), -1), rtol=1e-6, atol=1e-5)
+
+
 def test_second_probe_reads_cached_features(workdir, tmp_path, test_split, monkeypatch):
     calls = []
     real = features.extract
@@ -281,7 +299,7 @@ def test_finetune_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, tmp
         if 'valid' not in batch:  # a train batch
             calls['train'] += 1
             if calls['train'] == 3:  # the batch of step index 2
-                batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+                batch = dict(batch, image=np.full(batch['image'].shape, np.nan, np.float32))  # uint8 holds no NaN
         return real(batch, mesh)
 
     monkeypatch.setattr(engine.sharding, 'host_local_to_global', poisoned)

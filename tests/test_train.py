@@ -14,9 +14,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import experiments
+from cratemae import data
 from cratemae import models
 from cratemae import sharding
 from cratemae import train
+from cratemae.data import augment
 from cratemae.train import engine
 from cratemae.train import optimizer
 from cratemae.train import pretrain
@@ -42,9 +44,38 @@ def _run_steps(config, mesh, batches):
 
 
 def _batches(config, n, seed=0):
+    """uint8 image batches, as the pipeline hands them to the engine (the step normalises them on the devices)."""
     rng = np.random.default_rng(seed)
     shape = (config.train.global_batch, config.model.image_size, config.model.image_size, config.model.channels)
-    return [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+    return [rng.integers(0, 256, size=shape, dtype=np.uint8) for _ in range(n)]
+
+
+def test_train_step_on_uint8_equals_the_step_on_the_host_normalised_batch():
+    """The engine's step normalises uint8 images on the devices; the same step without that, fed the float32 batch
+    normalised on the host (the old path), gives the same loss and update within float32 rounding."""
+    config = _config()
+    mesh = _mesh(jax.devices())
+    task = pretrain.Pretrain(config)
+    program = engine.build_program(config, mesh, task)
+    mean, std = data.normalization(config.data)
+    assert not np.allclose(mean, 0) and not np.allclose(std, 1)  # a normalisation that changes the pixels
+    images = _batches(config, 1)[0]
+    host = augment.normalize(images, np.float32(mean), np.float32(std))
+    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch,
+                                                optimizer.schedule_length(config))
+    old_step = jax.jit(task.train_step(program.tx, schedule))
+    batch_sharding = sharding.batch_sharding(mesh)
+    old_state, old_metrics = jax.device_get(old_step(program.init(), {'image': jax.device_put(host, batch_sharding)}))
+    u8 = jax.device_put(images, batch_sharding)
+    assert u8.dtype == np.uint8
+    new_state, new_metrics = jax.device_get(program.train_step(program.init(), {'image': u8}))
+    np.testing.assert_allclose(new_metrics['loss'], old_metrics['loss'], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params,
+                 old_state.params)
+    # and the normalisation is not a no-op: the raw pixels as floats give another loss
+    _, raw_metrics = jax.device_get(old_step(program.init(), {'image': jax.device_put(
+        images.astype(np.float32), batch_sharding)}))
+    assert abs(float(raw_metrics['loss']) - float(old_metrics['loss'])) > 1e-3
 
 
 def _mesh(devices, **axes):
@@ -83,7 +114,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_nonfinite_loss_skips_update_and_records_step():
     config = _config()
-    batches = _batches(config, 3)
+    batches = [b.astype(np.float32) for b in _batches(config, 3)]  # uint8 cannot hold the NaN
     batches[1][0, 0, 0, 0] = np.nan
     state, losses = _run_steps(config, _mesh(jax.devices()), batches)
     clean, _ = _run_steps(config, _mesh(jax.devices()), batches[:1])
@@ -279,7 +310,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         if set(batch) == {'image'}:  # a train batch (eval batches also carry 'valid')
             calls['train'] += 1
             if calls['train'] == 13:  # the batch of step index 12
-                batch = {'image': np.full_like(batch['image'], np.nan)}
+                batch = {'image': np.full(batch['image'].shape, np.nan, np.float32)}  # uint8 holds no NaN
         return real(batch, mesh)
 
     monkeypatch.setattr(engine.sharding, 'host_local_to_global', poisoned)
@@ -326,3 +357,36 @@ def test_random_params_are_a_runs_own_step_zero():
     jax.tree.map(np.testing.assert_array_equal, models.random_params(config.model, seed=3), step0)
     differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), models.random_params(config.model, seed=4), step0)
     assert differs['encoder']['layers']['mssa']['qkv']['kernel'] and differs['patch_embed']['kernel']
+
+
+def test_reconstruction_grid_of_a_uint8_eval_batch_shows_its_pixels():
+    """The host batch is uint8 now: the grid's 'original' column must still be the image's own pixels (a grid drawn
+    from the raw uint8 values as if normalised would be saturated), and the white-box figures get normalised images."""
+    config = _config()
+    mesh = _mesh(jax.devices())
+    task = pretrain.Pretrain(config)
+    program = engine.build_program(config, mesh, task)
+    pipe = data.make_pipeline(config.data, split=config.data.split_eval, global_batch=config.train.eval_batch, seed=0,
+                              train=False, uint8=True)
+    local = pipe.batch(0)
+    assert local['image'].dtype == np.uint8
+    batch = sharding.host_local_to_global({k: local[k] for k in task.eval_keys}, mesh)
+    params = program.init().params
+    out = program.eval_step(params, batch, jax.random.key(0))
+
+    class Writer:
+        def __init__(self):
+            self.images = {}
+
+        def write_images(self, step, images, png):
+            self.images.update(images)
+
+    writer = Writer()
+    task.pictures(1, params, local, batch, out, pipe.info, writer, None)
+    grid, pad, size = writer.images['reconstructions'], 2, config.model.image_size
+    n = min(config.eval.images, local['image'].shape[0])
+    assert grid.shape[0] == n * (size + pad) + pad
+    for row in range(n):
+        top = pad + row * (size + pad)
+        original = grid[top : top + size, pad : pad + size].astype(int)
+        np.testing.assert_allclose(original, local['image'][row].astype(int), atol=1)

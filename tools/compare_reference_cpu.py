@@ -52,9 +52,8 @@ def _load():
 
 def _jax_mode(model, batch, dtype):
     import jax
-    import jax.numpy as jnp
 
-    from cratemae import sharding, train
+    from cratemae import benchmark, sharding, train
     from cratemae.train import tasks
     from experiments import registry
 
@@ -66,8 +65,7 @@ def _jax_mode(model, batch, dtype):
     train.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
     program = tasks.build_program(config, mesh)
     state = program.init()
-    shape = (batch, config.model.image_size, config.model.image_size, config.model.channels)
-    data = {'image': jax.random.normal(jax.random.key(0), shape, jnp.float32)}
+    data = benchmark.synthetic_batch(config, batch, sharding.batch_sharding(mesh))  # uint8, as the engine feeds it
     compiled = program.train_step.lower(state, data).compile()
     box = [state]
 

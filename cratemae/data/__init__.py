@@ -20,6 +20,7 @@ from cratemae.data.config import validate_data_config
 from cratemae.data.pipeline import DataInfo
 from cratemae.data.pipeline import Pipeline
 from cratemae.data.pipeline import make_pipeline
+from cratemae.data.pipeline import normalization
 from cratemae.data.registry import DATASETS
 from cratemae.data.registry import DatasetSpec
 from cratemae.data.registry import dataset_names
@@ -29,5 +30,5 @@ from cratemae.data import workers
 
 __all__ = [
     'DATASETS', 'DataInfo', 'DatasetNotPreparedError', 'DatasetSpec', 'Pipeline', 'data_config_from',
-    'dataset_names', 'default_data_config', 'make_pipeline', 'resolve_split', 'validate_data_config',
+    'dataset_names', 'default_data_config', 'make_pipeline', 'normalization', 'resolve_split', 'validate_data_config',
 ]

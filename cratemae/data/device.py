@@ -17,14 +17,16 @@ transfer of the next batches overlaps the running step.
 import collections
 
 import jax.numpy as jnp
+import numpy as np
 
 from cratemae import sharding
 from cratemae.data import augment
 
 
 def normalize(images, mean, std):
-    """float32 (x / 255 - mean) / std of a uint8 (..., C) array, traceable inside jit."""
-    scale, bias = augment.normalize_constants(mean, std)
+    """float32 (x / 255 - mean) / std of a uint8 (..., C) array, traceable inside jit. mean and std are rounded to
+    float32 first, as the host transform holds them, so both paths use the same constants."""
+    scale, bias = augment.normalize_constants(np.float32(mean), np.float32(std))
     return images.astype(jnp.float32) * scale + bias
 
 

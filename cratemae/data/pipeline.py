@@ -207,6 +207,16 @@ class _Batcher:
         return batch
 
 
+def normalization(cfg):
+    """(mean, std) per output channel that batches of `cfg` are normalised
+    with (on the host, or on the devices by `device.normalize`); reads no
+    images except to compute an embedded dataset's statistics."""
+    mean, std = registry.mean_std(registry.get_spec(cfg.name))
+    if cfg.get('normalize', 'dataset') == 'none':
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
+    return _convert_stats(mean, std, cfg.channels)
+
+
 class Pipeline:
     """Input for one split on one host; see the module docstring for order."""
 
@@ -221,10 +231,7 @@ class Pipeline:
                              f'multiple of process_count={process_count}')
         spec = registry.get_spec(cfg.name)
         source, split = registry.open_source(cfg, split)
-        mean, std = registry.mean_std(spec)
-        if cfg.get('normalize', 'dataset') == 'none':
-            mean, std = (0.0,) * len(mean), (1.0,) * len(std)
-        mean, std = _convert_stats(mean, std, cfg.channels)
+        mean, std = normalization(cfg)
         crop_pct = cfg.get('eval_crop_pct')
         crop_pct = spec.eval_crop_pct if crop_pct is None else float(crop_pct)
         rand_aug = cfg.get('randaugment')

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from cratemae import data
 from cratemae import models
 from cratemae import sharding
+from cratemae.data import device
 from cratemae.data import embedded
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,13 @@ def extract(model_config, params, pipe, feature, mesh, rules=()):
     param_sharding = sharding.param_shardings(params, rules, mesh)
     params = jax.device_put(params, param_sharding)
     batch_sharding = sharding.batch_sharding(mesh)
-    fn = jax.jit(lambda p, x: _pool(model, feature, p, x).astype(jnp.float32),
+    mean, std = pipe.info.mean, pipe.info.std
+
+    def fn_(p, x):  # uint8 batches (split_features' pipeline) are normalised here, on the devices
+        x = device.normalize(x, mean, std) if x.dtype == jnp.uint8 else x
+        return _pool(model, feature, p, x).astype(jnp.float32)
+
+    fn = jax.jit(fn_,
                  in_shardings=(param_sharding, batch_sharding), out_shardings=batch_sharding)
     outs, labels, valid = [], [], []
     with pipe.iterate() as batches:
@@ -156,7 +163,7 @@ def split_features(ckpt, data_cfg, split, feature, *, mesh=None, batch_size=256,
     devices = mesh.shape['data'] * mesh.shape['fsdp']
     batch = max(devices, -(-batch_size // devices) * devices)  # round up to a multiple of the batch devices
     pipe = data.make_pipeline(data_cfg, split=split, global_batch=batch, seed=0, process_index=jax.process_index(),
-                              process_count=jax.process_count(), train=False)
+                              process_count=jax.process_count(), train=False, uint8=True)
     if pipe.info.num_classes is None:
         raise ValueError(f'Dataset {data_cfg.name!r} (split {split!r}) has no labels (num_classes is None): a probe '
                          'needs labelled examples.')

@@ -14,7 +14,10 @@ A task (``cratemae.train.pretrain.Pretrain``, ``cratemae.train.finetune.Finetune
   eval_scalars(sums)              -> {'eval/...': value}
   pictures(...)                   images and extra scalars of the first eval batch
   train_flops_per_image()         for MFU, or None
-  train_batch_shapes(batch)       ShapeDtypeStructs of a train batch (ahead-of-time compilation)
+  train_batch_shapes(batch)       ShapeDtypeStructs of a train batch (ahead-of-time compilation); images uint8
+
+The steps receive uint8 images and the engine normalises them on the devices first (``normalizing``), so the
+tasks' steps see float32 normalised images.
 
 Everything else (mesh, state shardings, restore of the newest good checkpoint, async Orbax saves, exact resume,
 SIGTERM / multi-host preemption, the NaN guard, metrics, throughput and the progress line) is the engine's, so both
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 
 from cratemae import checkpoint
 from cratemae import data
+from cratemae.data import device
 from cratemae import distributed
 from cratemae import flops
 from cratemae import metrics as metrics_lib
@@ -102,6 +106,16 @@ class Program:
         return jax.jit(self.init_fn, out_shardings=self.state_shardings)(jnp.zeros(self.image_shape, jnp.float32))
 
 
+def normalizing(step_fn, mean, std):
+    """step_fn(first, batch, *rest) fed the batch with its uint8 images normalised on the devices: the host hands
+    uint8 batches over (a quarter of the bytes of float32) and the cast and (x / 255 - mean) / std run in the step."""
+
+    def step(first, batch, *rest):
+        return step_fn(first, {**batch, 'image': device.normalize(batch['image'], mean, std)}, *rest)
+
+    return step
+
+
 def build_program(config, mesh, task) -> Program:
     """Optimizer; shapes first (eval_shape), then shardings from the config's regex rules; the jitted steps with
     explicit shardings and the train state donated so parameters are updated in place."""
@@ -120,14 +134,15 @@ def build_program(config, mesh, task) -> Program:
         nonfinite_step=replicated,
     )
     batch_sharding = sharding.batch_sharding(mesh)
+    mean, std = data.normalization(config.data)
     train_step = jax.jit(
-        task.train_step(tx, schedule),
+        normalizing(task.train_step(tx, schedule), mean, std),
         in_shardings=(state_shardings, {k: batch_sharding for k in task.train_keys}),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        task.eval_step,
+        normalizing(task.eval_step, mean, std),
         in_shardings=(state_shardings.params, {k: batch_sharding for k in task.eval_keys}, replicated),
     )
     abstract_sharded = jax.tree.map(
@@ -151,7 +166,7 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     # ----------------------------------------------------------------------------------------------------------
     # Input pipeline: the batch at step s is a pure function of (seed, s, host), so the data position is the step.
     pipeline = functools.partial(data.make_pipeline, config.data, seed=config.seed,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+                                 process_index=jax.process_index(), process_count=jax.process_count(), uint8=True)
     train_data = pipeline(split=config.data.split_train, global_batch=config.train.global_batch, train=True)
     eval_data = pipeline(split=config.data.split_eval, global_batch=config.train.eval_batch, train=False)
 
@@ -221,10 +236,11 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     last = {}
     try:
         with train_data.iterate(start_step) as batches:
-            for step, local_batch in batches:
+            # Two batches in flight on the devices: the copy of the next overlaps the running step.
+            batches = ((s, {k: b[k] for k in task.train_keys}) for s, b in batches)
+            for step, batch in device.prefetch(batches, mesh, size=2):
                 if step >= total_steps:
                     break
-                batch = sharding.host_local_to_global({k: local_batch[k] for k in task.train_keys}, mesh)
                 state, step_metrics = train_step(state, batch)
                 done = step + 1
                 log_step = done % config.train.log_every == 0 or done == total_steps

@@ -135,7 +135,7 @@ class Finetune:
 
     def train_batch_shapes(self, global_batch):
         m = self.config.model
-        return {'image': jax.ShapeDtypeStruct((global_batch, m.image_size, m.image_size, m.channels), jnp.float32),
+        return {'image': jax.ShapeDtypeStruct((global_batch, m.image_size, m.image_size, m.channels), jnp.uint8),
                 'label': jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
 
     def pictures(self, step, params, local, batch, out, info, writer, workdir):

@@ -14,6 +14,8 @@ from cratemae import diagnostics
 from cratemae import flops
 from cratemae import models
 from cratemae import visualize
+from cratemae.data import augment
+from cratemae.data import device
 from cratemae.train import engine
 from cratemae.train import step as step_lib
 
@@ -51,7 +53,7 @@ class Pretrain:
         return flops.train_flops(self.config.model)
 
     def train_batch_shapes(self, global_batch):
-        return {'image': jax.ShapeDtypeStruct((global_batch,) + self.image_shape, jnp.float32)}
+        return {'image': jax.ShapeDtypeStruct((global_batch,) + self.image_shape, jnp.uint8)}
 
     @property
     def image_shape(self):
@@ -67,10 +69,11 @@ class Pretrain:
         pred, mask = (np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:n] for k in ('pred', 'mask'))
         measures = None
         if config.eval.whitebox and config.model.encoder_block == 'crate':
-            measures = diagnostics.whitebox_measures(self.model, params, batch['image'], batch['valid'])
+            images = device.normalize(batch['image'], info.mean, info.std)  # the batches travel as uint8
+            measures = diagnostics.whitebox_measures(self.model, params, images, batch['valid'])
         if jax.process_index() != 0:
             return {}
-        grid = visualize.reconstruction_grid(local['image'][:n], pred, mask, config.model.patch_size, info.mean,
+        grid = visualize.reconstruction_grid(augment.normalize(local['image'][:n], info.mean, info.std), pred, mask, config.model.patch_size, info.mean,
                                              info.std, config.model.norm_pix_loss)
         writer.write_images(step, {'reconstructions': grid}, png=True)
         if measures is None:
