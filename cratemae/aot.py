@@ -48,14 +48,25 @@ _GENERATIONS = {
 }
 _LIBTPU_PREFIX = {'v4': 'v4', 'v5': 'v5p', 'v5p': 'v5p', 'v5e': 'v5e', 'v6e': 'v6e'}  # libtpu prefix -> generation
 # Chip grids of the standard slices (as MaxText's accelerator_to_spec_map lists them).
-_GRIDS_3D = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8', 256: '4x8x8',
-             512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16'}
+_GRIDS_3D = {
+    4: '2x2x1',
+    8: '2x2x2',
+    16: '2x2x4',
+    32: '2x4x4',
+    64: '4x4x4',
+    128: '4x4x8',
+    256: '4x8x8',
+    512: '8x8x8',
+    1024: '8x8x16',
+    2048: '8x16x16',
+}
 _GRIDS_2D = {4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16', 256: '16x16'}
 
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """A TPU slice: gcloud accelerator type, libtpu topology name, number of JAX devices, HBM per device."""
+
     name: str  # e.g. 'v4-32'
     generation: str  # 'v4' | 'v5e' | 'v5p' | 'v6e'
     topology: str  # libtpu name, e.g. 'v4:2x2x4'
@@ -115,20 +126,24 @@ def _has_local_tpu() -> bool:
 def topology_devices(tpu_slice: Slice):
     """The compile-only TPU devices of `tpu_slice` (needs libtpu, not a TPU)."""
     if not libtpu_available():
-        raise RuntimeError(f"libtpu is not installed; AOT compilation for TPU needs it: pip install 'jax[tpu]=="
-                           f"{jax.__version__}'  (or pip install -e '.[tpu]').")
+        raise RuntimeError(
+            f"libtpu is not installed; AOT compilation for TPU needs it: pip install 'jax[tpu]=="
+            f"{jax.__version__}'  (or pip install -e '.[tpu]')."
+        )
     if not _has_local_tpu():
         # libtpu's lockfile keeps two processes off the same chips. With no chip on this machine a compile-only
         # load guards nothing, and without this a second concurrent user (another AOT run, a test) fails with
         # "Internal error when accessing libtpu multi-process lockfile". Must be set before libtpu loads.
         os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
     kwargs = {'chip_config_name': tpu_slice.chip_config} if tpu_slice.chip_config else {}
     try:
         devices = topologies.get_topology_desc(platform='tpu', topology_name=tpu_slice.topology, **kwargs).devices
     except Exception as e:  # noqa: BLE001 - libtpu raises JaxRuntimeError(INVALID_ARGUMENT) for bad shapes
-        raise ValueError(f'libtpu rejects topology {tpu_slice.topology!r}: {str(e).strip().splitlines()[0]}\n'
-                         f'Valid: {valid_names()}.') from None
+        raise ValueError(
+            f'libtpu rejects topology {tpu_slice.topology!r}: {str(e).strip().splitlines()[0]}\nValid: {valid_names()}.'
+        ) from None
     if len(devices) != tpu_slice.devices:
         raise RuntimeError(f'{tpu_slice.topology} gave {len(devices)} devices, expected {tpu_slice.devices}.')
     return devices
@@ -146,14 +161,17 @@ def build_train_step(config, devices):
     engine.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], process_count)
     program = tasks.build_program(config, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in program.task.train_batch_shapes(config.train.global_batch).items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+        for k, v in program.task.train_batch_shapes(config.train.global_batch).items()
+    }
     return program.train_step, (program.abstract_state, batch), mesh
 
 
 @dataclasses.dataclass
 class Report:
     """Per-device figures of one compiled train step (bytes, FLOPs, seconds)."""
+
     slice: Slice
     mesh: dict
     global_batch: int
@@ -189,8 +207,13 @@ def compile_report(config, tpu_slice: Slice, devices=None) -> Report:
     devices = topology_devices(tpu_slice) if devices is None else devices
     train_step, args, mesh = build_train_step(config, devices)
     batch = config.train.global_batch
-    report = Report(tpu_slice, dict(mesh.shape), batch, fits=True,
-                    analytic_flops=flops.train_flops(config.model) * batch / len(devices))
+    report = Report(
+        tpu_slice,
+        dict(mesh.shape),
+        batch,
+        fits=True,
+        analytic_flops=flops.train_flops(config.model) * batch / len(devices),
+    )
     t0 = time.perf_counter()
     lowered = train_step.lower(*args)
     report.lower_s = time.perf_counter() - t0
@@ -205,7 +228,12 @@ def compile_report(config, tpu_slice: Slice, devices=None) -> Report:
         return report
     report.compile_s = time.perf_counter() - t0
     mem = memory_analysis(compiled)
-    report.argument, report.output, report.alias, report.temp = mem['argument'], mem['output'], mem['alias'], mem['temp']
+    report.argument, report.output, report.alias, report.temp = (
+        mem['argument'],
+        mem['output'],
+        mem['alias'],
+        mem['temp'],
+    )
     report.peak, report.code = mem['peak'], mem['generated_code']
     report.xla_flops = xla_flops(compiled)
     # The compiler refuses a program whose temporaries exceed HBM (handled above); past that, XLA's heap-simulated
@@ -241,8 +269,10 @@ def format_report(r: Report, name: str = '') -> str:
     s = r.slice
     hbm = HBM_GIB[s.generation]
     lines = [
-        (f'{name} on {s.name} ({s.topology}, {s.devices} devices, {hbm} GiB HBM each), mesh {r.mesh}, '
-         f'global batch {r.global_batch} ({r.global_batch // s.devices} per device)'),
+        (
+            f'{name} on {s.name} ({s.topology}, {s.devices} devices, {hbm} GiB HBM each), mesh {r.mesh}, '
+            f'global batch {r.global_batch} ({r.global_batch // s.devices} per device)'
+        ),
         f'  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s',
     ]
     if r.error:
@@ -250,17 +280,25 @@ def format_report(r: Report, name: str = '') -> str:
         return '\n'.join(lines)
     flops_text = 'n/a'
     if r.xla_flops:
-        flops_text = (f'{r.xla_flops:.4g} (x{r.xla_flops / r.analytic_flops:.3f}; XLA counts each while-loop body, '
-                      'e.g. the layer scan, once)')
+        flops_text = (
+            f'{r.xla_flops:.4g} (x{r.xla_flops / r.analytic_flops:.3f}; XLA counts each while-loop body, '
+            'e.g. the layer scan, once)'
+        )
     lines += [
-        (f'  per device: arguments {_gib(r.argument)}, outputs {_gib(r.output)} (aliased {_gib(r.alias)}), '
-         f'temporaries {_gib(r.temp)}, code {_gib(r.code)}'),
-        (f'  XLA peak {_gib(r.peak)} of {hbm} GiB HBM = {100 * r.peak / s.hbm_bytes:.0f}%; upper bound '
-         f'arguments + outputs - aliased + temporaries {_gib(r.total)}'),
+        (
+            f'  per device: arguments {_gib(r.argument)}, outputs {_gib(r.output)} (aliased {_gib(r.alias)}), '
+            f'temporaries {_gib(r.temp)}, code {_gib(r.code)}'
+        ),
+        (
+            f'  XLA peak {_gib(r.peak)} of {hbm} GiB HBM = {100 * r.peak / s.hbm_bytes:.0f}%; upper bound '
+            f'arguments + outputs - aliased + temporaries {_gib(r.total)}'
+        ),
         f'  FLOPs per device and step: analytic {r.analytic_flops:.4g}, XLA cost analysis {flops_text}',
         '  FITS' if r.fits else f'  DOES NOT FIT in {hbm} GiB HBM per device (XLA peak)',
     ]
     if r.fits and r.total > s.hbm_bytes:
-        lines[-1] += (" by XLA's peak, but the upper bound exceeds HBM: little headroom, confirm on hardware (or use "
-                      'remat / a smaller batch).')
+        lines[-1] += (
+            " by XLA's peak, but the upper bound exceeds HBM: little headroom, confirm on hardware (or use "
+            'remat / a smaller batch).'
+        )
     return '\n'.join(lines)

@@ -32,8 +32,17 @@ from cratemae.train import engine
 from cratemae.train import tasks
 
 # The options recorded with every point, besides the overrides that were asked for.
-MODEL_OPTIONS = ('attention', 'attention_pad', 'remat', 'scan_unroll', 'fused_ista', 'dtype', 'param_dtype',
-                 'encoder_sees_mask_tokens', 'mask_ratio')
+MODEL_OPTIONS = (
+    'attention',
+    'attention_pad',
+    'remat',
+    'scan_unroll',
+    'fused_ista',
+    'dtype',
+    'param_dtype',
+    'encoder_sees_mask_tokens',
+    'mask_ratio',
+)
 
 
 def build(config, mesh, donate=True):
@@ -56,8 +65,9 @@ def synthetic_batch(config, batch, batch_sharding, seed=0):
     """Uniform uint8 NHWC images (the batches travel as uint8; the step normalises them), drawn directly on the
     devices that hold them; class-0 labels for a fine-tuning config."""
     shape = (batch, config.model.image_size, config.model.image_size, config.model.channels)
-    draw = jax.jit(lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(jnp.uint8),
-                   out_shardings=batch_sharding)
+    draw = jax.jit(
+        lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(jnp.uint8), out_shardings=batch_sharding
+    )
     out = {'image': draw(jax.random.key(seed))}
     if tasks.task_name(config) == 'finetune':
         out['label'] = jax.device_put(jnp.zeros((batch,), jnp.int32), batch_sharding)
@@ -87,8 +97,7 @@ def _xla_flops(compiled):
         return None
 
 
-def run_point(config, steps, warmup, donate=True, compiler_options=None, profile_dir=None, profile_steps=3,
-              peak=None):
+def run_point(config, steps, warmup, donate=True, compiler_options=None, profile_dir=None, profile_steps=3, peak=None):
     """Compiles and times the train step of ``config`` at its train.global_batch; returns the record."""
     distributed.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
@@ -163,10 +172,17 @@ def environment():
     """What a record needs to be compared with another: device, versions, XLA flags, date."""
     device = jax.devices()[0]
     return {
-        'device_kind': device.device_kind, 'platform': device.platform, 'num_devices': jax.device_count(),
-        'cpu_count': os.cpu_count(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
-        'flax': flax.__version__, 'optax': optax.__version__, 'python': platform.python_version(),
-        'xla_flags': os.environ.get('XLA_FLAGS', ''), 'compilation_cache': jax.config.jax_compilation_cache_dir,
+        'device_kind': device.device_kind,
+        'platform': device.platform,
+        'num_devices': jax.device_count(),
+        'cpu_count': os.cpu_count(),
+        'jax': jax.__version__,
+        'jaxlib': jaxlib.__version__,
+        'flax': flax.__version__,
+        'optax': optax.__version__,
+        'python': platform.python_version(),
+        'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        'compilation_cache': jax.config.jax_compilation_cache_dir,
         'date': datetime.datetime.now().isoformat(timespec='seconds'),
     }
 

@@ -15,6 +15,7 @@ Preemption: install_preemption_handler() turns SIGTERM into a flag; reached_pree
 is True once the flag is set or orbax/JAX's preemption sync point says so (multi-host TPU).
 The loop then calls save(step, ..., force=True), wait_until_finished() and exits.
 """
+
 import datetime
 import fnmatch
 import hashlib
@@ -34,11 +35,25 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = 'config.json'
 CKPT_DIR = 'checkpoints'
 # Keys that may change between a run and its resumption without changing what is trained.
-DEFAULT_IGNORE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-                  'train.eval_batch', 'train.eval_mask_ratio', 'eval.*',
-                  # How the same maths is computed (kernels, recomputation, unrolling), not what is trained:
-                  'model.attention', 'model.attention_pad', 'model.remat', 'model.scan_unroll', 'model.fused_ista',
-                  'checkpoint.*', 'data.data_dir', 'data.num_workers', 'data.prefetch')
+DEFAULT_IGNORE = (
+    'train.steps',
+    'train.log_every',
+    'train.eval_every',
+    'train.eval_batches',
+    'train.eval_batch',
+    'train.eval_mask_ratio',
+    'eval.*',
+    # How the same maths is computed (kernels, recomputation, unrolling), not what is trained:
+    'model.attention',
+    'model.attention_pad',
+    'model.remat',
+    'model.scan_unroll',
+    'model.fused_ista',
+    'checkpoint.*',
+    'data.data_dir',
+    'data.num_workers',
+    'data.prefetch',
+)
 
 
 def jsonable(x):
@@ -73,8 +88,9 @@ def restore_newest(steps, restore, directory):
             restored = restore(step)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
             msg = f'{type(e).__name__}: {first_line(e)}'
-            log.warning('Checkpoint step %d in %s failed to restore (%s); trying the next older step.', step,
-                        directory, msg)
+            log.warning(
+                'Checkpoint step %d in %s failed to restore (%s); trying the next older step.', step, directory, msg
+            )
             errors.append(f'  step {step}: {msg}')
             continue
         if errors:
@@ -84,7 +100,8 @@ def restore_newest(steps, restore, directory):
         raise UnreadableCheckpointsError(
             f'Checkpoints exist in {directory} (steps {steps}) but none could be restored; refusing to restart from '
             'scratch. Errors:\n' + '\n'.join(errors) + '\nMove or delete the damaged step directories (or the whole '
-            'checkpoints directory) to proceed.')
+            'checkpoints directory) to proceed.'
+        )
     return None
 
 
@@ -117,15 +134,20 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, save_interval_steps=self.every,
-                enable_async_checkpointing=async_save, create=True))
+                max_to_keep=max_to_keep,
+                save_interval_steps=self.every,
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
 
     @classmethod
     def from_config(cls, workdir, ckpt_config):
         """From config.checkpoint: every, max_to_keep, async_save."""
         c = dict(ckpt_config)
-        return cls(workdir, every=c.get('every', 1), max_to_keep=c.get('max_to_keep', 3),
-                   async_save=c.get('async_save', True))
+        return cls(
+            workdir, every=c.get('every', 1), max_to_keep=c.get('max_to_keep', 3), async_save=c.get('async_save', True)
+        )
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -163,8 +185,10 @@ class Checkpointer:
         """(state, meta) at `step`. `abstract_state` (ShapeDtypeStructs with shardings, or
         arrays) gives structure, dtypes and placement: optax namedtuples come back intact."""
         abstract_state = jax.tree.map(_as_abstract, abstract_state)
-        r = self._mngr.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        r = self._mngr.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+        )
         return r.state, r.meta
 
     def restore_latest(self, abstract_state):
@@ -197,6 +221,7 @@ class Checkpointer:
                 log.warning('Moved the unreadable checkpoint step %d to %s.', step, destination)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices('cratemae_checkpoint_quarantine')
         self._mngr.reload()
 
@@ -237,6 +262,7 @@ class Checkpointer:
         flag = self._preempted
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
         if flag:
             return True
@@ -280,7 +306,8 @@ def ensure_writable(workdir):
     except Exception as e:  # PermissionError, OSError, GCS errors: all mean "not writable"
         raise PermissionError(
             f'Workdir {workdir} is not writable ({type(e).__name__}: {e}). Pass a --workdir you '
-            'can write to (a local directory or a gs:// bucket with write access).') from e
+            'can write to (a local directory or a gs:// bucket with write access).'
+        ) from e
     return path
 
 
@@ -355,12 +382,16 @@ def check_compatible(workdir, config, ignore=DEFAULT_IGNORE, allow_change=False)
     if diffs and not allow_change:
         hint = ''
         if old.get('optim.schedule_steps') != new.get('optim.schedule_steps'):
-            hint = (f"\nTo train to train.steps={new.get('train.steps')} on the run's schedule, keep its length: "
-                    f"--config.optim.schedule_steps={old.get('optim.schedule_steps')}.")
+            hint = (
+                f"\nTo train to train.steps={new.get('train.steps')} on the run's schedule, keep its length: "
+                f"--config.optim.schedule_steps={old.get('optim.schedule_steps')}."
+            )
         raise ValueError(
-            f'The config differs from the one saved in {path} by the run being resumed:\n  ' +
-            '\n  '.join(diffs) + '\nUse a new --workdir, or pass --allow_config_change to resume '
-            'with the new values anyway.' + hint)
+            f'The config differs from the one saved in {path} by the run being resumed:\n  '
+            + '\n  '.join(diffs)
+            + '\nUse a new --workdir, or pass --allow_config_change to resume '
+            'with the new values anyway.' + hint
+        )
     for d in diffs:
         log.warning('Config changed on resume (allowed): %s', d)
     return diffs

@@ -330,10 +330,12 @@ def _per_sample_measures(model, params, inter, paper=False):
         'input': inter['projection'],
         # The later points go through the same LN1 and U_l (not U_{l+1}: against those the output point would just be
         # the next layer's input point), so the three differ only in the tokens.
-        'mid': project(inter['mssa_out'], layers['norm1']['scale'], layers['norm1']['bias'], kernels,
-                       model.block_norm_eps),
-        'output': project(inter['ista_out'], layers['norm1']['scale'], layers['norm1']['bias'], kernels,
-                          model.block_norm_eps),
+        'mid': project(
+            inter['mssa_out'], layers['norm1']['scale'], layers['norm1']['bias'], kernels, model.block_norm_eps
+        ),
+        'output': project(
+            inter['ista_out'], layers['norm1']['scale'], layers['norm1']['bias'], kernels, model.block_norm_eps
+        ),
     }
     rates = coding_rate(split_heads(jnp.stack([projections[p] for p in POINTS]), model.heads))  # one batched call
     out = {f'compression_{p}': rate for p, rate in zip(POINTS, rates)}

@@ -5,6 +5,7 @@ multi-process job through the environment; ``maybe_initialize_distributed`` read
 ``jax.distributed.initialize`` once. A plain process or a single-host TPU VM matches nothing and stays alone.
 The placement of arrays over the devices that start-up reveals is ``cratemae.sharding``'s business.
 """
+
 import logging
 import os
 
@@ -20,8 +21,7 @@ def _more_than_one(value) -> bool:
 
 
 # Counts / host lists that ask for multi-process JAX (JAX then auto-detects the rest).
-_MULTI_PROCESS_ENV = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_NUM_SLICES', 'SLURM_NTASKS',
-                      'OMPI_COMM_WORLD_SIZE')
+_MULTI_PROCESS_ENV = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_NUM_SLICES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 
 
 def distributed_request(env=None):
@@ -49,8 +49,7 @@ def distributed_request(env=None):
     return None
 
 
-def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
-                                 process_id=None, env=None) -> bool:
+def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, env=None) -> bool:
     """Initialise multi-process JAX when asked to (arguments or environment, see
     `distributed_request`); returns True if JAX runs distributed afterwards.
 
@@ -59,8 +58,10 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
     if jax.distributed.is_initialized():
         return True
     if coordinator_address is not None:
-        reason, kw = 'arguments', {'coordinator_address': coordinator_address,
-                                       'num_processes': num_processes, 'process_id': process_id}
+        reason, kw = (
+            'arguments',
+            {'coordinator_address': coordinator_address, 'num_processes': num_processes, 'process_id': process_id},
+        )
     else:
         request = distributed_request(env)
         if request is None:

@@ -12,6 +12,7 @@ uint16 bit pattern and viewed back on load), and reading `.pth`/`.pt` when torch
 The metadata entry `model_config` holds the model config as JSON, so a reader can rebuild the model without the
 experiment registry (`model_config_from_metadata`).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ import logging
 import os
 import re
 import warnings
-from typing import Any, Mapping, NamedTuple
+from typing import Any
+from typing import Mapping
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -51,11 +54,11 @@ ORBAX_FORMAT = 'cratemae.params.v1'
 
 
 class _Entry(NamedTuple):
-    key: str                  # torch state-dict key
-    path: tuple | None        # Flax param path; None for tensors that are not Flax params
-    kind: str                 # 'copy' | 'T' (Dense kernel) | 'conv' | 'pos' | 'zeros'
-    layer: int | None         # index into the nn.scan depth axis
-    shape: tuple              # torch shape
+    key: str  # torch state-dict key
+    path: tuple | None  # Flax param path; None for tensors that are not Flax params
+    kind: str  # 'copy' | 'T' (Dense kernel) | 'conv' | 'pos' | 'zeros'
+    layer: int | None  # index into the nn.scan depth axis
+    shape: tuple  # torch shape
 
 
 def _get(cfg, name, default):
@@ -73,37 +76,53 @@ def _arch(model_config):
             'No reference state-dict layout exists for this model config (encoder_block=%r, decoder_block=%r, '
             'encoder_sees_mask_tokens=%r, width=%d, decoder_width=%d): only CRATE-MAE with CRATE encoder and decoder '
             'blocks, mask tokens in the encoder and decoder_width == width has one (%s).'
-            % (enc, dec, sees_mask, d, dd, LAYOUT))
+            % (enc, dec, sees_mask, d, dd, LAYOUT)
+        )
     image, p = int(_get(model_config, 'image_size', 224)), int(_get(model_config, 'patch_size', 16))
     if image % p:
         raise ValueError(f'image_size {image} is not divisible by patch_size {p}.')
     grid = image // p
-    return dict(d=d, p=p, c=int(_get(model_config, 'channels', 3)), grid=grid, n=grid * grid + 1,
-                depth=int(_get(model_config, 'depth', 12)), dec_depth=int(_get(model_config, 'decoder_depth', 12)))
+    return dict(
+        d=d,
+        p=p,
+        c=int(_get(model_config, 'channels', 3)),
+        grid=grid,
+        n=grid * grid + 1,
+        depth=int(_get(model_config, 'depth', 12)),
+        dec_depth=int(_get(model_config, 'decoder_depth', 12)),
+    )
 
 
 def _mssa_entries(prefix, stack, i, d):
-    return [_Entry(prefix + 'qkv.weight', (stack, 'layers', 'mssa', 'qkv', 'kernel'), 'T', i, (d, d)),
-            _Entry(prefix + 'to_out.0.weight', (stack, 'layers', 'mssa', 'out', 'kernel'), 'T', i, (d, d)),
-            _Entry(prefix + 'to_out.0.bias', (stack, 'layers', 'mssa', 'out', 'bias'), 'copy', i, (d,))]
+    return [
+        _Entry(prefix + 'qkv.weight', (stack, 'layers', 'mssa', 'qkv', 'kernel'), 'T', i, (d, d)),
+        _Entry(prefix + 'to_out.0.weight', (stack, 'layers', 'mssa', 'out', 'kernel'), 'T', i, (d, d)),
+        _Entry(prefix + 'to_out.0.bias', (stack, 'layers', 'mssa', 'out', 'bias'), 'copy', i, (d,)),
+    ]
 
 
 def _norm_entries(prefix, path, i, d):
-    return [_Entry(prefix + 'weight', path + ('scale',), 'copy', i, (d,)),
-            _Entry(prefix + 'bias', path + ('bias',), 'copy', i, (d,))]
+    return [
+        _Entry(prefix + 'weight', path + ('scale',), 'copy', i, (d,)),
+        _Entry(prefix + 'bias', path + ('bias',), 'copy', i, (d,)),
+    ]
 
 
 def _layout(model_config, encoder_only=False):
     """The reference tensors in the reference state-dict order (own parameters first, then submodules)."""
     a = _arch(model_config)
     d, p, c, n = a['d'], a['p'], a['c'], a['n']
-    out = [_Entry('cls_token', ('cls_token',), 'copy', None, (1, 1, d)),
-           _Entry('pos_embed', None, 'pos', None, (1, n, d)),
-           _Entry('mask_token', ('mask_token',), 'copy', None, (1, 1, d))]
+    out = [
+        _Entry('cls_token', ('cls_token',), 'copy', None, (1, 1, d)),
+        _Entry('pos_embed', None, 'pos', None, (1, n, d)),
+        _Entry('mask_token', ('mask_token',), 'copy', None, (1, 1, d)),
+    ]
     if not encoder_only:
         out.append(_Entry('decoder_pos_embed', None, 'pos', None, (1, n, d)))
-    out += [_Entry('patch_embed.proj.weight', ('patch_embed', 'kernel'), 'conv', None, (d, c, p, p)),
-            _Entry('patch_embed.proj.bias', ('patch_embed', 'bias'), 'copy', None, (d,))]
+    out += [
+        _Entry('patch_embed.proj.weight', ('patch_embed', 'kernel'), 'conv', None, (d, c, p, p)),
+        _Entry('patch_embed.proj.bias', ('patch_embed', 'bias'), 'copy', None, (d,)),
+    ]
     for i in range(a['depth']):
         b = f'blocks.{i}.layers.0.'
         out += _norm_entries(b + '0.norm.', ('encoder', 'layers', 'norm1'), i, d)
@@ -113,8 +132,10 @@ def _layout(model_config, encoder_only=False):
     out += _norm_entries('norm.', ('encoder_norm',), None, d)
     if encoder_only:
         return out
-    out += [_Entry('decoder_embed.weight', None, 'zeros', None, (d, d)),
-            _Entry('decoder_embed.bias', None, 'zeros', None, (d,))]
+    out += [
+        _Entry('decoder_embed.weight', None, 'zeros', None, (d, d)),
+        _Entry('decoder_embed.bias', None, 'zeros', None, (d,)),
+    ]
     for i in range(a['dec_depth']):
         b = f'decoder_blocks.{i}.layers.0.'
         out += _norm_entries(b + '0.norm.', ('decoder', 'layers', 'norm1'), i, d)
@@ -122,8 +143,10 @@ def _layout(model_config, encoder_only=False):
         out += _norm_entries(b + '1.norm.', ('decoder', 'layers', 'norm2'), i, d)
         out += _mssa_entries(b + '1.fn.', 'decoder', i, d)
     out += _norm_entries('decoder_norm.', ('decoder_norm',), None, d)
-    out += [_Entry('decoder_pred.weight', ('decoder_pred', 'kernel'), 'T', None, (p * p * c, d)),
-            _Entry('decoder_pred.bias', ('decoder_pred', 'bias'), 'copy', None, (p * p * c,))]
+    out += [
+        _Entry('decoder_pred.weight', ('decoder_pred', 'kernel'), 'T', None, (p * p * c, d)),
+        _Entry('decoder_pred.bias', ('decoder_pred', 'bias'), 'copy', None, (p * p * c,)),
+    ]
     return out
 
 
@@ -148,6 +171,7 @@ def _to_numpy(value):
         value = value.detach().cpu()
         if str(value.dtype) == 'torch.bfloat16':
             import torch  # pylint: disable=import-outside-toplevel
+
             return value.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return value.numpy()
     return np.asarray(value)
@@ -164,8 +188,7 @@ def _pos_table(a, dtype):  # (1, N, d)
     return ops.sincos_pos_embed(a['d'], a['grid'])[None].astype(dtype)
 
 
-def to_reference_state_dict(params, model_config, *, encoder_only: bool = False,
-                            dtype=None) -> dict[str, np.ndarray]:
+def to_reference_state_dict(params, model_config, *, encoder_only: bool = False, dtype=None) -> dict[str, np.ndarray]:
     """Flax params (or {'params': ...}) -> the reference torch state dict as numpy arrays, in reference order.
 
     Leaves may be arrays or abstract `jax.ShapeDtypeStruct`s (giving memory-free zero-strided placeholders of the
@@ -194,8 +217,10 @@ def to_reference_state_dict(params, model_config, *, encoder_only: bool = False,
             if e.layer is not None:
                 n_layers = a['depth'] if e.path[0] == 'encoder' else a['dec_depth']
                 if arr.shape[:1] != (n_layers,):
-                    raise ValueError(f'Flax params {"/".join(e.path)} have shape {arr.shape}; the model config '
-                                     f'expects {n_layers} stacked {e.path[0]} layers ({e.key!r}).')
+                    raise ValueError(
+                        f'Flax params {"/".join(e.path)} have shape {arr.shape}; the model config '
+                        f'expects {n_layers} stacked {e.path[0]} layers ({e.key!r}).'
+                    )
                 arr = arr[e.layer]
             arr = _transform(arr, e.kind, to_torch=True)
             if not hasattr(leaf, '__array__'):  # abstract: keep a memory-free view
@@ -232,8 +257,10 @@ def _shorten(items, limit=12):
 
 def _architecture_hint(keys):
     if any('.attn.qkv.' in k or '.mlp.fc1.' in k for k in keys):
-        return (' The checkpoint has timm ViT blocks (attn.qkv / mlp.fc1): it looks like FAIR MAE or '
-                'crate_ae.mae_vit_*, not CRATE-MAE.')
+        return (
+            ' The checkpoint has timm ViT blocks (attn.qkv / mlp.fc1): it looks like FAIR MAE or '
+            'crate_ae.mae_vit_*, not CRATE-MAE.'
+        )
     depths = [len({k.split('.')[1] for k in keys if k.startswith(s)}) for s in ('blocks.', 'decoder_blocks.')]
     return ' The checkpoint has %d encoder and %d decoder blocks.' % tuple(depths)
 
@@ -253,8 +280,9 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> dict[str, int] | None:
     def count(prefix):
         return len({int(m.group(1)) for k in state_dict if (m := re.match(re.escape(prefix) + r'(\d+)\.', k))})
 
-    arch = dict(width=int(d), patch_size=int(p), channels=int(c), depth=count('blocks.'),
-                decoder_depth=count('decoder_blocks.'))
+    arch = dict(
+        width=int(d), patch_size=int(p), channels=int(c), depth=count('blocks.'), decoder_depth=count('decoder_blocks.')
+    )
     pos = state_dict.get('pos_embed')
     if pos is not None and len(np.shape(pos)) == 3:
         grid = round((np.shape(pos)[1] - 1) ** 0.5)
@@ -270,8 +298,12 @@ def reference_size(arch, model_name=None) -> str | None:
         name = str(model_name).rsplit('_', 1)[-1]
         return name if name in REFERENCE_SIZES and str(model_name).startswith('mae_crate') else None
     for name, (width, depth, _) in REFERENCE_SIZES.items():
-        if arch and (arch['width'], arch['depth'], arch['patch_size'], arch.get('image_size', 224)) == \
-                (width, depth, 16, 224) and arch['decoder_depth'] in (0, depth):
+        if (
+            arch
+            and (arch['width'], arch['depth'], arch['patch_size'], arch.get('image_size', 224))
+            == (width, depth, 16, 224)
+            and arch['decoder_depth'] in (0, depth)
+        ):
             return name
     return None
 
@@ -284,11 +316,15 @@ def registry_hint(state_dict, model_name=None) -> str:
     numbers = ', '.join(f'{k} {v}' for k, v in arch.items())
     size = reference_size(arch, model_name)
     if size:
-        return (f' The checkpoint\'s shapes ({numbers}) are CRATE-MAE-{size.capitalize()}: pass '
-                f'--config=experiments/registry.py:crate_mae_{size}.')
+        return (
+            f' The checkpoint\'s shapes ({numbers}) are CRATE-MAE-{size.capitalize()}: pass '
+            f'--config=experiments/registry.py:crate_mae_{size}.'
+        )
     overrides = ' '.join(f'--config.model.{k}={v}' for k, v in arch.items() if k != 'decoder_depth' or v)
-    return (f' The checkpoint\'s shapes ({numbers}) match no registry size: pass a config with them, e.g. '
-            f'--config=experiments/registry.py:crate_mae_base {overrides} (and the heads it was trained with).')
+    return (
+        f' The checkpoint\'s shapes ({numbers}) match no registry size: pass a config with them, e.g. '
+        f'--config=experiments/registry.py:crate_mae_base {overrides} (and the heads it was trained with).'
+    )
 
 
 def infer_model_config(state_dict, args: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
@@ -300,21 +336,35 @@ def infer_model_config(state_dict, args: Mapping[str, Any] | None = None) -> ml_
     args = dict(args or {})
     arch = infer_architecture(state_dict)
     if arch is None:
-        raise ValueError('The state dict is not a CRATE-MAE reference state dict, so its architecture cannot be '
-                         'inferred.' + _architecture_hint(state_dict))
+        raise ValueError(
+            'The state dict is not a CRATE-MAE reference state dict, so its architecture cannot be '
+            'inferred.' + _architecture_hint(state_dict)
+        )
     size = reference_size(arch, args.get('model'))
     if size is None:
-        raise ValueError('The number of attention heads is not in the checkpoint (neither its shapes nor a saved '
-                         '--model name show it), so its architecture is not fully known: name it with --config.'
-                         + registry_hint(state_dict))
+        raise ValueError(
+            'The number of attention heads is not in the checkpoint (neither its shapes nor a saved '
+            '--model name show it), so its architecture is not fully known: name it with --config.'
+            + registry_hint(state_dict)
+        )
     width, depth, heads = REFERENCE_SIZES[size]
     if (arch['width'], arch['depth']) != (width, depth):
-        raise ValueError(f'The checkpoint was saved by a run of --model {args.get("model")}, but its shapes are '
-                         'not that size.' + registry_hint(state_dict))
+        raise ValueError(
+            f'The checkpoint was saved by a run of --model {args.get("model")}, but its shapes are '
+            'not that size.' + registry_hint(state_dict)
+        )
     cfg = models.default_model_config()
-    cfg.update(width=width, depth=depth, heads=heads, decoder_width=width, decoder_depth=depth, decoder_heads=heads,
-               patch_size=arch['patch_size'], channels=arch['channels'],
-               image_size=arch.get('image_size', args.get('input_size', cfg.image_size)))
+    cfg.update(
+        width=width,
+        depth=depth,
+        heads=heads,
+        decoder_width=width,
+        decoder_depth=depth,
+        decoder_heads=heads,
+        patch_size=arch['patch_size'],
+        channels=arch['channels'],
+        image_size=arch.get('image_size', args.get('input_size', cfg.image_size)),
+    )
     for key in ('mask_ratio', 'norm_pix_loss'):  # FAIR MAE's pretraining flags of the same meaning
         if isinstance(args.get(key), type(cfg[key])):
             cfg[key] = args[key]
@@ -325,35 +375,60 @@ def _validate(sd, layout, ignored):
     expected = {e.key: e.shape for e in layout}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and k not in ignored]
-    mismatched = [f'{k} (expected {expected[k]}, got {tuple(sd[k].shape)})'
-                  for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    mismatched = [
+        f'{k} (expected {expected[k]}, got {tuple(sd[k].shape)})'
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != expected[k]
+    ]
     problems = [('Missing keys', missing), ('Unexpected keys', unexpected), ('Mismatched shapes', mismatched)]
     if 'fc_norm.weight' in sd and 'norm.weight' in missing:
-        raise ValueError('The checkpoint is a classifier fine-tuned with global pooling (FAIR MAE\'s --global_pool: '
-                         'fc_norm normalises the pooled feature and the per-token final norm `norm` was removed), so '
-                         'it has no final encoder norm to load. Use the pretrained checkpoint it was fine-tuned from.')
+        raise ValueError(
+            'The checkpoint is a classifier fine-tuned with global pooling (FAIR MAE\'s --global_pool: '
+            'fc_norm normalises the pooled feature and the per-token final norm `norm` was removed), so '
+            'it has no final encoder norm to load. Use the pretrained checkpoint it was fine-tuned from.'
+        )
     if missing or unexpected or mismatched:
         fits = registry_hint(sd) if mismatched else ''  # first: the list of shapes below can be long
-        raise ValueError('State dict does not match the CRATE-MAE reference layout for this model config.' + fits
-                         + ' ' + ' '.join(f'{name} ({len(v)}): {_shorten(v)}.' for name, v in problems if v)
-                         + ('' if fits else _architecture_hint(sd)))
+        raise ValueError(
+            'State dict does not match the CRATE-MAE reference layout for this model config.'
+            + fits
+            + ' '
+            + ' '.join(f'{name} ({len(v)}): {_shorten(v)}.' for name, v in problems if v)
+            + ('' if fits else _architecture_hint(sd))
+        )
 
 
 def _report(sd, used, source):
     """Logs which tensors of a checkpoint were loaded and which were not, and why."""
-    reasons = {'classification head of a fine-tuned checkpoint (fine-tuning trains its own; probes read the '
-               'encoder)': [k for k in sd if k in CLASSIFIER_KEYS],
-               'fixed sin-cos position tables (rebuilt by the model)': [k for k in sd if k.endswith('pos_embed')],
-               'decoder_embed (built but unused by the reference)': [k for k in sd if k.startswith('decoder_embed.')]}
+    reasons = {
+        'classification head of a fine-tuned checkpoint (fine-tuning trains its own; probes read the encoder)': [
+            k for k in sd if k in CLASSIFIER_KEYS
+        ],
+        'fixed sin-cos position tables (rebuilt by the model)': [k for k in sd if k.endswith('pos_embed')],
+        'decoder_embed (built but unused by the reference)': [k for k in sd if k.startswith('decoder_embed.')],
+    }
     reasons['decoder (only the encoder was asked for)'] = [
-        k for k in sd if k not in used and not any(k in v for v in reasons.values())]
+        k for k in sd if k not in used and not any(k in v for v in reasons.values())
+    ]
     ignored = '; '.join(f'{len(v)} {why}: {_shorten(v, 4)}' for why, v in reasons.items() if v)
-    log.info('%s: loaded %d tensors (%s); ignored %s.', source or 'state dict', len(used),
-             _shorten(sorted({k.split('.')[0] for k in used}), 8), ignored or 'none')
+    log.info(
+        '%s: loaded %d tensors (%s); ignored %s.',
+        source or 'state dict',
+        len(used),
+        _shorten(sorted({k.split('.')[0] for k in used}), 8),
+        ignored or 'none',
+    )
 
 
-def from_reference_state_dict(state_dict: Mapping[str, Any], model_config, *, encoder_only: bool = False,
-                              dtype='float32', check_pos_embed: bool = True, source: str = '') -> dict:
+def from_reference_state_dict(
+    state_dict: Mapping[str, Any],
+    model_config,
+    *,
+    encoder_only: bool = False,
+    dtype='float32',
+    check_pos_embed: bool = True,
+    source: str = '',
+) -> dict:
     """Reference torch state dict -> the Flax params tree (numpy arrays; nested dicts; no {'params': } wrapper).
 
     Validates keys and shapes against the config and raises ValueError naming the missing keys, unexpected keys
@@ -380,8 +455,10 @@ def from_reference_state_dict(state_dict: Mapping[str, Any], model_config, *, en
             if check_pos_embed:
                 diff = np.max(np.abs(arr.astype(np.float32) - _pos_table(a, np.float32)))
                 if diff > max(1e-4, float(ml_dtypes.finfo(arr.dtype).eps)):  # allow rounding to a low precision
-                    warnings.warn(f'{e.key} differs from the fixed sin-cos table by up to {diff:.3g}; '
-                                  'the model uses the sin-cos table.')
+                    warnings.warn(
+                        f'{e.key} differs from the fixed sin-cos table by up to {diff:.3g}; '
+                        'the model uses the sin-cos table.'
+                    )
             continue
         if e.kind == 'zeros':  # decoder_embed: unused by the reference forward
             continue
@@ -394,13 +471,21 @@ def from_reference_state_dict(state_dict: Mapping[str, Any], model_config, *, en
 # ----------------------------------------------------------------------------------------------------------------
 # Metadata and files.
 
+
 def make_metadata(model_config, **extra) -> dict[str, str]:
     """Header metadata: format, reference layout and `model_config` as JSON; extra values JSON-encoded if not str."""
     cfg = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
-    meta = {'format': FORMAT, 'layout': LAYOUT,
-            'model_config': json.dumps(cfg, sort_keys=True, default=checkpoint.jsonable)}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=checkpoint.jsonable)
-                 for k, v in extra.items()})
+    meta = {
+        'format': FORMAT,
+        'layout': LAYOUT,
+        'model_config': json.dumps(cfg, sort_keys=True, default=checkpoint.jsonable),
+    }
+    meta.update(
+        {
+            k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=checkpoint.jsonable)
+            for k, v in extra.items()
+        }
+    )
     return meta
 
 
@@ -434,6 +519,7 @@ def _atomic_write(path, write):
 def save_safetensors(path, state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
     """Writes a .safetensors file atomically (bfloat16 is stored as BF16, readable by torch)."""
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
     tensors = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in state_dict.items()}
     metadata = _check_metadata(metadata)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -460,11 +546,13 @@ def save_npz(path, state_dict: Mapping[str, Any], metadata: Mapping[str, str] | 
     def write(tmp):
         with open(tmp, 'wb') as f:
             np.savez(f, **arrays)
+
     _atomic_write(path, write)
 
 
 def _load_safetensors(path):
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+
     with safe_open(path, framework='np') as f:
         metadata = dict(f.metadata() or {})
         return {k: np.array(f.get_tensor(k)) for k in f.keys()}, metadata
@@ -474,8 +562,9 @@ def _load_npz(path):
     with np.load(path, allow_pickle=False) as z:
         header = json.loads(str(z[_NPZ_META_KEY])) if _NPZ_META_KEY in z.files else {}
         dtypes = header.get('dtypes', {})
-        sd = {k: z[k].view(getattr(ml_dtypes, dtypes[k])) if k in dtypes else z[k]
-              for k in z.files if k != _NPZ_META_KEY}
+        sd = {
+            k: z[k].view(getattr(ml_dtypes, dtypes[k])) if k in dtypes else z[k] for k in z.files if k != _NPZ_META_KEY
+        }
     return sd, dict(header.get('metadata', {}))
 
 
@@ -506,8 +595,9 @@ def load_state_dict(path, trust: bool = False) -> tuple[dict[str, np.ndarray], d
     try:
         return _LOADERS[suffix](path)
     except Exception as err:  # safetensors and zipfile each raise their own types on damaged files
-        raise ValueError(f'Could not read checkpoint file {path} (truncated or corrupt?): '
-                         f'{type(err).__name__}: {err}') from err
+        raise ValueError(
+            f'Could not read checkpoint file {path} (truncated or corrupt?): {type(err).__name__}: {err}'
+        ) from err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -515,8 +605,13 @@ def load_state_dict(path, trust: bool = False) -> tuple[dict[str, np.ndarray], d
 
 
 def _json_dict(cfg) -> dict[str, Any] | None:
-    return None if cfg is None else json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg),
-                                                          default=checkpoint.jsonable))
+    return (
+        None
+        if cfg is None
+        else json.loads(
+            json.dumps(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg), default=checkpoint.jsonable)
+        )
+    )
 
 
 def export_checkpoint(ckpt, fmt: str, out, *, encoder_only=False) -> str:
@@ -530,17 +625,26 @@ def export_checkpoint(ckpt, fmt: str, out, *, encoder_only=False) -> str:
         raise ValueError(f'Unknown export format {fmt!r}; choose one of {FORMATS}.')
     out = os.fspath(out)
     if not encoder_only and 'decoder' not in ckpt.params:
-        raise ValueError(f'{ckpt.path} was loaded without its decoder; export it with encoder_only=True or load it '
-                         'with encoder_only=False.')
+        raise ValueError(
+            f'{ckpt.path} was loaded without its decoder; export it with encoder_only=True or load it '
+            'with encoder_only=False.'
+        )
     params = models.encoder_params(ckpt.params) if encoder_only else ckpt.params
-    extra = {'step': ckpt.step, 'source': ckpt.path, 'encoder_only': encoder_only,
-             'data_config': _json_dict(ckpt.data_config), **getattr(ckpt, 'extra_metadata', {})}
+    extra = {
+        'step': ckpt.step,
+        'source': ckpt.path,
+        'encoder_only': encoder_only,
+        'data_config': _json_dict(ckpt.data_config),
+        **getattr(ckpt, 'extra_metadata', {}),
+    }
     if fmt in ('safetensors', 'npz'):
         state_dict = to_reference_state_dict(params, ckpt.model_config, encoder_only=encoder_only)
-        (save_safetensors if fmt == 'safetensors' else save_npz)(out, state_dict,
-                                                                  make_metadata(ckpt.model_config, **extra))
+        (save_safetensors if fmt == 'safetensors' else save_npz)(
+            out, state_dict, make_metadata(ckpt.model_config, **extra)
+        )
         return out
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
     checkpointer = ocp.StandardCheckpointer()
     try:
         checkpointer.save(os.path.abspath(out), jax.tree.map(np.asarray, params), force=True)

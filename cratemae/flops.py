@@ -28,26 +28,38 @@ needs no gradient. These are model FLOPs: remat recomputation and attention padd
 
 CRATE-MAE-Base (224 px, p=16, 12x768 + 12x768): forward 25.6 GFLOP, train 76.7 GFLOP per image.
 """
+
 PEAK_FLOPS = {
     # device_kind substring (case-insensitive; the longest match wins) -> dense bf16 FLOP/s
     'H100 PCIe': 756e12,
-    'H100': 989e12,          # SXM ('NVIDIA H100 80GB HBM3')
+    'H100': 989e12,  # SXM ('NVIDIA H100 80GB HBM3')
     'H200': 989e12,
     'A100': 312e12,
     'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,   # v5e reports 'TPU v5 lite'
+    'TPU v5 lite': 197e12,  # v5e reports 'TPU v5 lite'
     'TPU v5e': 197e12,
     'TPU v5p': 459e12,
-    'TPU v5': 459e12,        # v5p reports 'TPU v5'
-    'TPU v6 lite': 918e12,   # v6e (Trillium)
+    'TPU v5': 459e12,  # v5p reports 'TPU v5'
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
     'TPU v6e': 918e12,
-    'cpu': None,             # no meaningful peak; pass peak= to mfu() to use a measured one
+    'cpu': None,  # no meaningful peak; pass peak= to mfu() to use a measured one
 }
 
-_DEFAULTS = {'image_size': 224, 'patch_size': 16, 'channels': 3, 'encoder_block': 'crate',
-             'decoder_block': 'crate', 'width': 768, 'depth': 12, 'decoder_width': 768,
-             'decoder_depth': 12, 'mlp_ratio': 4.0, 'encoder_sees_mask_tokens': True,
-             'mask_ratio': 0.75, 'fused_ista': False}
+_DEFAULTS = {
+    'image_size': 224,
+    'patch_size': 16,
+    'channels': 3,
+    'encoder_block': 'crate',
+    'decoder_block': 'crate',
+    'width': 768,
+    'depth': 12,
+    'decoder_width': 768,
+    'decoder_depth': 12,
+    'mlp_ratio': 4.0,
+    'encoder_sees_mask_tokens': True,
+    'mask_ratio': 0.75,
+    'fused_ista': False,
+}
 
 
 def _config(model_config) -> dict:
@@ -71,16 +83,19 @@ def block_flops(kind, n, width, mlp_ratio=4.0, fused_ista=False, batch_size=None
     d = width
     if kind == 'crate_encoder':
         if fused_ista:
-            ista = n * d * d + (d ** 3 / batch_size if batch_size else 0)
+            ista = n * d * d + (d**3 / batch_size if batch_size else 0)
         else:
             ista = 3 * n * d * d
         macs = {'qkv': n * d * d, 'attention': 2 * n * n * d, 'out': n * d * d, 'ista': ista}
     elif kind == 'crate_decoder':
-        macs = {'unsparsify': n * d * d, 'qkv': n * d * d, 'attention': 2 * n * n * d,
-                'out': n * d * d}
+        macs = {'unsparsify': n * d * d, 'qkv': n * d * d, 'attention': 2 * n * n * d, 'out': n * d * d}
     elif kind == 'vit':
-        macs = {'qkv': 3 * n * d * d, 'attention': 2 * n * n * d, 'proj': n * d * d,
-                'mlp': 2 * n * d * int(d * mlp_ratio)}
+        macs = {
+            'qkv': 3 * n * d * d,
+            'attention': 2 * n * n * d,
+            'proj': n * d * d,
+            'mlp': 2 * n * d * int(d * mlp_ratio),
+        }
     else:
         raise ValueError(f'Unknown block kind {kind!r}.')
     return {k: 2.0 * v for k, v in macs.items()}
@@ -94,16 +109,13 @@ def forward_breakdown(model_config, batch_size=None, mask_ratio=None) -> dict:
     out = {'patch_embed': 2.0 * L * pix * d}
 
     def add(prefix, kind, n, w, depth):
-        for name, f in block_flops(kind, n, w, c['mlp_ratio'], c['fused_ista'],
-                                   batch_size).items():
+        for name, f in block_flops(kind, n, w, c['mlp_ratio'], c['fused_ista'], batch_size).items():
             out[f'{prefix}/{name}'] = depth * f
 
-    add('encoder', 'crate_encoder' if c['encoder_block'] == 'crate' else 'vit', n_enc, d,
-        c['depth'])
+    add('encoder', 'crate_encoder' if c['encoder_block'] == 'crate' else 'vit', n_enc, d, c['depth'])
     if not c['encoder_sees_mask_tokens']:
         out['decoder_embed'] = 2.0 * n_enc * d * dd
-    add('decoder', 'crate_decoder' if c['decoder_block'] == 'crate' else 'vit', n_dec, dd,
-        c['decoder_depth'])
+    add('decoder', 'crate_decoder' if c['decoder_block'] == 'crate' else 'vit', n_dec, dd, c['decoder_depth'])
     out['decoder_pred'] = 2.0 * n_dec * dd * pix
     return out
 

@@ -120,12 +120,15 @@ def load(path, step=None, all_steps=False):
         return [Loaded(label, ckpt.step, ckpt.model_config, ckpt.params, ckpt.data_config)]
     seed = int(checkpoints.read_workdir_config(workdir).get('seed', 0))
     name = posixpath.basename(workdir)
-    steps = checkpoint_lib.saved_steps(workdir) if all_steps else [path_step if step is None else step]  # None: newest that restores
+    steps = (
+        checkpoint_lib.saved_steps(workdir) if all_steps else [path_step if step is None else step]
+    )  # None: newest that restores
     loaded = []
     for s in steps:
         ckpt = checkpoints.load(workdir, step=s, encoder_only=False)
-        loaded.append(Loaded(f'{name} step {ckpt.step}', ckpt.step, ckpt.model_config, ckpt.params, ckpt.data_config,
-                             seed))
+        loaded.append(
+            Loaded(f'{name} step {ckpt.step}', ckpt.step, ckpt.model_config, ckpt.params, ckpt.data_config, seed)
+        )
     if not loaded:
         raise ValueError(f'{workdir} holds no finished checkpoint yet.')
     return loaded
@@ -157,17 +160,24 @@ def load_images(options, loaded, notes):
     data_config = _data_config(options, loaded, notes)
     spec = data_registry.get_spec(data_config.name)
     if spec.native_size not in (None, model_config.image_size):
-        notes.append(f'{data_config.name} images are {spec.native_size}px; the eval transform resizes them to the '
-                     f"model's {model_config.image_size}px.")
-    pipeline = data_lib.make_pipeline(data_config, split=data_config.split_eval,
-                                      global_batch=max([options.batch] + [i + 1 for i in options.image_ids]), seed=0,
-                                      train=False)
+        notes.append(
+            f'{data_config.name} images are {spec.native_size}px; the eval transform resizes them to the '
+            f"model's {model_config.image_size}px."
+        )
+    pipeline = data_lib.make_pipeline(
+        data_config,
+        split=data_config.split_eval,
+        global_batch=max([options.batch] + [i + 1 for i in options.image_ids]),
+        seed=0,
+        train=False,
+    )
     batch = pipeline.batch(0)
     images = np.asarray(batch['image'], np.float32)[np.asarray(batch['valid'], bool)]
     mean, std = pipeline.info.mean, pipeline.info.std
     if any(i >= len(images) for i in options.image_ids):
-        raise ValueError(f'--image_ids: the {data_config.split_eval} split has {len(images)} images '
-                         f'(valid 0..{len(images) - 1}).')
+        raise ValueError(
+            f'--image_ids: the {data_config.split_eval} split has {len(images)} images (valid 0..{len(images) - 1}).'
+        )
     shown = images[list(options.image_ids)] if options.image_ids else images[: options.images]
     if options.image_files:
         shown = np.concatenate([read_image(p, model_config, mean, std, notes) for p in options.image_files])
@@ -206,7 +216,8 @@ def parse_indices(text, count, what, allow_mean=False):
             raise ValueError(f'--{what}: {item!r} is not an index; use integers in 0..{count - 1}.') from None
         if not 0 <= index < count:
             raise ValueError(
-                f'--{what}: index {index} is out of range; this model has {count} {what} (valid 0..{count - 1}).')
+                f'--{what}: index {index} is out of range; this model has {count} {what} (valid 0..{count - 1}).'
+            )
         out.append(index)
     return out
 
@@ -226,12 +237,15 @@ def measure_pictures(results, options, images_measured):
     """{file name: picture} of the layer-wise measures of every run, [(label, measures)]."""
     about = f'{images_measured} unmasked images, mean +- std over them'
     pictures = {
-        'layerwise.png': visualize.layerwise(results, title=f'Layer-wise measures as the reference plots them ({about})'),
+        'layerwise.png': visualize.layerwise(
+            results, title=f'Layer-wise measures as the reference plots them ({about})'
+        ),
         'mssa_ista.png': visualize.mssa_ista(results, title=f'What MSSA and ISTA each do to the coding rate ({about})'),
     }
     if options.paper:
         pictures['mssa_ista_paper.png'] = visualize.mssa_ista(
-            results, paper=True, title=f'The same, paper-exact coding rate ({about})')
+            results, paper=True, title=f'The same, paper-exact coding rate ({about})'
+        )
     pictures['sparsity_inversion.png'] = visualize.sparsity_and_inversion(results, title=about)
     return pictures
 
@@ -251,19 +265,24 @@ def checkpoint_pictures(options, loaded, shown, mean, std, skipped):
     pictures = {}
     maps, labels = _attention_columns(attention, layers, heads, grid)
     pictures['attention_layers.png'] = visualize.overlay_grid(
-        pixels, maps, labels, title=f'{loaded.label}: class-token attention to patches')
+        pixels, maps, labels, title=f'{loaded.label}: class-token attention to patches'
+    )
     last = cfg.depth - 1
     maps, labels = _attention_columns(attention, [last], list(range(cfg.heads)), grid)
     pictures['attention_heads.png'] = visualize.overlay_grid(
-        pixels, maps, labels, title=f'{loaded.label}: every head of the last layer')
+        pixels, maps, labels, title=f'{loaded.label}: every head of the last layer'
+    )
     features = np.asarray(projection[last])[:, 1:]  # the last layer's "key" features of the patches
-    styles = {'joint': ('pca.png', 'PC1-PC3, scaled jointly'), 'reference': ('pca_reference.png',
-                                                                            'PC2-PC4, scaled per image')}
+    styles = {
+        'joint': ('pca.png', 'PC1-PC3, scaled jointly'),
+        'reference': ('pca_reference.png', 'PC2-PC4, scaled per image'),
+    }
     for style, (name, label) in styles.items():
         if options.pca in (style, 'both'):
             rgb = visualize.pca_rgb(features, style).reshape(len(shown), grid, grid, 3)
-            pictures[name] = visualize.pca_grid(pixels, rgb, label=label,
-                                                title=f'{loaded.label}: PCA of layer {last} MSSA-input features')
+            pictures[name] = visualize.pca_grid(
+                pixels, rgb, label=label, title=f'{loaded.label}: PCA of layer {last} MSSA-input features'
+            )
     if not diagnostics.has_decoder(loaded.params):
         skipped['reconstructions.png'] = 'the checkpoint has no decoder (encoder-only export)'
         return pictures
@@ -271,12 +290,15 @@ def checkpoint_pictures(options, loaded, shown, mean, std, skipped):
     noise = jax.random.uniform(jax.random.key(loaded.seed + 1), (len(shown), model.num_patches))
     for ratio in options.mask_ratios:
         out = jax.jit(lambda p, x, n, r=ratio: model.apply({'params': p}, x, noise=n, mask_ratio=r))(
-            loaded.params, shown, noise)
-        image = visualize.reconstruction_grid(shown, out['pred'], out['mask'], cfg.patch_size, mean, std,
-                                              cfg.norm_pix_loss)
+            loaded.params, shown, noise
+        )
+        image = visualize.reconstruction_grid(
+            shown, out['pred'], out['mask'], cfg.patch_size, mean, std, cfg.norm_pix_loss
+        )
         grids.append((f'mask ratio {ratio:g} (loss {float(out["loss"]):.3f})', image))
     pictures['reconstructions.png'] = visualize.labelled_grids(
-        grids, title=f'{loaded.label}: original | masked | reconstruction | reconstruction + visible')
+        grids, title=f'{loaded.label}: original | masked | reconstruction | reconstruction + visible'
+    )
     return pictures
 
 
@@ -317,8 +339,9 @@ def inspect(options):
     t = time.perf_counter()
     results = []
     for r in runs:
-        m = diagnostics.whitebox_measures(models.build(r.model_config), r.params, jnp.asarray(images),
-                                          paper=options.paper)
+        m = diagnostics.whitebox_measures(
+            models.build(r.model_config), r.params, jnp.asarray(images), paper=options.paper
+        )
         if 'inversion_error' not in m and not skipped.get('inversion'):
             skipped['inversion'] = f'{r.label}: no decoder, so no inversion measure'
         results.append((r.label, m))
@@ -338,8 +361,10 @@ def inspect(options):
         'pictures_from': base.label,
         'images_measured': len(images),
         'model': cfg.to_dict(),
-        'runs': [{'label': label, 'measures': {k: np.asarray(v).tolist() for k, v in sorted(m.items())}}
-                 for label, m in results],
+        'runs': [
+            {'label': label, 'measures': {k: np.asarray(v).tolist() for k, v in sorted(m.items())}}
+            for label, m in results
+        ],
         'files': list(pictures),
         'skipped': skipped,
         'notes': notes,

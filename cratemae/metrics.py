@@ -9,6 +9,7 @@ writers, so the loop can call them unconditionally. The JSONL file is opened in 
 so a resumed run continues the same file (rows past the resume step are not deleted: readers
 should keep the last row per step).
 """
+
 import contextlib
 import json
 import logging
@@ -72,12 +73,13 @@ class MetricWriter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (self.workdir / JSONL_FILE).open('a')
         from tensorboardX import SummaryWriter  # imported lazily: ~0.3 s, unused off process 0
+
         self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR), flush_secs=30)
         self._total, self._lines = total_steps, progress and not sys.stderr.isatty()
         if progress and not self._lines:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
-                             unit='step', smoothing=0.1)
+
+            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit='step', smoothing=0.1)
 
     def write_scalars(self, step: int, scalars: dict):
         """Append {'step': step, **scalars} to metrics.jsonl and add TB scalars."""
@@ -102,6 +104,7 @@ class MetricWriter:
             self._tb.add_image(name, img, int(step), dataformats='HWC')
             if png:
                 from PIL import Image
+
                 out = self.workdir / 'images' / f'{name.replace("/", "_")}_{int(step):08d}.png'
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with out.open('wb') as f:
@@ -113,8 +116,7 @@ class MetricWriter:
             return
         self._bar.update(int(step) - self._bar.n)
         if postfix:
-            self._bar.set_postfix({k: f'{_scalar(v):.4g}' for k, v in postfix.items()},
-                                  refresh=False)
+            self._bar.set_postfix({k: f'{_scalar(v):.4g}' for k, v in postfix.items()}, refresh=False)
 
     def flush(self):
         if self._tb is not None:
@@ -169,8 +171,12 @@ class Throughput:
         if steps <= 0:
             return {'core_hours': self.core_hours}
         img_s = steps * self.global_batch / busy
-        return {'img_per_s': img_s, 'img_per_s_per_device': img_s / self.num_devices,
-                'step_time_s': busy / steps, 'core_hours': self.core_hours}
+        return {
+            'img_per_s': img_s,
+            'img_per_s_per_device': img_s / self.num_devices,
+            'step_time_s': busy / steps,
+            'core_hours': self.core_hours,
+        }
 
 
 def busy_cpu_seconds():

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Position embeddings, patches, masking.
 
@@ -174,9 +173,7 @@ def dot_product_attention(q, k, v, scale: float, implementation: str = 'dot_prod
     widths = ((0, 0), (0, n_pad - n), (0, 0), (0, 0))
     q, k, v = (jnp.pad(t, widths) for t in (q, k, v))  # one pad when q, k, v are the same array (XLA CSE)
     lengths = jnp.full((b,), n, jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=backend
-    )
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=backend)
     return out[:, :n]
 
 

@@ -18,7 +18,8 @@ import argparse
 import os
 import re
 import zipfile
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import numpy as np
 
@@ -43,8 +44,13 @@ def safe_globals() -> list:
     of the numpy that wrote the file, so both spellings are listed.
     """
     scalar = np._core.multiarray.scalar  # pylint: disable=protected-access
-    return [argparse.Namespace, np.dtype, (scalar, 'numpy.core.multiarray.scalar'),
-            (scalar, 'numpy._core.multiarray.scalar'), *_numpy_dtype_classes()]
+    return [
+        argparse.Namespace,
+        np.dtype,
+        (scalar, 'numpy.core.multiarray.scalar'),
+        (scalar, 'numpy._core.multiarray.scalar'),
+        *_numpy_dtype_classes(),
+    ]
 
 
 def _numpy_dtype_classes():
@@ -61,9 +67,11 @@ def _import_torch(path):
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as err:
-        raise ImportError(f'Reading {path} needs PyTorch, which is not installed here. Either install it '
-                          f'(pip install torch), or convert the file once where torch is installed:\n  '
-                          f'{convert_command(path)}\nand use the .safetensors file, which needs no torch.') from err
+        raise ImportError(
+            f'Reading {path} needs PyTorch, which is not installed here. Either install it '
+            f'(pip install torch), or convert the file once where torch is installed:\n  '
+            f'{convert_command(path)}\nand use the .safetensors file, which needs no torch.'
+        ) from err
     return torch
 
 
@@ -74,17 +82,24 @@ def _check_container(path):
     size = os.path.getsize(path)
     if head.startswith(_ZIP_MAGIC):
         if not zipfile.is_zipfile(path):  # the central directory at the end is missing
-            raise UnreadableCheckpoint(f'{path} ({size:,} bytes) is a truncated PyTorch checkpoint: the zip archive '
-                                       'has no end (an interrupted download or copy). Download or copy it again.')
+            raise UnreadableCheckpoint(
+                f'{path} ({size:,} bytes) is a truncated PyTorch checkpoint: the zip archive '
+                'has no end (an interrupted download or copy). Download or copy it again.'
+            )
         return
     if head.startswith(_PICKLE_MAGIC):
         return
     text = head.lstrip().lower()
-    what = ('an HTML page (a download link that returned a web page, e.g. a cloud drive\'s confirmation page, '
-            'instead of the file)' if text.startswith((b'<!doctype html', b'<html')) else
-            f'a file starting with {head[:16]!r}')
-    raise UnreadableCheckpoint(f'{path} ({size:,} bytes) is not a PyTorch checkpoint at all (neither the zip '
-                               f'archive torch.save writes nor a pickle): it is {what}. Check the download.')
+    what = (
+        'an HTML page (a download link that returned a web page, e.g. a cloud drive\'s confirmation page, '
+        'instead of the file)'
+        if text.startswith((b'<!doctype html', b'<html'))
+        else f'a file starting with {head[:16]!r}'
+    )
+    raise UnreadableCheckpoint(
+        f'{path} ({size:,} bytes) is not a PyTorch checkpoint at all (neither the zip '
+        f'archive torch.save writes nor a pickle): it is {what}. Check the download.'
+    )
 
 
 def _refused_names(torch, path, err):
@@ -126,16 +141,20 @@ def read(path, trust: bool = False) -> Any:
                 f'{path} holds {listed}, which safe loading (torch.load weights_only=True) refuses: unpickling it '
                 'could run code from the file. cratemae allows only tensors, plain containers, argparse.Namespace '
                 f'and numpy scalars. If you trust the file, pass {TRUST_FLAG} (weights_only=False), or convert it '
-                f'once with {TRUST_FLAG}:\n  {convert_command(path)} {TRUST_FLAG}') from err
+                f'once with {TRUST_FLAG}:\n  {convert_command(path)} {TRUST_FLAG}'
+            ) from err
         raise _damaged(path, err) from err
 
 
 def _damaged(path, err):
     if isinstance(err, EOFError) or 'unexpected EOF' in str(err):  # a legacy-format (pickle) file cut short
-        return UnreadableCheckpoint(f'{path} is a truncated PyTorch checkpoint: the data ends early (an interrupted '
-                                    'download or copy). Download or copy it again.')
-    return UnreadableCheckpoint(f'Could not read {path} (truncated or corrupt?): {type(err).__name__}: '
-                                f'{checkpoint.first_line(err)}')
+        return UnreadableCheckpoint(
+            f'{path} is a truncated PyTorch checkpoint: the data ends early (an interrupted '
+            'download or copy). Download or copy it again.'
+        )
+    return UnreadableCheckpoint(
+        f'Could not read {path} (truncated or corrupt?): {type(err).__name__}: {checkpoint.first_line(err)}'
+    )
 
 
 def metadata(obj: Mapping) -> dict[str, Any]:

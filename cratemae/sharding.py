@@ -20,12 +20,15 @@ Parameter placement comes from a list of rules `[(regex, spec), ...]`:
   * a dim that is not divisible by the size of its mesh axes is replicated instead, with a
     logged warning (not an error: the same rule list should work on 8 CPU devices and a pod).
 """
+
 import logging
 import re
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
@@ -49,15 +52,17 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
     if rest:
         known = int(np.prod([v for a, v in sizes.items() if a != rest[0]]))
         if n % known:
-            raise ValueError(f'mesh axes other than {rest[0]} multiply to {known}, which does not divide the {n} '
-                             'available devices.')
+            raise ValueError(
+                f'mesh axes other than {rest[0]} multiply to {known}, which does not divide the {n} available devices.'
+            )
         sizes[rest[0]] = n // known
     data, fsdp, model = (sizes[a] for a in AXES)
     if data * fsdp * model != n:
-        raise ValueError(f'mesh data*fsdp*model = {data}*{fsdp}*{model} = {data * fsdp * model} '
-                         f'but there are {n} devices; set one axis (e.g. mesh.data) to -1 to use all of them.')
-    return jax.make_mesh((data, fsdp, model), AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+        raise ValueError(
+            f'mesh data*fsdp*model = {data}*{fsdp}*{model} = {data * fsdp * model} '
+            f'but there are {n} devices; set one axis (e.g. mesh.data) to -1 to use all of them.'
+        )
+    return jax.make_mesh((data, fsdp, model), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def path_to_str(path) -> str:
@@ -92,8 +97,13 @@ def _dim_axes(path, dim, axes, regex, mesh):
             raise ValueError(f'Rule {regex!r}: {a!r} is not a mesh axis {AXES}.')
     size = int(np.prod([mesh.shape[a] for a in names]))
     if dim % size:
-        log.warning('sharding: %s dim of size %d is not divisible by mesh axes %s (size %d); '
-                    'replicating that dim.', path, dim, axes, size)
+        log.warning(
+            'sharding: %s dim of size %d is not divisible by mesh axes %s (size %d); replicating that dim.',
+            path,
+            dim,
+            axes,
+            size,
+        )
         return None
     return axes
 
@@ -110,16 +120,19 @@ def spec_for(path: str, shape, rules, mesh) -> P:
                 raise ValueError(f'Unknown sharding spec {spec!r} in rule {regex!r}.')
             return _fsdp_largest(shape, mesh)
         if len(spec) > len(shape):
-            raise ValueError(f'Rule {regex!r} gives spec {tuple(spec)} with {len(spec)} entries '
-                             f'to {path!r} of shape {tuple(shape)}.')
+            raise ValueError(
+                f'Rule {regex!r} gives spec {tuple(spec)} with {len(spec)} entries to {path!r} of shape {tuple(shape)}.'
+            )
         return _canonical(_dim_axes(path, d, a, regex, mesh) for d, a in zip(shape, spec))
     return P()
 
 
 def param_shardings(tree, rules, mesh):
     """Tree of NamedSharding matching `tree` (arrays or ShapeDtypeStructs); see module doc."""
+
     def one(path, leaf):
         return NamedSharding(mesh, spec_for(path_to_str(path), np.shape(leaf), rules, mesh))
+
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -138,5 +151,4 @@ def host_local_to_global(batch, mesh):
     Each host passes only its own rows; the global leading dim is local * process_count.
     """
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

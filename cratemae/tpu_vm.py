@@ -21,11 +21,19 @@ COORDINATOR_PORT = 8476  # JAX's default coordinator port on Cloud TPU
 # What `setup` copies: the installable package (setup.py reads README.md), not .venv, runs/ or .git.
 COPIED = ('setup.py', 'README.md', 'cratemae', 'experiments', 'launch')
 # Runtime (software) versions for JAX, per https://cloud.google.com/tpu/docs/runtimes (v4 and older: base image).
-RUNTIME_VERSIONS = {'v2': 'tpu-ubuntu2204-base', 'v3': 'tpu-ubuntu2204-base', 'v4': 'tpu-ubuntu2204-base',
-                    'v5litepod': 'v2-alpha-tpuv5-lite', 'v5p': 'v2-alpha-tpuv5', 'v6e': 'v2-alpha-tpuv6e'}
+RUNTIME_VERSIONS = {
+    'v2': 'tpu-ubuntu2204-base',
+    'v3': 'tpu-ubuntu2204-base',
+    'v4': 'tpu-ubuntu2204-base',
+    'v5litepod': 'v2-alpha-tpuv5-lite',
+    'v5p': 'v2-alpha-tpuv5',
+    'v6e': 'v2-alpha-tpuv6e',
+}
 # worker-network-endpoints is "unknown:unknown:IP0,unknown:unknown:IP1,..."; JAX's GceTpuCluster takes the first IP.
-_WORKER0_IP = ('$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/'
-               'attributes/worker-network-endpoints | cut -d, -f1 | cut -d: -f3)')
+_WORKER0_IP = (
+    '$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/'
+    'attributes/worker-network-endpoints | cut -d, -f1 | cut -d: -f3)'
+)
 
 
 def accelerator_type(name: str) -> str:
@@ -36,8 +44,10 @@ def accelerator_type(name: str) -> str:
 def default_version(accelerator: str) -> str:
     generation = accelerator.split('-', 1)[0]
     if generation not in RUNTIME_VERSIONS:
-        raise ValueError(f'No default runtime for accelerator type {accelerator!r}; pass --version (see '
-                         'https://cloud.google.com/tpu/docs/runtimes).')
+        raise ValueError(
+            f'No default runtime for accelerator type {accelerator!r}; pass --version (see '
+            'https://cloud.google.com/tpu/docs/runtimes).'
+        )
     return RUNTIME_VERSIONS[generation]
 
 
@@ -46,8 +56,9 @@ def gcloud_default(key: str):
     if not shutil.which('gcloud'):
         return None
     try:
-        out = subprocess.run(['gcloud', 'config', 'get-value', key], capture_output=True, text=True, timeout=60,
-                             check=False)
+        out = subprocess.run(
+            ['gcloud', 'config', 'get-value', key], capture_output=True, text=True, timeout=60, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     value = out.stdout.strip()
@@ -62,17 +73,46 @@ class Target:
 
     def tpu_vm(self, verb, *args):
         """gcloud compute tpus tpu-vm VERB NAME --project --zone ARGS."""
-        return ['gcloud', 'compute', 'tpus', 'tpu-vm', verb, self.name, f'--project={self.project}',
-                f'--zone={self.zone}', *args]
+        return [
+            'gcloud',
+            'compute',
+            'tpus',
+            'tpu-vm',
+            verb,
+            self.name,
+            f'--project={self.project}',
+            f'--zone={self.zone}',
+            *args,
+        ]
 
     def queued(self, verb, *args):
-        return ['gcloud', 'compute', 'tpus', 'queued-resources', verb, self.name, f'--project={self.project}',
-                f'--zone={self.zone}', *args]
+        return [
+            'gcloud',
+            'compute',
+            'tpus',
+            'queued-resources',
+            verb,
+            self.name,
+            f'--project={self.project}',
+            f'--zone={self.zone}',
+            *args,
+        ]
 
     def scp_to_all(self, sources, remote_dir):
         """scp names no instance positional: the destination NAME:DIR does (DIR is relative to the home)."""
-        return ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', f'--project={self.project}', f'--zone={self.zone}',
-                '--worker=all', '--recurse', *sources, f'{self.name}:{remote_dir}']
+        return [
+            'gcloud',
+            'compute',
+            'tpus',
+            'tpu-vm',
+            'scp',
+            f'--project={self.project}',
+            f'--zone={self.zone}',
+            '--worker=all',
+            '--recurse',
+            *sources,
+            f'{self.name}:{remote_dir}',
+        ]
 
     def ssh(self, command, worker='all'):
         return self.tpu_vm('ssh', f'--worker={worker}', f'--command={command}')
@@ -90,16 +130,25 @@ def create_commands(t: Target, accelerator, version=None, spot=False, queued=Fal
     spot = ['--spot'] if spot else []
     if queued:
         # A queued resource waits for capacity instead of failing at once; the node gets the same name.
-        return [t.queued('create', f'--node-id={t.name}', f'--accelerator-type={accelerator}',
-                         f'--runtime-version={version}', *spot)]
+        return [
+            t.queued(
+                'create',
+                f'--node-id={t.name}',
+                f'--accelerator-type={accelerator}',
+                f'--runtime-version={version}',
+                *spot,
+            )
+        ]
     return [t.tpu_vm('create', f'--accelerator-type={accelerator}', f'--version={version}', *spot)]
 
 
 def install_command(python: str) -> str:
     """Remote: a Python >= 3.11 venv (jax 0.10 needs 3.11; the TPU images ship 3.10) with cratemae[tpu]."""
-    return (f'sudo apt-get update -qq && sudo apt-get install -y -qq {python} {python}-venv git && '
-            f'cd {REMOTE_DIR} && {python} -m venv .venv && .venv/bin/pip install -q -U pip && '
-            ".venv/bin/pip install -q -e \".[tpu]\"")
+    return (
+        f'sudo apt-get update -qq && sudo apt-get install -y -qq {python} {python}-venv git && '
+        f'cd {REMOTE_DIR} && {python} -m venv .venv && .venv/bin/pip install -q -U pip && '
+        ".venv/bin/pip install -q -e \".[tpu]\""
+    )
 
 
 def setup_commands(t: Target, source='copy', repo=None, branch=None, python='python3.11'):
@@ -108,20 +157,25 @@ def setup_commands(t: Target, source='copy', repo=None, branch=None, python='pyt
         if not repo:
             raise ValueError('setup --source=git needs --repo=URL (the git URL every host clones).')
         branch = f' --branch={shlex.quote(branch)}' if branch else ''
-        fetch = (f'sudo apt-get update -qq && sudo apt-get install -y -qq git && '
-                 f'if [ -d {REMOTE_DIR}/.git ]; then git -C {REMOTE_DIR} pull --ff-only; '
-                 f'else git clone{branch} {shlex.quote(repo)} {REMOTE_DIR}; fi')
+        fetch = (
+            f'sudo apt-get update -qq && sudo apt-get install -y -qq git && '
+            f'if [ -d {REMOTE_DIR}/.git ]; then git -C {REMOTE_DIR} pull --ff-only; '
+            f'else git clone{branch} {shlex.quote(repo)} {REMOTE_DIR}; fi'
+        )
         return [t.ssh(fetch), t.ssh(install)]
     return [t.ssh(f'mkdir -p {REMOTE_DIR}'), t.scp_to_all(COPIED, REMOTE_DIR.replace('~/', '')), t.ssh(install)]
 
 
 def train_command(name: str, workdir: str, overrides=()) -> str:
     """Remote: launch.train in the background on one host, detached from the ssh session, pid and log in ~."""
-    flags_text = ' '.join(shlex.quote(o) for o in (f'--config=experiments/registry.py:{name}', f'--workdir={workdir}',
-                                                   *overrides))
+    flags_text = ' '.join(
+        shlex.quote(o) for o in (f'--config=experiments/registry.py:{name}', f'--workdir={workdir}', *overrides)
+    )
     # `;` rather than `&&` before nohup, so `&` backgrounds python itself and $! is its pid (for `stop`).
-    return (f'cd {REMOTE_DIR} || exit 1; export JAX_COORDINATOR_ADDRESS={_WORKER0_IP}:{COORDINATOR_PORT}; '
-            f'nohup .venv/bin/python -m launch.train {flags_text} > {LOG} 2>&1 < /dev/null & echo $! > {PID}')
+    return (
+        f'cd {REMOTE_DIR} || exit 1; export JAX_COORDINATOR_ADDRESS={_WORKER0_IP}:{COORDINATOR_PORT}; '
+        f'nohup .venv/bin/python -m launch.train {flags_text} > {LOG} 2>&1 < /dev/null & echo $! > {PID}'
+    )
 
 
 def run_commands(t: Target, name, workdir, overrides=()):
@@ -151,17 +205,22 @@ def resolve_target(name, project=None, zone=None) -> Target:
     values = {'project': project or gcloud_default('project'), 'zone': zone or gcloud_default('compute/zone')}
     missing = [k for k, v in values.items() if not v]
     if missing:
-        how = ('gcloud is not installed, so there is no gcloud config default' if not shutil.which('gcloud') else
-               'and no default in gcloud config (gcloud config set project P / gcloud config set compute/zone Z)')
+        how = (
+            'gcloud is not installed, so there is no gcloud config default'
+            if not shutil.which('gcloud')
+            else 'and no default in gcloud config (gcloud config set project P / gcloud config set compute/zone Z)'
+        )
         raise ValueError(f'Missing {" and ".join("--" + k for k in missing)} ({how}).')
     return Target(name, values['project'], values['zone'])
 
 
 def shell_join(cmd) -> str:
     """shlex.join, but --flag=VALUE quotes only VALUE (--command='...'), as a person would type it."""
+
     def one(arg):
         flag, eq, value = arg.partition('=')
         if arg.startswith('--') and eq and shlex.quote(value) != value:
             return f'{flag}={shlex.quote(value)}'
         return shlex.quote(arg)
+
     return ' '.join(one(a) for a in cmd)

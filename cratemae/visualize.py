@@ -88,11 +88,29 @@ def _errorbar_line(ax, m, key, color, label, marker, bars):
     """One run's measure against layers 1..L, with +-1 std bars (the reference's errorbars) when ``bars``."""
     y = np.asarray(m[key], np.float64)
     x = np.arange(1, len(y) + 1)
-    ax.plot(x, y, marker=marker, markersize=4, markeredgecolor='black', markeredgewidth=0.5, color=color,
-            label=label, linewidth=1.5)
+    ax.plot(
+        x,
+        y,
+        marker=marker,
+        markersize=4,
+        markeredgecolor='black',
+        markeredgewidth=0.5,
+        color=color,
+        label=label,
+        linewidth=1.5,
+    )
     if bars and key + '_std' in m:
-        ax.errorbar(x, y, yerr=np.asarray(m[key + '_std'], np.float64), fmt='none', ecolor=color, alpha=0.6,
-                    capsize=3, elinewidth=1.2, zorder=0)
+        ax.errorbar(
+            x,
+            y,
+            yerr=np.asarray(m[key + '_std'], np.float64),
+            fmt='none',
+            ecolor=color,
+            alpha=0.6,
+            capsize=3,
+            elinewidth=1.2,
+            zorder=0,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,10 +132,13 @@ def layerwise(runs, title=None):
     for (label, m), color in zip(runs, _colors(len(runs))):
         _errorbar_line(left, m, 'compression_input', color, label, 'o', bars)
         _errorbar_line(right, m, 'sparsity_l0', color, label, 's', bars)
-    _layer_axis(left, depth, 'Compression at the MSSA input (reference hook)',
-                '$R^c$ of LN$_1(Z^\\ell)\\,U_\\ell^T$, $\\epsilon=0.01$ (lower = more compressed)')
-    _layer_axis(right, depth, 'Sparsity of the ISTA output',
-                '$1 -$ zero fraction of $Z^{\\ell+1}$ (lower = sparser)')
+    _layer_axis(
+        left,
+        depth,
+        'Compression at the MSSA input (reference hook)',
+        '$R^c$ of LN$_1(Z^\\ell)\\,U_\\ell^T$, $\\epsilon=0.01$ (lower = more compressed)',
+    )
+    _layer_axis(right, depth, 'Sparsity of the ISTA output', '$1 -$ zero fraction of $Z^{\\ell+1}$ (lower = sparser)')
     left.legend(fontsize=6, loc='best')
     return _to_array(fig, title=title)
 
@@ -142,20 +163,42 @@ def mssa_ista(runs, title=None, paper=False):
         values = {p: np.asarray(m[rate + p], np.float64) for p in offsets}
         for layer in range(depth):
             x = [layer + 1 + offsets[p] for p in offsets]
-            axes[0].plot(x, [values[p][layer] for p in offsets], '-', color=color, linewidth=1.2,
-                         label=label if layer == 0 else None)
+            axes[0].plot(
+                x,
+                [values[p][layer] for p in offsets],
+                '-',
+                color=color,
+                linewidth=1.2,
+                label=label if layer == 0 else None,
+            )
             for p, xp in zip(offsets, x):
-                axes[0].plot(xp, values[p][layer], markers[p], color=color, markersize=4, markeredgecolor='black',
-                             markeredgewidth=0.5)
+                axes[0].plot(
+                    xp,
+                    values[p][layer],
+                    markers[p],
+                    color=color,
+                    markersize=4,
+                    markeredgecolor='black',
+                    markeredgewidth=0.5,
+                )
         _errorbar_line(axes[1], m, mssa, color, label, 'o', bars)
         _errorbar_line(axes[2], m, ista, color, label, 's', bars)
     variant = 'orthonormal $U_k$, no token normalisation' if paper else 'LN$_1$ and $U_\\ell$ of the layer'
-    _layer_axis(axes[0], depth, f'$R^c$ at MSSA input (o), MSSA output (s), layer output (^)\n({variant})',
-                '$R^c$ (lower = more compressed)')
-    _layer_axis(axes[1], depth, 'MSSA effect: $R^c(Z^{\\ell+1/2}) - R^c(Z^\\ell)$\n(< 0: the MSSA step compressed)',
-                '$\\Delta R^c$')
-    _layer_axis(axes[2], depth, 'ISTA effect: $R^c(Z^{\\ell+1}) - R^c(Z^{\\ell+1/2})$\n(same $U_\\ell$)',
-                '$\\Delta R^c$')
+    _layer_axis(
+        axes[0],
+        depth,
+        f'$R^c$ at MSSA input (o), MSSA output (s), layer output (^)\n({variant})',
+        '$R^c$ (lower = more compressed)',
+    )
+    _layer_axis(
+        axes[1],
+        depth,
+        'MSSA effect: $R^c(Z^{\\ell+1/2}) - R^c(Z^\\ell)$\n(< 0: the MSSA step compressed)',
+        '$\\Delta R^c$',
+    )
+    _layer_axis(
+        axes[2], depth, 'ISTA effect: $R^c(Z^{\\ell+1}) - R^c(Z^{\\ell+1/2})$\n(same $U_\\ell$)', '$\\Delta R^c$'
+    )
     for ax in axes[1:]:
         ax.axhline(0.0, color='black', linewidth=0.8)
     axes[0].legend(fontsize=6, loc='best')
@@ -168,8 +211,13 @@ def sparsity_and_inversion(runs, title=None):
     against encoder layer l's input (0 = an exact layer-wise inverse)."""
     keys = [('sparsity_l1_l2', 'ISTA output: mean $\\|z\\|_1 / (\\sqrt{d}\\,\\|z\\|_2)$', 'lower = sparser')]
     if any('inversion_error' in m for _, m in runs):
-        keys.append(('inversion_error', 'decoder layer $L-\\ell+1$ output vs encoder layer $\\ell$ input',
-                     'relative error $\\|Y - Z\\|_F / \\|Z\\|_F$'))
+        keys.append(
+            (
+                'inversion_error',
+                'decoder layer $L-\\ell+1$ output vs encoder layer $\\ell$ input',
+                'relative error $\\|Y - Z\\|_F / \\|Z\\|_F$',
+            )
+        )
     depth = len(np.asarray(runs[0][1]['sparsity_l1_l2']))
     fig = _figure(3.6 * len(keys), 3.0)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]

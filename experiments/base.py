@@ -10,7 +10,6 @@ import ml_collections
 from cratemae import data
 from cratemae import models
 
-
 # --------------------------------------------------------------------------------------------------------------
 # The base: sections and their defaults (the reference recipe of docs/model.md §5, on ImageNet at 224 px).
 

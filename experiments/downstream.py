@@ -16,27 +16,42 @@ from ml_collections import config_dict
 
 from experiments import base
 
+
 def finetune_config(pretrain, dataset, splits, num_examples, epochs=200, batch=256, image_size=224):
     """The reference transfer recipe on ``dataset`` for the architecture of the pretraining config ``pretrain``."""
     c = pretrain
-    c.data.update(name=dataset, split_train=splits[0], split_eval=splits[1], image_size=image_size, augment='mae',
-                  crop_scale=(0.08, 1.0), hflip=True,  # torchvision RandomResizedCrop's default scale
-                  randaugment=(2, 14))  # the reference's RandAugment(num_ops=2, magnitude=14)
+    c.data.update(
+        name=dataset,
+        split_train=splits[0],
+        split_eval=splits[1],
+        image_size=image_size,
+        augment='mae',
+        crop_scale=(0.08, 1.0),
+        hflip=True,  # torchvision RandomResizedCrop's default scale
+        randaugment=(2, 14),
+    )  # the reference's RandAugment(num_ops=2, magnitude=14)
     c.model.image_size = image_size
     c.optim.update(base_lr=5e-5 * 256 / batch, min_lr=0.0, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=0)
     steps_per_epoch = -(-num_examples // batch)
-    c.train.update(global_batch=batch, steps=epochs * steps_per_epoch, log_every=50,
-                   eval_every=10 * steps_per_epoch, eval_batch=256)
+    c.train.update(
+        global_batch=batch,
+        steps=epochs * steps_per_epoch,
+        log_every=50,
+        eval_every=10 * steps_per_epoch,
+        eval_batch=256,
+    )
     c.checkpoint.update(every=10 * steps_per_epoch, max_to_keep=2)
-    c.finetune = ml_collections.ConfigDict({
-        'checkpoint': config_dict.placeholder(str),  # set by --checkpoint
-        'step': config_dict.placeholder(int),  # a workdir's step; None = the newest that restores
-        'trust_checkpoint': False,  # read a .pth without torch.load's weights_only guard (--trust_checkpoint)
-        'pool': 'cls',  # 'cls' or 'mean' (of the patch tokens)
-        'head_norm': True,  # LayerNorm before the Dense head (the reference's mlp_head)
-        'head_init_std': 2e-5,
-        'label_smoothing': 0.0,  # the reference uses plain cross-entropy
-    })
+    c.finetune = ml_collections.ConfigDict(
+        {
+            'checkpoint': config_dict.placeholder(str),  # set by --checkpoint
+            'step': config_dict.placeholder(int),  # a workdir's step; None = the newest that restores
+            'trust_checkpoint': False,  # read a .pth without torch.load's weights_only guard (--trust_checkpoint)
+            'pool': 'cls',  # 'cls' or 'mean' (of the patch tokens)
+            'head_norm': True,  # LayerNorm before the Dense head (the reference's mlp_head)
+            'head_init_std': 2e-5,
+            'label_smoothing': 0.0,  # the reference uses plain cross-entropy
+        }
+    )
     return c
 
 
@@ -78,8 +93,7 @@ def finetune_mnist():
     python -m launch.finetune --checkpoint=runs/crate_mae_mnist --config=experiments/registry.py:finetune_mnist
     Expected: top-1 on the 500 held-out digits above the linear probe of the same encoder (docs/evaluation.md).
     """
-    c = finetune_config(base.crate_mae_mnist(), 'mnist', ('train', 'test'), 4_500, epochs=30, batch=128,
-                        image_size=28)
+    c = finetune_config(base.crate_mae_mnist(), 'mnist', ('train', 'test'), 4_500, epochs=30, batch=128, image_size=28)
     # Digits are neither flip-invariant nor robust to 0.08-area crops: mild crops, no flip, and a higher rate for a
     # small encoder pretrained for minutes.
     c.data.update(crop_scale=(0.6, 1.0), hflip=False)
@@ -99,8 +113,9 @@ def finetune_skimage_crops():
 
     python -m launch.finetune --checkpoint=runs/skimage --config=experiments/registry.py:finetune_skimage_crops
     """
-    c = finetune_config(base.crate_mae_mnist(), 'skimage_crops', ('train', 'test'), 2_240, epochs=30,
-                        batch=128, image_size=64)
+    c = finetune_config(
+        base.crate_mae_mnist(), 'skimage_crops', ('train', 'test'), 2_240, epochs=30, batch=128, image_size=64
+    )
     c.model.update(channels=3, patch_size=8)
     c.data.update(channels=3, crop_scale=(0.35, 1.0))
     c.optim.base_lr = 1e-3

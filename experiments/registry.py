@@ -23,10 +23,21 @@ DEFAULT = 'crate_mae_mnist'
 _ENTRIES = {
     fn.__name__: fn
     for fn in (
-        base.crate_mae_tiny, base.crate_mae_small, base.crate_mae_base, base.crate_mae_large, base.mae_vit_base,
-        base.fair_mae_base, base.crate_mae_mnist, base.crate_mae_mnist_rawpix, base.crate_mae_test,
-        downstream.finetune_cifar10, downstream.finetune_cifar100, downstream.finetune_oxford_flowers102,
-        downstream.finetune_oxford_iiit_pet, downstream.finetune_mnist, downstream.finetune_skimage_crops,
+        base.crate_mae_tiny,
+        base.crate_mae_small,
+        base.crate_mae_base,
+        base.crate_mae_large,
+        base.mae_vit_base,
+        base.fair_mae_base,
+        base.crate_mae_mnist,
+        base.crate_mae_mnist_rawpix,
+        base.crate_mae_test,
+        downstream.finetune_cifar10,
+        downstream.finetune_cifar100,
+        downstream.finetune_oxford_flowers102,
+        downstream.finetune_oxford_iiit_pet,
+        downstream.finetune_mnist,
+        downstream.finetune_skimage_crops,
     )
 }
 _ENTRIES.update(ablations.entries())

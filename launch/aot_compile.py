@@ -18,15 +18,17 @@ from launch import cli
 
 FLAGS = cli.flag_values()
 _CONFIG = cli.define_config(FLAGS, 'crate_mae_base')
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice: v4-32, v5e-256, v5p-128, v6e-256, or v5e:16x16 ...',
-                                flag_values=FLAGS)
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, 'TPU slice: v4-32, v5e-256, v5p-128, v6e-256, or v5e:16x16 ...', flag_values=FLAGS
+)
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 1
-_FSDP_HINT = ('--config.sharding_rules="((\'.*\', \'fsdp_largest\'),)" --config.mesh.data=1 --config.mesh.fsdp=-1')
+_FSDP_HINT = '--config.sharding_rules="((\'.*\', \'fsdp_largest\'),)" --config.mesh.data=1 --config.mesh.fsdp=-1'
 
 
 def main(argv):
     cli.no_positional(argv)
     from cratemae import aot  # pylint: disable=import-outside-toplevel  (after flag parsing: imports jax)
+
     if not _TOPOLOGY.value:
         raise cli.UsageError(f'--topology is required. Valid: {aot.valid_names()}.')
     config = _CONFIG.value
@@ -37,9 +39,12 @@ def main(argv):
         raise cli.UsageError(str(e)) from None
     print(aot.format_report(report, config.name), flush=True)
     if not report.fits:
-        print(f'{config.name} does not fit on {tpu_slice.name} at global batch {report.global_batch}: try FSDP '
-              f'({_FSDP_HINT}), a smaller --config.train.global_batch (or optim.accum_steps), '
-              '--config.model.remat=full, or a bigger slice.', file=sys.stderr)
+        print(
+            f'{config.name} does not fit on {tpu_slice.name} at global batch {report.global_batch}: try FSDP '
+            f'({_FSDP_HINT}), a smaller --config.train.global_batch (or optim.accum_steps), '
+            '--config.model.remat=full, or a bigger slice.',
+            file=sys.stderr,
+        )
         return EXIT_DOES_NOT_FIT
     return EXIT_FITS
 

@@ -32,16 +32,19 @@ flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s train.
 flags.DEFINE_integer('steps', 20, 'Timed steps per point.', lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.', lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_multi_string('sweep', [], 'KEY=V1,V2,...; repeatable.', flag_values=FLAGS)
-flags.DEFINE_enum('sweep_mode', 'product', ['product', 'each'], 'Cartesian product or one key at a time.',
-                  flag_values=FLAGS)
+flags.DEFINE_enum(
+    'sweep_mode', 'product', ['product', 'each'], 'Cartesian product or one key at a time.', flag_values=FLAGS
+)
 flags.DEFINE_bool('donate', True, 'Donate the train state to the step (as the training loop does).', flag_values=FLAGS)
 flags.DEFINE_multi_string('compiler_option', [], 'NAME=VALUE XLA option for compile(); repeatable.', flag_values=FLAGS)
-flags.DEFINE_string('profile', None, 'Write a jax.profiler trace of a few steps (of the first point) here.',
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    'profile', None, 'Write a jax.profiler trace of a few steps (of the first point) here.', flag_values=FLAGS
+)
 flags.DEFINE_integer('profile_steps', 3, 'Steps in the profile.', flag_values=FLAGS)
 flags.DEFINE_string('out', None, 'Also append the JSON lines to this file.', flag_values=FLAGS)
-flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s per device for MFU (default: cratemae.flops table).',
-                   flag_values=FLAGS)
+flags.DEFINE_float(
+    'peak_flops', None, 'Peak FLOP/s per device for MFU (default: cratemae.flops table).', flag_values=FLAGS
+)
 
 
 def point_args(key, value):
@@ -94,13 +97,29 @@ def main(argv):
         settings.append(_settings())
     env, failures = benchmark.environment(), 0
     for index, ((overrides, _), (config, donate, compiler_options)) in enumerate(zip(points, settings)):
-        record = {'benchmark': 'train_step', 'config': config.name, 'batch': config.train.global_batch,
-                  'steps': fixed['steps'], 'warmup': fixed['warmup'], 'overrides': overrides, **env,
-                  'options': benchmark.options(config, donate, compiler_options)}
+        record = {
+            'benchmark': 'train_step',
+            'config': config.name,
+            'batch': config.train.global_batch,
+            'steps': fixed['steps'],
+            'warmup': fixed['warmup'],
+            'overrides': overrides,
+            **env,
+            'options': benchmark.options(config, donate, compiler_options),
+        }
         try:
-            record.update(benchmark.run_point(
-                config, fixed['steps'], fixed['warmup'], donate, compiler_options,
-                fixed['profile'] if index == 0 else None, fixed['profile_steps'], fixed['peak_flops']))
+            record.update(
+                benchmark.run_point(
+                    config,
+                    fixed['steps'],
+                    fixed['warmup'],
+                    donate,
+                    compiler_options,
+                    fixed['profile'] if index == 0 else None,
+                    fixed['profile_steps'],
+                    fixed['peak_flops'],
+                )
+            )
             if index and record['peak_memory_source'].startswith('memory_stats'):
                 record['peak_memory_note'] = 'process peak so far: includes the earlier points of this sweep'
         except Exception as e:  # noqa: BLE001 - a point that cannot run (OOM, unsupported kernel) is a result too

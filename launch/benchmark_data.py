@@ -29,8 +29,9 @@ def main(argv):
     cli.no_positional(argv)
     f = FLAGS
     try:
-        records = throughput.run(f.images, f.modes, f.size, f.batch, f.steps, [int(w) for w in f.workers],
-                                 uint8=f.uint8)
+        records = throughput.run(
+            f.images, f.modes, f.size, f.batch, f.steps, [int(w) for w in f.workers], uint8=f.uint8
+        )
         for record in records:
             print(json.dumps(record), flush=True)
     except ValueError as e:

@@ -51,8 +51,13 @@ def flag_values():
 def define_config(fv, default=None, help_text='FILE:NAME or a registry NAME, then --config.KEY=VALUE overrides.'):
     """The ``--config`` flag (locked ConfigDict); ``default`` is a registry name or None."""
     return config_flags.DEFINE_config_file(
-        'config', f'{REGISTRY}:{default}' if default else None, help_text, flag_values=fv, lock_config=True,
-        sys_argv=_CONFIG_ARGV.setdefault(id(fv), []))
+        'config',
+        f'{REGISTRY}:{default}' if default else None,
+        help_text,
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=_CONFIG_ARGV.setdefault(id(fv), []),
+    )
 
 
 def config_spec(value):
@@ -137,8 +142,13 @@ def override_args(fv):
     """The ``--config.KEY=VALUE`` arguments that reproduce the parsed overrides (for a command run elsewhere)."""
     args = []
     for key, value in config_flags.get_override_values(fv['config']).items():
-        text = repr(value) if isinstance(value, (tuple, list)) else str(value).lower() if isinstance(value, bool) \
+        text = (
+            repr(value)
+            if isinstance(value, (tuple, list))
+            else str(value).lower()
+            if isinstance(value, bool)
             else str(value)
+        )
         args.append(f'--config.{key}={text}')
     return args
 

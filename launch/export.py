@@ -26,16 +26,26 @@ from launch import cli
 
 FLAGS = cli.flag_values()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', flag_values=FLAGS)
-_FROM = flags.DEFINE_string('from', None, 'Reference checkpoint file (.pth/.pt/.safetensors/.npz) to convert.',
-                            flag_values=FLAGS)
+_FROM = flags.DEFINE_string(
+    'from', None, 'Reference checkpoint file (.pth/.pt/.safetensors/.npz) to convert.', flag_values=FLAGS
+)
 _STEP = flags.DEFINE_integer('step', None, 'Step to export (default: the newest that restores).', flag_values=FLAGS)
 _FORMAT = flags.DEFINE_enum('format', None, list(export.FORMATS), 'Export format.', flag_values=FLAGS)
 _OUT = flags.DEFINE_string('out', None, 'Output file (safetensors, npz) or directory (orbax).', flag_values=FLAGS)
-_ENCODER_ONLY = flags.DEFINE_bool('encoder_only', False, 'Only the encoder (patch embedding, tokens, blocks, final '
-                                  'norm): what downstream tasks read.', flag_values=FLAGS)
+_ENCODER_ONLY = flags.DEFINE_bool(
+    'encoder_only',
+    False,
+    'Only the encoder (patch embedding, tokens, blocks, final norm): what downstream tasks read.',
+    flag_values=FLAGS,
+)
 _CONFIG = cli.define_config(FLAGS, help_text='With --from: the architecture, when the file does not show its heads.')
-_TRUST = flags.DEFINE_bool('trust_checkpoint', False, 'With --from: unpickle a .pth without the weights_only '
-                           'restriction (runs code from the file; only for files you trust).', flag_values=FLAGS)
+_TRUST = flags.DEFINE_bool(
+    'trust_checkpoint',
+    False,
+    'With --from: unpickle a .pth without the weights_only '
+    'restriction (runs code from the file; only for files you trust).',
+    flag_values=FLAGS,
+)
 
 
 def _size(out):
@@ -69,7 +79,9 @@ def main(argv):
         hint = ' (--format=orbax works for every architecture)' if _FORMAT.value != 'orbax' and _WORKDIR.value else ''
         raise cli.UsageError(f'{e}{hint}') from None
     what = 'encoder' if _ENCODER_ONLY.value else 'model'
-    print(f'Exported the {what} of {_WORKDIR.value} at step {ckpt.step} as {_FORMAT.value}: {out} ({_size(out):,} bytes)')
+    print(
+        f'Exported the {what} of {_WORKDIR.value} at step {ckpt.step} as {_FORMAT.value}: {out} ({_size(out):,} bytes)'
+    )
 
 
 if __name__ == '__main__':

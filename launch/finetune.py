@@ -22,16 +22,28 @@ from launch import cli
 
 FLAGS = cli.flag_values()
 _CONFIG = cli.define_config(FLAGS, help_text='A fine-tuning entry (finetune_*), then --config.KEY=VALUE overrides.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Pretrained weights: workdir, export, or reference file.',
-                                  flag_values=FLAGS)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (default runs/NAME).',
-                               flag_values=FLAGS)
-_SPLIT_TRAIN = flags.DEFINE_string('split_train', None, 'Split to fine-tune on (= --config.data.split_train).',
-                                   flag_values=FLAGS)
-_SPLIT_EVAL = flags.DEFINE_string('split_eval', None, 'Split to evaluate on (= --config.data.split_eval; auto: '
-                                  'validation, val or test, whichever the data has).', flag_values=FLAGS)
-_TRUST = flags.DEFINE_bool('trust_checkpoint', False, 'Read a .pth checkpoint without torch.load\'s weights_only '
-                           'guard (runs code from the file; only for files you trust).', flag_values=FLAGS)
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'Pretrained weights: workdir, export, or reference file.', flag_values=FLAGS
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Where checkpoints and metrics go (default runs/NAME).', flag_values=FLAGS
+)
+_SPLIT_TRAIN = flags.DEFINE_string(
+    'split_train', None, 'Split to fine-tune on (= --config.data.split_train).', flag_values=FLAGS
+)
+_SPLIT_EVAL = flags.DEFINE_string(
+    'split_eval',
+    None,
+    'Split to evaluate on (= --config.data.split_eval; auto: validation, val or test, whichever the data has).',
+    flag_values=FLAGS,
+)
+_TRUST = flags.DEFINE_bool(
+    'trust_checkpoint',
+    False,
+    'Read a .pth checkpoint without torch.load\'s weights_only '
+    'guard (runs code from the file; only for files you trust).',
+    flag_values=FLAGS,
+)
 
 
 def main(argv):

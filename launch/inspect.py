@@ -17,35 +17,52 @@ from cratemae import inspection
 from launch import cli
 
 FLAGS = cli.flag_values()
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Workdir, <workdir>/checkpoints/<step>, or an export file.',
-                                  flag_values=FLAGS)
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'Workdir, <workdir>/checkpoints/<step>, or an export file.', flag_values=FLAGS
+)
 _OUT = flags.DEFINE_string('out', None, 'Output directory (local or gs://).', flag_values=FLAGS)
 _STEP = flags.DEFINE_integer('step', None, 'Step of a workdir (default: the newest).', flag_values=FLAGS)
 _ALL_STEPS = flags.DEFINE_bool('all_steps', False, 'Measure every saved step of the workdir.', flag_values=FLAGS)
 _COMPARE = flags.DEFINE_list('compare', [], 'More checkpoints to measure beside --checkpoint.', flag_values=FLAGS)
-_RANDOM_INIT = flags.DEFINE_bool('random_init', False, 'Also measure the random initialisation with the run seed.',
-                                 flag_values=FLAGS)
+_RANDOM_INIT = flags.DEFINE_bool(
+    'random_init', False, 'Also measure the random initialisation with the run seed.', flag_values=FLAGS
+)
 _DATASET = flags.DEFINE_string('dataset', None, "Registered dataset (default: the run's).", flag_values=FLAGS)
-_SPLIT = flags.DEFINE_string('split_eval', None, "Split the images come from (default: the run's eval split; auto: "
-                             'validation, val or test).', flag_values=FLAGS)
+_SPLIT = flags.DEFINE_string(
+    'split_eval',
+    None,
+    "Split the images come from (default: the run's eval split; auto: validation, val or test).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_alias('split', 'split_eval', flag_values=FLAGS)
-_IMAGE_FILES = flags.DEFINE_list('image_files', [], 'Image files to show instead of dataset images.',
-                                 flag_values=FLAGS)
-_LAYERS = flags.DEFINE_string('layers', 'all', "Encoder layers of attention_layers.png: '0,3' or 'all'.",
-                              flag_values=FLAGS)
-_HEADS = flags.DEFINE_string('heads', 'mean', "Heads of attention_layers.png: '0,2', 'all' or 'mean'.",
-                             flag_values=FLAGS)
+_IMAGE_FILES = flags.DEFINE_list('image_files', [], 'Image files to show instead of dataset images.', flag_values=FLAGS)
+_LAYERS = flags.DEFINE_string(
+    'layers', 'all', "Encoder layers of attention_layers.png: '0,3' or 'all'.", flag_values=FLAGS
+)
+_HEADS = flags.DEFINE_string(
+    'heads', 'mean', "Heads of attention_layers.png: '0,2', 'all' or 'mean'.", flag_values=FLAGS
+)
 _IMAGES = flags.DEFINE_integer('images', 4, 'Images in the pictures (the first of the split).', flag_values=FLAGS)
-_IMAGE_IDS = flags.DEFINE_list('image_ids', [], "Indices into the split of the images to show, e.g. '3,17'.",
-                               flag_values=FLAGS)
+_IMAGE_IDS = flags.DEFINE_list(
+    'image_ids', [], "Indices into the split of the images to show, e.g. '3,17'.", flag_values=FLAGS
+)
 _BATCH = flags.DEFINE_integer('batch', 64, 'Images the measures average over.', flag_values=FLAGS)
-_MASK_RATIOS = flags.DEFINE_list('mask_ratios', ['0.5', '0.75', '0.9'], 'Mask ratios of reconstructions.png.',
-                                 flag_values=FLAGS)
-_PCA = flags.DEFINE_enum('pca', 'both', list(inspection.PCA_CHOICES),
-                         "PCA maps: 'joint' (ours, pca.png), 'reference' (PC2-PC4 per image, pca_reference.png).",
-                         flag_values=FLAGS)
-_PAPER = flags.DEFINE_bool('paper', False, 'Also the paper-exact coding rate (orthonormal U_k, no token '
-                           'normalisation), and mssa_ista_paper.png.', flag_values=FLAGS)
+_MASK_RATIOS = flags.DEFINE_list(
+    'mask_ratios', ['0.5', '0.75', '0.9'], 'Mask ratios of reconstructions.png.', flag_values=FLAGS
+)
+_PCA = flags.DEFINE_enum(
+    'pca',
+    'both',
+    list(inspection.PCA_CHOICES),
+    "PCA maps: 'joint' (ours, pca.png), 'reference' (PC2-PC4 per image, pca_reference.png).",
+    flag_values=FLAGS,
+)
+_PAPER = flags.DEFINE_bool(
+    'paper',
+    False,
+    'Also the paper-exact coding rate (orthonormal U_k, no token normalisation), and mssa_ista_paper.png.',
+    flag_values=FLAGS,
+)
 
 
 def _numbers(values, kind, what):
@@ -60,11 +77,24 @@ def options():
     if not _CHECKPOINT.value or not _OUT.value:
         raise cli.UsageError('--checkpoint and --out are required.')
     return inspection.Options(
-        checkpoint=_CHECKPOINT.value, out=_OUT.value, step=_STEP.value, all_steps=_ALL_STEPS.value,
-        compare=tuple(_COMPARE.value), random_init=_RANDOM_INIT.value, dataset=_DATASET.value, split=_SPLIT.value,
-        image_files=tuple(_IMAGE_FILES.value), layers=_LAYERS.value, heads=_HEADS.value, images=_IMAGES.value,
-        image_ids=_numbers(_IMAGE_IDS.value, int, 'image_ids'), batch=_BATCH.value,
-        mask_ratios=_numbers(_MASK_RATIOS.value, float, 'mask_ratios'), pca=_PCA.value, paper=_PAPER.value)
+        checkpoint=_CHECKPOINT.value,
+        out=_OUT.value,
+        step=_STEP.value,
+        all_steps=_ALL_STEPS.value,
+        compare=tuple(_COMPARE.value),
+        random_init=_RANDOM_INIT.value,
+        dataset=_DATASET.value,
+        split=_SPLIT.value,
+        image_files=tuple(_IMAGE_FILES.value),
+        layers=_LAYERS.value,
+        heads=_HEADS.value,
+        images=_IMAGES.value,
+        image_ids=_numbers(_IMAGE_IDS.value, int, 'image_ids'),
+        batch=_BATCH.value,
+        mask_ratios=_numbers(_MASK_RATIOS.value, float, 'mask_ratios'),
+        pca=_PCA.value,
+        paper=_PAPER.value,
+    )
 
 
 def main(argv):
@@ -77,8 +107,10 @@ def main(argv):
         print('note:', note)
     for name, why in summary['skipped'].items():
         print(f'skipped {name}: {why}')
-    print(f'wrote {", ".join(summary["files"])} and whitebox.json to {_OUT.value} in '
-          f'{summary["timings"]["total_s"]:.1f} s')
+    print(
+        f'wrote {", ".join(summary["files"])} and whitebox.json to {_OUT.value} in '
+        f'{summary["timings"]["total_s"]:.1f} s'
+    )
 
 
 if __name__ == '__main__':

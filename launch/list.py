@@ -1,6 +1,6 @@
 """Print every registered experiment with its parameter count, description and where it is defined.
 
-  python -m launch.list [--grep PATTERN]       # PATTERN: a regular expression searched in the names
+python -m launch.list [--grep PATTERN]       # PATTERN: a regular expression searched in the names
 """
 
 import re
@@ -24,8 +24,10 @@ def main(argv):
     names = [n for n in experiments.names() if pattern.search(n)]
     if not names:
         raise cli.UsageError(f'no registered experiment matches --grep {_GREP.value!r}.')
-    rows = [(n, f'{models.count_params(experiments.get_config(n).model):,}', experiments.where(n),
-             experiments.describe(n)) for n in names]
+    rows = [
+        (n, f'{models.count_params(experiments.get_config(n).model):,}', experiments.where(n), experiments.describe(n))
+        for n in names
+    ]
     widths = [max(len(r[i]) for r in rows + [('name', 'params', 'defined in')]) for i in range(3)]
     print(f'{"name":<{widths[0]}}  {"params":>{widths[1]}}  {"defined in":<{widths[2]}}  description')
     for name, params, where, description in rows:

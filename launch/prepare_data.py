@@ -17,14 +17,16 @@ from launch import cli
 
 FLAGS = cli.flag_values()
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir (default: tfds\' own).', flag_values=FLAGS)
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder with manually downloaded archives (imagenet2012).',
-                                  flag_values=FLAGS)
+_MANUAL_DIR = flags.DEFINE_string(
+    'manual_dir', None, 'Folder with manually downloaded archives (imagenet2012).', flag_values=FLAGS
+)
 
 
 def main(argv):
     if len(argv) != 2:
-        raise cli.UsageError(f'expected one dataset NAME, one of {", ".join(tfds_source.TFDS_NAMES)}, or '
-                             'tfds:NAME[:VERSION].')
+        raise cli.UsageError(
+            f'expected one dataset NAME, one of {", ".join(tfds_source.TFDS_NAMES)}, or tfds:NAME[:VERSION].'
+        )
     name = argv[1]
     if name in data.DATASETS and name not in tfds_source.TFDS_NAMES:
         print(f"'{name}' needs no preparation (it is embedded or read from a folder).")
@@ -35,8 +37,10 @@ def main(argv):
         raise cli.UsageError(str(e)) from None
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
     print(f'{name}: {splits} in {builder.data_dir}')
-    print(f'train with: --config.data.name={name}' + (f' --config.data.data_dir={_DATA_DIR.value}'
-                                                      if _DATA_DIR.value else ''))
+    print(
+        f'train with: --config.data.name={name}'
+        + (f' --config.data.data_dir={_DATA_DIR.value}' if _DATA_DIR.value else '')
+    )
     return 0
 
 

@@ -31,14 +31,23 @@ _D = probe.LinearProbeConfig()
 flags.DEFINE_string('checkpoint', None, 'Training workdir, export, or reference-format file.', flag_values=FLAGS)
 flags.DEFINE_integer('step', None, 'Workdir step (default: the newest that restores).', flag_values=FLAGS)
 cli.define_config(FLAGS, help_text='The architecture (NAME or FILE:NAME) of a reference-format checkpoint.')
-flags.DEFINE_bool('trust_checkpoint', False, "Read a .pth without torch.load's weights_only guard (runs code from "
-                  'the file; only for files you trust).', flag_values=FLAGS)
+flags.DEFINE_bool(
+    'trust_checkpoint',
+    False,
+    "Read a .pth without torch.load's weights_only guard (runs code from the file; only for files you trust).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_string('dataset', None, "Dataset name (default: the checkpoint's training data).", flag_values=FLAGS)
 flags.DEFINE_string('data_dir', None, 'tfds data dir.', flag_values=FLAGS)
-flags.DEFINE_string('split_train', None, "Split the probe trains on (default: the checkpoint's, else train).",
-                    flag_values=FLAGS)
-flags.DEFINE_string('split_eval', None, "Split it is tested on (default: the checkpoint's, else auto: validation, "
-                    'val or test).', flag_values=FLAGS)
+flags.DEFINE_string(
+    'split_train', None, "Split the probe trains on (default: the checkpoint's, else train).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    'split_eval',
+    None,
+    "Split it is tested on (default: the checkpoint's, else auto: validation, val or test).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum('feature', 'cls', list(features.FEATURES), 'What to probe.', flag_values=FLAGS)
 flags.DEFINE_list('methods', ['linear', 'ridge', 'knn'], f'Subset of {probe.METHODS}.', flag_values=FLAGS)
 flags.DEFINE_string('out', None, 'Results folder (default: beside the checkpoint).', flag_values=FLAGS)
@@ -68,8 +77,13 @@ def _table(results, header):
     rows = [('method', 'top-1 (%)', 'details')]
     for method, r in results.items():
         details = {k: v for k, v in r.items() if k not in ('top1', 'config')}
-        rows.append((method, f'{100 * r["top1"]:.2f}', ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
-                                                                   for k, v in details.items())))
+        rows.append(
+            (
+                method,
+                f'{100 * r["top1"]:.2f}',
+                ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in details.items()),
+            )
+        )
     width = [max(len(row[i]) for row in rows) for i in range(3)]
     return '\n'.join([header] + ['  '.join(c.ljust(w) for c, w in zip(row, width)).rstrip() for row in rows])
 
@@ -77,8 +91,13 @@ def _table(results, header):
 def run(f):
     """Loads, extracts (or reads cached) features, probes; returns the results record."""
     config = f.config
-    ckpt = checkpoints.load(f.checkpoint, step=f.step, model_config=config and config.model, encoder_only=True,
-                            trust_checkpoint=f.trust_checkpoint)
+    ckpt = checkpoints.load(
+        f.checkpoint,
+        step=f.step,
+        model_config=config and config.model,
+        encoder_only=True,
+        trust_checkpoint=f.trust_checkpoint,
+    )
     if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
         ckpt = dataclasses.replace(ckpt, data_config=config.data)
     data_cfg = features.probe_data_config(ckpt, f.dataset, f.data_dir, f.split_train, f.split_eval)
@@ -90,17 +109,27 @@ def run(f):
     train = features.split_features(weights, data_cfg, data_cfg.split_train, f.feature, **kwargs)
     test = features.split_features(weights, data_cfg, data_cfg.split_eval, f.feature, **kwargs)
     t_features = time.perf_counter() - t0
-    linear_cfg = probe.LinearProbeConfig(f.optimizer, f.base_lr, f.weight_decay, 0.9, f.epochs, f.warmup_epochs,
-                                         f.probe_batch_size, f.seed)
-    results = probe.run_probes(train, test, tuple(f.methods), linear_cfg,
-                               {'k': f.k, 'temperature': f.temperature, 'vote': f.vote})
+    linear_cfg = probe.LinearProbeConfig(
+        f.optimizer, f.base_lr, f.weight_decay, 0.9, f.epochs, f.warmup_epochs, f.probe_batch_size, f.seed
+    )
+    results = probe.run_probes(
+        train, test, tuple(f.methods), linear_cfg, {'k': f.k, 'temperature': f.temperature, 'vote': f.vote}
+    )
     return {
-        'checkpoint': os.path.abspath(f.checkpoint), 'source': ckpt.source, 'step': ckpt.step,
-        'weights': 'random_init' if f.random_init else 'checkpoint', 'dataset': data_cfg.name,
-        'splits': [data_cfg.split_train, data_cfg.split_eval], 'feature': f.feature,
-        'num_train': len(train.y), 'num_test': len(test.y), 'feature_dim': int(train.x.shape[1]),
-        'features_cached': bool(train.cached and test.cached), 'feature_seconds': round(t_features, 2),
-        'results': results, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
+        'checkpoint': os.path.abspath(f.checkpoint),
+        'source': ckpt.source,
+        'step': ckpt.step,
+        'weights': 'random_init' if f.random_init else 'checkpoint',
+        'dataset': data_cfg.name,
+        'splits': [data_cfg.split_train, data_cfg.split_eval],
+        'feature': f.feature,
+        'num_train': len(train.y),
+        'num_test': len(test.y),
+        'feature_dim': int(train.x.shape[1]),
+        'features_cached': bool(train.cached and test.cached),
+        'feature_seconds': round(t_features, 2),
+        'results': results,
+        'date': datetime.datetime.now().isoformat(timespec='seconds'),
         'command': 'python -m launch.probe ' + ' '.join(sys.argv[1:]),
     }
 
@@ -121,9 +150,11 @@ def main(argv):
     with open(os.path.join(out, name), 'w') as f:
         json.dump(record, f, indent=2)
     cached = ', cached features' if record['features_cached'] else ''
-    header = (f'{record["weights"]} of {FLAGS.checkpoint} (step {record["step"]}), {record["dataset"]} '
-              f'{"/".join(record["splits"])}, feature {record["feature"]} ({record["feature_dim"]}-d, '
-              f'{record["num_train"]} train / {record["num_test"]} test{cached})')
+    header = (
+        f'{record["weights"]} of {FLAGS.checkpoint} (step {record["step"]}), {record["dataset"]} '
+        f'{"/".join(record["splits"])}, feature {record["feature"]} ({record["feature_dim"]}-d, '
+        f'{record["num_train"]} train / {record["num_test"]} test{cached})'
+    )
     print(_table(record['results'], header))
     print(f'Results: {os.path.join(out, name)}')
 

@@ -23,14 +23,17 @@ from experiments import registry
 from launch import cli
 
 FLAGS = cli.flag_values()
-_NAMES = flags.DEFINE_string('names', None, "fnmatch pattern of registry names, e.g. 'mnist_ablate_mask_*'.",
-                             flag_values=FLAGS)
-_STEPS = flags.DEFINE_integer('steps', None, 'Override train.steps of every entry (short CPU schedules).',
-                              flag_values=FLAGS)
+_NAMES = flags.DEFINE_string(
+    'names', None, "fnmatch pattern of registry names, e.g. 'mnist_ablate_mask_*'.", flag_values=FLAGS
+)
+_STEPS = flags.DEFINE_integer(
+    'steps', None, 'Override train.steps of every entry (short CPU schedules).', flag_values=FLAGS
+)
 _DATASET = flags.DEFINE_string('dataset', None, 'Override data.name of every entry.', flag_values=FLAGS)
 _OUT = flags.DEFINE_string('out', 'runs/sweeps', 'Where the runs and the result tables go.', flag_values=FLAGS)
-_NO_BASE = flags.DEFINE_bool('no_base', False, 'Do not add the base entry of the family to the sweep.',
-                             flag_values=FLAGS)
+_NO_BASE = flags.DEFINE_bool(
+    'no_base', False, 'Do not add the base entry of the family to the sweep.', flag_values=FLAGS
+)
 
 
 def sweep_names(pattern, include_base=True):
@@ -67,8 +70,13 @@ def row(name, config, workdir):
     """The table row of one finished run: what it is, then ablation.evaluate_run's measures."""
     overrides = _declared(name)[1]
     changes = ', '.join(f'{k}={v}' for k, v in sorted(overrides.items())) if overrides else 'base'
-    return {'name': name, 'changes': changes, 'params': models.count_params(config.model),
-            'steps': config.train.steps, **ablation.evaluate_run(workdir)}
+    return {
+        'name': name,
+        'changes': changes,
+        'params': models.count_params(config.model),
+        'steps': config.train.steps,
+        **ablation.evaluate_run(workdir),
+    }
 
 
 def main(argv):

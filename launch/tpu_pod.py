@@ -28,10 +28,14 @@ from launch import cli
 
 FLAGS = cli.flag_values()
 _COMMON = {'help', 'name', 'project', 'zone', 'dry_run'}
-_OWN = {'create': {'accelerator_type', 'version', 'spot', 'queued'},
-        'setup': {'source', 'repo', 'branch', 'python', 'data', 'data_mode'},
-        'run': {'config', 'bucket', 'workdir', 'allow_config_change', 'data', 'data_mode'}, 'tail': {'lines'},
-        'stop': set(), 'delete': {'queued'}}
+_OWN = {
+    'create': {'accelerator_type', 'version', 'spot', 'queued'},
+    'setup': {'source', 'repo', 'branch', 'python', 'data', 'data_mode'},
+    'run': {'config', 'bucket', 'workdir', 'allow_config_change', 'data', 'data_mode'},
+    'tail': {'lines'},
+    'stop': set(),
+    'delete': {'queued'},
+}
 flags.DEFINE_string('name', None, 'TPU VM (and queued resource) name.', flag_values=FLAGS)
 flags.DEFINE_string('project', None, 'GCP project (default: gcloud config get-value project).', flag_values=FLAGS)
 flags.DEFINE_string('zone', None, 'Zone, e.g. us-central2-b (default: gcloud config compute/zone).', flag_values=FLAGS)
@@ -39,18 +43,28 @@ flags.DEFINE_bool('dry_run', False, 'Print the commands; run nothing.', flag_val
 flags.DEFINE_string('accelerator_type', None, 'create: e.g. v4-32, v5litepod-256 (or v5e-256).', flag_values=FLAGS)
 flags.DEFINE_string('version', None, 'create: runtime version (default per generation).', flag_values=FLAGS)
 flags.DEFINE_bool('spot', False, 'create: spot capacity, cheaper, may be preempted (runs resume).', flag_values=FLAGS)
-flags.DEFINE_bool('queued', False, 'create/delete: through a queued resource (waits for capacity).',
-                  flag_values=FLAGS)
+flags.DEFINE_bool('queued', False, 'create/delete: through a queued resource (waits for capacity).', flag_values=FLAGS)
 flags.DEFINE_enum('source', 'copy', ['copy', 'git'], 'setup: scp this checkout, or git clone.', flag_values=FLAGS)
 flags.DEFINE_string('repo', None, 'setup: git URL for --source=git.', flag_values=FLAGS)
 flags.DEFINE_string('branch', None, 'setup: git branch for --source=git.', flag_values=FLAGS)
-flags.DEFINE_string('python', 'python3.11', 'setup: interpreter for the venv (jax 0.10 needs >= 3.11).',
-                    flag_values=FLAGS)
-flags.DEFINE_string('data', None, f'setup/run: gs://BUCKET[/PREFIX] holding prepared tfds datasets, made readable at '
-                    f'{pod.LOCAL_DIR} on every host; run then reads --config.data.data_dir={pod.LOCAL_DIR} '
-                    '(docs/data.md, "ImageNet on pod hosts").', flag_values=FLAGS)
-flags.DEFINE_enum('data_mode', 'gcsfuse', list(pod.MODES), 'setup/run: gcsfuse mounts the bucket; copy rsyncs it to '
-                  'the local disk.', flag_values=FLAGS)
+flags.DEFINE_string(
+    'python', 'python3.11', 'setup: interpreter for the venv (jax 0.10 needs >= 3.11).', flag_values=FLAGS
+)
+flags.DEFINE_string(
+    'data',
+    None,
+    f'setup/run: gs://BUCKET[/PREFIX] holding prepared tfds datasets, made readable at '
+    f'{pod.LOCAL_DIR} on every host; run then reads --config.data.data_dir={pod.LOCAL_DIR} '
+    '(docs/data.md, "ImageNet on pod hosts").',
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    'data_mode',
+    'gcsfuse',
+    list(pod.MODES),
+    'setup/run: gcsfuse mounts the bucket; copy rsyncs it to the local disk.',
+    flag_values=FLAGS,
+)
 cli.define_config(FLAGS, help_text='run: the experiment (a registry NAME), then --config.KEY=VALUE overrides.')
 flags.DEFINE_string('bucket', None, 'run: gs://BUCKET; the workdir is gs://BUCKET/NAME.', flag_values=FLAGS)
 flags.DEFINE_string('workdir', None, 'run: explicit workdir (instead of --bucket).', flag_values=FLAGS)
@@ -69,10 +83,13 @@ def run_commands(target, f):
     if config is None:
         raise ValueError('run needs --config=NAME (a registered experiment, e.g. crate_mae_base).')
     if not f.workdir and not f.bucket:
-        raise ValueError('run needs --bucket=gs://BUCKET (workdir gs://BUCKET/NAME) or --workdir: every host must '
-                         'write the checkpoints to the same place, so a local path will not do on a pod.')
+        raise ValueError(
+            'run needs --bucket=gs://BUCKET (workdir gs://BUCKET/NAME) or --workdir: every host must '
+            'write the checkpoints to the same place, so a local path will not do on a pod.'
+        )
     import experiments  # pylint: disable=import-outside-toplevel  (jax: only for `run`)
     from cratemae import train  # pylint: disable=import-outside-toplevel
+
     if config.name not in experiments.names():  # the hosts run the registry's entry of that name
         raise ValueError(f'run takes a registered experiment (--config=NAME); {config.name!r} is not one.')
     train.validate_config(config, 1, 1)
@@ -108,8 +125,10 @@ def commands(argv):
 
 def main(argv, out=None):
     if not FLAGS.dry_run and not shutil.which('gcloud'):
-        raise cli.UsageError('gcloud is not installed (not on PATH): install the Google Cloud CLI '
-                             '(https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the commands.')
+        raise cli.UsageError(
+            'gcloud is not installed (not on PATH): install the Google Cloud CLI '
+            '(https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the commands.'
+        )
     for cmd in commands(argv):
         print(tpu_vm.shell_join(cmd), file=out or sys.stdout, flush=True)
         if not FLAGS.dry_run and subprocess.call(cmd, cwd=cli.REPO):  # scp's relative sources are the repo's files

@@ -23,10 +23,14 @@ from launch import cli
 FLAGS = cli.flag_values()
 _CONFIG = cli.define_config(FLAGS, 'crate_mae_mnist')
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Where checkpoints, metrics and pictures go (default runs/NAME); local path or gs://.',
-    flag_values=FLAGS)
+    'workdir',
+    None,
+    'Where checkpoints, metrics and pictures go (default runs/NAME); local path or gs://.',
+    flag_values=FLAGS,
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    'allow_config_change', False, 'Resume a workdir whose saved config differs from this one.', flag_values=FLAGS)
+    'allow_config_change', False, 'Resume a workdir whose saved config differs from this one.', flag_values=FLAGS
+)
 
 
 def main(argv):

@@ -17,15 +17,26 @@ import math
 import numpy as np
 
 _DEFAULTS = dict(
-    image_size=224, patch_size=16, channels=3,
-    encoder_block='crate', decoder_block='crate',
-    width=768, depth=12, heads=12,
-    decoder_width=768, decoder_depth=12, decoder_heads=12,
-    mlp_ratio=4.0, qkv_bias=False,
-    ista_step=0.1, ista_lambda=0.5,
+    image_size=224,
+    patch_size=16,
+    channels=3,
+    encoder_block='crate',
+    decoder_block='crate',
+    width=768,
+    depth=12,
+    heads=12,
+    decoder_width=768,
+    decoder_depth=12,
+    decoder_heads=12,
+    mlp_ratio=4.0,
+    qkv_bias=False,
+    ista_step=0.1,
+    ista_lambda=0.5,
     encoder_sees_mask_tokens=True,
-    mask_ratio=0.75, norm_pix_loss=False,
-    block_norm_eps=1e-5, final_norm_eps=1e-6,
+    mask_ratio=0.75,
+    norm_pix_loss=False,
+    block_norm_eps=1e-5,
+    final_norm_eps=1e-6,
 )
 
 
@@ -40,6 +51,7 @@ def _f64(x):
 
 # --------------------------------------------------------------------------------------------------
 # Patches and embeddings.
+
 
 def _grid_view(images, p):
     """NHWC (B, G*p, G*p, C) -> (B, G, p, G, p, C), axes (b, i, u, j, v, c)."""
@@ -93,11 +105,11 @@ def sincos_pos_embed(width, grid_size, cls_token=True):
     """
     assert width % 4 == 0
     q = width // 4
-    omega = np.arange(q, dtype=np.float32) / np.float32(q)   # k / q
+    omega = np.arange(q, dtype=np.float32) / np.float32(q)  # k / q
     omega = (np.float32(1.0) / np.power(np.float32(10000.0), omega)).astype(np.float32)
     idx = np.arange(grid_size, dtype=np.float32)
-    jj = np.tile(idx[None, :], (grid_size, 1)).reshape(-1)    # column index j of patch i*G+j
-    ii = np.tile(idx[:, None], (1, grid_size)).reshape(-1)    # row index i
+    jj = np.tile(idx[None, :], (grid_size, 1)).reshape(-1)  # column index j of patch i*G+j
+    ii = np.tile(idx[:, None], (1, grid_size)).reshape(-1)  # row index i
     out_j = (jj[:, None] * omega[None, :]).astype(np.float32)
     out_i = (ii[:, None] * omega[None, :]).astype(np.float32)
     table = np.concatenate([np.sin(out_j), np.cos(out_j), np.sin(out_i), np.cos(out_i)], axis=1)
@@ -109,6 +121,7 @@ def sincos_pos_embed(width, grid_size, cls_token=True):
 
 # --------------------------------------------------------------------------------------------------
 # Masking and loss.
+
 
 def num_keep(num_patches, mask_ratio):
     """keep = int(L * (1 - r)) with Python float semantics (r=0.9, L=196 -> 19)."""
@@ -152,6 +165,7 @@ def mae_loss(images, pred, mask, p, norm_pix_loss=False):
 # --------------------------------------------------------------------------------------------------
 # Building blocks.
 
+
 def layer_norm(x, scale, bias, eps):
     """Affine LayerNorm with two-pass biased variance: (x - mu) / sqrt(mean((x - mu)^2) + eps)."""
     x = _f64(x)
@@ -182,7 +196,7 @@ def mssa(y, w_qkv, w_out, b_out, heads):
     w = linear(y, w_qkv)
     b, n, d = w.shape
     h = d // heads
-    wh = w.reshape(b, n, heads, h).transpose(0, 2, 1, 3)               # (B, K, N, h)
+    wh = w.reshape(b, n, heads, h).transpose(0, 2, 1, 3)  # (B, K, N, h)
     attn = softmax(np.einsum('bknh,bkmh->bknm', wh, wh) / math.sqrt(h))
     o = np.einsum('bknm,bkmh->bknh', attn, wh).transpose(0, 2, 1, 3).reshape(b, n, d)
     return linear(o, w_out, b_out), attn, w
@@ -209,6 +223,7 @@ def decoder_compress_inverse(g, norm_scale, norm_bias, eps, w_qkv, w_out, b_out,
 def gelu(x):
     """Exact erf GELU: x/2 (1 + erf(x / sqrt 2))."""
     from math import erf
+
     verf = np.vectorize(erf, otypes=[np.float64])
     return 0.5 * x * (1.0 + verf(x / math.sqrt(2.0)))
 
@@ -219,7 +234,7 @@ def vit_attention(y, sd, prefix, heads):
     b, n, three_d = qkv.shape
     d = three_d // 3
     h = d // heads
-    qkv = qkv.reshape(b, n, 3, heads, h).transpose(2, 0, 3, 1, 4)      # (3, B, K, N, h)
+    qkv = qkv.reshape(b, n, 3, heads, h).transpose(2, 0, 3, 1, 4)  # (3, B, K, N, h)
     q, k, v = qkv[0], qkv[1], qkv[2]
     attn = softmax(np.einsum('bknh,bkmh->bknm', q, k) / math.sqrt(h))
     o = np.einsum('bknm,bkmh->bknh', attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
@@ -239,9 +254,13 @@ def vit_block(x, sd, prefix, heads, eps):
 def crate_encoder_layer(z, sd, prefix, heads, eps, step, lambd):
     """Z+1/2 = Z + MSSA(LN1 Z); Z+1 = ISTA(LN2 Z+1/2). Returns (Z+1, intermediates)."""
     y = layer_norm(z, sd[prefix + 'layers.0.0.norm.weight'], sd[prefix + 'layers.0.0.norm.bias'], eps)
-    out, attn, proj = mssa(y, sd[prefix + 'layers.0.0.fn.qkv.weight'],
-                           sd[prefix + 'layers.0.0.fn.to_out.0.weight'],
-                           sd[prefix + 'layers.0.0.fn.to_out.0.bias'], heads)
+    out, attn, proj = mssa(
+        y,
+        sd[prefix + 'layers.0.0.fn.qkv.weight'],
+        sd[prefix + 'layers.0.0.fn.to_out.0.weight'],
+        sd[prefix + 'layers.0.0.fn.to_out.0.bias'],
+        heads,
+    )
     half = _f64(z) + out
     v = layer_norm(half, sd[prefix + 'layers.0.1.norm.weight'], sd[prefix + 'layers.0.1.norm.bias'], eps)
     new = ista(v, sd[prefix + 'layers.0.1.fn.weight'], step, lambd)
@@ -250,17 +269,25 @@ def crate_encoder_layer(z, sd, prefix, heads, eps, step, lambd):
 
 def crate_decoder_layer(y, sd, prefix, heads, eps):
     """G = LN1(Y) A^T; Y+ = G - MSSA'(LN2 G)."""
-    g = unsparsify(layer_norm(y, sd[prefix + 'layers.0.0.norm.weight'],
-                              sd[prefix + 'layers.0.0.norm.bias'], eps),
-                   sd[prefix + 'layers.0.0.fn.weight'])
+    g = unsparsify(
+        layer_norm(y, sd[prefix + 'layers.0.0.norm.weight'], sd[prefix + 'layers.0.0.norm.bias'], eps),
+        sd[prefix + 'layers.0.0.fn.weight'],
+    )
     return decoder_compress_inverse(
-        g, sd[prefix + 'layers.0.1.norm.weight'], sd[prefix + 'layers.0.1.norm.bias'], eps,
-        sd[prefix + 'layers.0.1.fn.qkv.weight'], sd[prefix + 'layers.0.1.fn.to_out.0.weight'],
-        sd[prefix + 'layers.0.1.fn.to_out.0.bias'], heads)
+        g,
+        sd[prefix + 'layers.0.1.norm.weight'],
+        sd[prefix + 'layers.0.1.norm.bias'],
+        eps,
+        sd[prefix + 'layers.0.1.fn.qkv.weight'],
+        sd[prefix + 'layers.0.1.fn.to_out.0.weight'],
+        sd[prefix + 'layers.0.1.fn.to_out.0.bias'],
+        heads,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Whole model.
+
 
 def _pos_table(sd, key, width, grid):
     if key in sd:
@@ -273,8 +300,15 @@ def _run_encoder(z, sd, cfg):
     for i in range(_cfg(cfg, 'depth')):
         prefix = 'blocks.%d.' % i
         if _cfg(cfg, 'encoder_block') == 'crate':
-            z, it = crate_encoder_layer(z, sd, prefix, _cfg(cfg, 'heads'), _cfg(cfg, 'block_norm_eps'),
-                                        _cfg(cfg, 'ista_step'), _cfg(cfg, 'ista_lambda'))
+            z, it = crate_encoder_layer(
+                z,
+                sd,
+                prefix,
+                _cfg(cfg, 'heads'),
+                _cfg(cfg, 'block_norm_eps'),
+                _cfg(cfg, 'ista_step'),
+                _cfg(cfg, 'ista_lambda'),
+            )
         else:
             z, attn = vit_block(z, sd, prefix, _cfg(cfg, 'heads'), _cfg(cfg, 'block_norm_eps'))
             it = dict(attention=attn, block_out=z)
@@ -316,7 +350,7 @@ def forward(sd, images, noise, mask_ratio, cfg):
     cls = _f64(sd['cls_token']).reshape(1, 1, d)
 
     if _cfg(cfg, 'encoder_sees_mask_tokens'):
-        pos = _pos_table(sd, 'decoder_pos_embed', d, grid)      # only decoder_pos_embed is used
+        pos = _pos_table(sd, 'decoder_pos_embed', d, grid)  # only decoder_pos_embed is used
         mtok = _f64(sd['mask_token']).reshape(1, 1, d)
         e = np.where(mask[:, :, None] > 0, mtok, e)
         z = np.concatenate([np.broadcast_to(cls, (b, 1, d)), e], axis=1) + pos[None]
@@ -337,8 +371,9 @@ def forward(sd, images, noise, mask_ratio, cfg):
         pred, dec_tokens = _run_decoder(y, sd, cfg)
 
     loss = mae_loss(images, pred, mask, p, _cfg(cfg, 'norm_pix_loss'))
-    return dict(loss=loss, pred=pred, mask=mask, latent=latent, ids_keep=ids_keep,
-                encoder=enc_inter, decoder=dec_tokens)
+    return dict(
+        loss=loss, pred=pred, mask=mask, latent=latent, ids_keep=ids_keep, encoder=enc_inter, decoder=dec_tokens
+    )
 
 
 def encode(sd, images, cfg):
@@ -362,6 +397,7 @@ def encode(sd, images, cfg):
 # --------------------------------------------------------------------------------------------------
 # Parameter counting in torch layout (docs/model.md §1), for cross-checks.
 
+
 def reference_param_shapes(cfg):
     """torch state-dict shapes of the model described by cfg, incl. pos-embs and decoder_embed."""
     p, c = _cfg(cfg, 'patch_size'), _cfg(cfg, 'channels')
@@ -369,31 +405,63 @@ def reference_param_shapes(cfg):
     n = (_cfg(cfg, 'image_size') // p) ** 2 + 1
     mask_dim = dd if not _cfg(cfg, 'encoder_sees_mask_tokens') else d
     shapes = {
-        'patch_embed.proj.weight': (d, c, p, p), 'patch_embed.proj.bias': (d,),
-        'cls_token': (1, 1, d), 'mask_token': (1, 1, mask_dim),
-        'pos_embed': (1, n, d), 'decoder_pos_embed': (1, n, dd),
-        'norm.weight': (d,), 'norm.bias': (d,),
-        'decoder_embed.weight': (dd, d), 'decoder_embed.bias': (dd,),
-        'decoder_norm.weight': (dd,), 'decoder_norm.bias': (dd,),
-        'decoder_pred.weight': (p * p * c, dd), 'decoder_pred.bias': (p * p * c,),
+        'patch_embed.proj.weight': (d, c, p, p),
+        'patch_embed.proj.bias': (d,),
+        'cls_token': (1, 1, d),
+        'mask_token': (1, 1, mask_dim),
+        'pos_embed': (1, n, d),
+        'decoder_pos_embed': (1, n, dd),
+        'norm.weight': (d,),
+        'norm.bias': (d,),
+        'decoder_embed.weight': (dd, d),
+        'decoder_embed.bias': (dd,),
+        'decoder_norm.weight': (dd,),
+        'decoder_norm.bias': (dd,),
+        'decoder_pred.weight': (p * p * c, dd),
+        'decoder_pred.bias': (p * p * c,),
     }
 
     def block(prefix, kind, w, encoder):
         if kind == 'crate':
-            s = {'layers.0.0.norm.weight': (w,), 'layers.0.0.norm.bias': (w,),
-                 'layers.0.1.norm.weight': (w,), 'layers.0.1.norm.bias': (w,)}
+            s = {
+                'layers.0.0.norm.weight': (w,),
+                'layers.0.0.norm.bias': (w,),
+                'layers.0.1.norm.weight': (w,),
+                'layers.0.1.norm.bias': (w,),
+            }
             if encoder:
-                s.update({'layers.0.0.fn.qkv.weight': (w, w), 'layers.0.0.fn.to_out.0.weight': (w, w),
-                          'layers.0.0.fn.to_out.0.bias': (w,), 'layers.0.1.fn.weight': (w, w)})
+                s.update(
+                    {
+                        'layers.0.0.fn.qkv.weight': (w, w),
+                        'layers.0.0.fn.to_out.0.weight': (w, w),
+                        'layers.0.0.fn.to_out.0.bias': (w,),
+                        'layers.0.1.fn.weight': (w, w),
+                    }
+                )
             else:
-                s.update({'layers.0.0.fn.weight': (w, w), 'layers.0.1.fn.qkv.weight': (w, w),
-                          'layers.0.1.fn.to_out.0.weight': (w, w), 'layers.0.1.fn.to_out.0.bias': (w,)})
+                s.update(
+                    {
+                        'layers.0.0.fn.weight': (w, w),
+                        'layers.0.1.fn.qkv.weight': (w, w),
+                        'layers.0.1.fn.to_out.0.weight': (w, w),
+                        'layers.0.1.fn.to_out.0.bias': (w,),
+                    }
+                )
         else:
             hid = int(w * _cfg(cfg, 'mlp_ratio'))
-            s = {'norm1.weight': (w,), 'norm1.bias': (w,), 'norm2.weight': (w,), 'norm2.bias': (w,),
-                 'attn.qkv.weight': (3 * w, w), 'attn.proj.weight': (w, w), 'attn.proj.bias': (w,),
-                 'mlp.fc1.weight': (hid, w), 'mlp.fc1.bias': (hid,),
-                 'mlp.fc2.weight': (w, hid), 'mlp.fc2.bias': (w,)}
+            s = {
+                'norm1.weight': (w,),
+                'norm1.bias': (w,),
+                'norm2.weight': (w,),
+                'norm2.bias': (w,),
+                'attn.qkv.weight': (3 * w, w),
+                'attn.proj.weight': (w, w),
+                'attn.proj.bias': (w,),
+                'mlp.fc1.weight': (hid, w),
+                'mlp.fc1.bias': (hid,),
+                'mlp.fc2.weight': (w, hid),
+                'mlp.fc2.bias': (w,),
+            }
             if _cfg(cfg, 'qkv_bias'):
                 s['attn.qkv.bias'] = (3 * w,)
         return {prefix + k: v for k, v in s.items()}
@@ -412,6 +480,7 @@ def reference_param_count(cfg):
 # --------------------------------------------------------------------------------------------------
 # Test helper.
 
+
 def assert_close(actual, desired, rtol=1e-5, name=''):
     """max |actual - desired| <= rtol * max |desired| (a norm-relative check suited to float32 vs float64)."""
     actual = np.asarray(actual, np.float64)
@@ -420,4 +489,9 @@ def assert_close(actual, desired, rtol=1e-5, name=''):
     scale = max(float(np.abs(desired).max()), 1e-30) if desired.size else 1.0
     err = float(np.abs(actual - desired).max()) if desired.size else 0.0
     assert err <= rtol * scale, '%s: max|diff| %.3e > %.1e * max|ref| %.3e (rel %.3e)' % (
-        name, err, rtol, scale, err / scale)
+        name,
+        err,
+        rtol,
+        scale,
+        err / scale,
+    )

@@ -48,14 +48,18 @@ def _config(*overrides):
 def test_the_aot_and_benchmark_step_takes_uint8_images_as_the_engine_hands_them():
     """The engine feeds uint8 batches (normalised inside the step); AOT and the benchmark compile that same step."""
     from cratemae import benchmark
+
     config = _config()
     step, (state, batch), _ = aot.build_train_step(config, jax.devices())
     assert batch['image'].dtype == jax.numpy.uint8
     step.lower(state, batch)  # the jitted train step traces with the uint8 input
     synthetic = benchmark.synthetic_batch(config, config.train.global_batch, batch['image'].sharding)
     assert synthetic['image'].dtype == jax.numpy.uint8 and synthetic['image'].shape == batch['image'].shape
-    assert 0 <= int(synthetic['image'].min()) and int(synthetic['image'].max()) <= 255 and len(
-        set(jax.device_get(synthetic['image']).ravel().tolist())) > 100  # spread over the pixel range
+    assert (
+        0 <= int(synthetic['image'].min())
+        and int(synthetic['image'].max()) <= 255
+        and len(set(jax.device_get(synthetic['image']).ravel().tolist())) > 100
+    )  # spread over the pixel range
 
 
 def test_batch_that_does_not_split_over_the_devices_is_rejected_before_tracing():
@@ -65,8 +69,12 @@ def test_batch_that_does_not_split_over_the_devices_is_rejected_before_tracing()
 
 
 def test_fsdp_override_shards_every_parameter_over_all_devices():
-    config = _config('--config.train.global_batch=32', "--config.sharding_rules=(('.*', 'fsdp_largest'),)",
-                     '--config.mesh.data=1', '--config.mesh.fsdp=-1')
+    config = _config(
+        '--config.train.global_batch=32',
+        "--config.sharding_rules=(('.*', 'fsdp_largest'),)",
+        '--config.mesh.data=1',
+        '--config.mesh.fsdp=-1',
+    )
     assert (config.mesh.data, config.mesh.fsdp, config.train.global_batch) == (1, -1, 32)
     _, (state, batch), mesh = aot.build_train_step(config, jax.devices())
     assert dict(mesh.shape) == {'data': 1, 'fsdp': 8, 'model': 1}
@@ -101,8 +109,9 @@ def test_compiles_the_train_step_for_a_v5e_2x2_slice():
 
 @needs_libtpu
 def test_program_that_exceeds_hbm_exits_nonzero_with_the_compiler_message():
-    result = _aot('--config=experiments/registry.py:crate_mae_base', '--topology=v5e:2x2',
-                  '--config.train.global_batch=4096')
+    result = _aot(
+        '--config=experiments/registry.py:crate_mae_base', '--topology=v5e:2x2', '--config.train.global_batch=4096'
+    )
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     assert 'DOES NOT FIT' in result.stdout and 'RESOURCE_EXHAUSTED' in result.stdout, result.stdout
     assert 'try FSDP' in result.stderr
@@ -166,8 +175,9 @@ def test_a_fine_tuning_entry_compiles_the_fine_tuning_program():
     from experiments import base
     from experiments import downstream
 
-    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
-                                        batch=16, image_size=28)
+    config = downstream.finetune_config(
+        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28
+    )
     train_step, (state, batch), mesh = aot.build_train_step(config, jax.devices())
     assert set(state.params) == {'backbone', 'head', 'head_norm'} and state.params['head']['kernel'].shape == (32, 10)
     assert batch['label'].shape == (16,) and batch['label'].dtype == 'int32' and dict(mesh.shape)['data'] == 8

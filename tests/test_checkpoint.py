@@ -1,4 +1,5 @@
 """Tests for cratemae.checkpoint: round trip, retention, corrupt-step fallback, config checks."""
+
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from cratemae import checkpoint, sharding
+from cratemae import checkpoint
+from cratemae import sharding
 
 # A failed tensorstore read can leave an asyncio callback behind that fires "Event loop is closed"
 # when collected, possibly during a later test; harmless.
@@ -19,8 +21,10 @@ pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptio
 
 def _state(seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
-    params = {'encoder': {'kernel': jax.random.normal(k1, (8, 16))},
-              'head': {'kernel': jax.random.normal(k2, (16, 4)), 'bias': jnp.zeros((4,))}}
+    params = {
+        'encoder': {'kernel': jax.random.normal(k1, (8, 16))},
+        'head': {'kernel': jax.random.normal(k2, (16, 4)), 'bias': jnp.zeros((4,))},
+    }
     tx = optax.adamw(1e-3)
     opt_state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -45,8 +49,7 @@ def test_round_trip_keeps_optax_namedtuples_and_sharding(tmp_path):
     mesh = sharding.make_mesh({'fsdp': 8})
     target = _state(0)
     shardings = sharding.param_shardings(target, sharding.FSDP_RULES, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            target, shardings)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
     ckpt = checkpoint.Checkpointer(tmp_path)
     step, state, meta = ckpt.restore_latest(abstract)
     ckpt.close()
@@ -54,8 +57,7 @@ def test_round_trip_keeps_optax_namedtuples_and_sharding(tmp_path):
     assert meta == {'data_position': 20, 'rng': 2, 'step': 2}
     assert type(state['opt_state'][0]).__name__ == 'ScaleByAdamState'
     _assert_tree_equal(state, _state(2))
-    assert state['params']['encoder']['kernel'].sharding.spec == jax.sharding.PartitionSpec(
-        None, 'fsdp')
+    assert state['params']['encoder']['kernel'].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
 
 
 def test_empty_workdir_returns_none(tmp_path):
@@ -69,7 +71,7 @@ def test_max_to_keep_and_interval(tmp_path):
     saved = [s for s in range(1, 7) if ckpt.save(s, _state(s))]
     assert saved == [2, 4, 6]
     assert ckpt.save(7, _state(7), force=True)
-    assert not ckpt.save(7, _state(7), force=True)    # already saved: skipped, not an error
+    assert not ckpt.save(7, _state(7), force=True)  # already saved: skipped, not an error
     ckpt.wait_until_finished()
     assert ckpt.all_steps() == [6, 7]
     ckpt.close()
@@ -112,19 +114,24 @@ def test_all_corrupt_raises(tmp_path):
 
 
 def test_config_compatibility(tmp_path):
-    cfg = ml_collections.ConfigDict({
-        'model': {'width': 64, 'depth': 2}, 'train': {'steps': 10},
-        'checkpoint': {'every': 5}, 'mesh': {'rules': [('.*', ('fsdp',))]}})
-    assert checkpoint.check_compatible(tmp_path, cfg) == []   # no config.json yet
+    cfg = ml_collections.ConfigDict(
+        {
+            'model': {'width': 64, 'depth': 2},
+            'train': {'steps': 10},
+            'checkpoint': {'every': 5},
+            'mesh': {'rules': [('.*', ('fsdp',))]},
+        }
+    )
+    assert checkpoint.check_compatible(tmp_path, cfg) == []  # no config.json yet
     checkpoint.save_config(tmp_path, cfg)
-    assert checkpoint.check_compatible(tmp_path, cfg) == []   # tuples vs JSON lists are equal
+    assert checkpoint.check_compatible(tmp_path, cfg) == []  # tuples vs JSON lists are equal
     cfg.checkpoint.every = 1
-    assert checkpoint.check_compatible(tmp_path, cfg) == []   # ignored keys
+    assert checkpoint.check_compatible(tmp_path, cfg) == []  # ignored keys
     cfg.train.steps = 20  # would stretch the schedule of the 10 steps trained on: refused, with the fix named
     with pytest.raises(ValueError, match=r'optim.schedule_steps: 10 -> 20(.|\n)*--config.optim.schedule_steps=10'):
         checkpoint.check_compatible(tmp_path, cfg)
     cfg.optim = ml_collections.ConfigDict({'schedule_steps': 10})
-    assert checkpoint.check_compatible(tmp_path, cfg) == []   # longer, on the same schedule
+    assert checkpoint.check_compatible(tmp_path, cfg) == []  # longer, on the same schedule
     cfg.model.width = 32
     cfg.model.extra = True
     with pytest.raises(ValueError) as e:
@@ -141,7 +148,7 @@ def test_ensure_writable(tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('x')
     with pytest.raises(PermissionError, match='not writable'):
-        checkpoint.ensure_writable(blocker / 'sub')   # a file is in the way
+        checkpoint.ensure_writable(blocker / 'sub')  # a file is in the way
 
 
 def test_sigterm_sets_preemption_flag(tmp_path):
@@ -170,8 +177,9 @@ def test_save_config_overwrites_an_existing_config(tmp_path):
 def test_performance_options_may_change_on_resume_but_the_model_may_not(tmp_path):
     old = ml_collections.ConfigDict({'model': {'remat': 'none', 'attention': 'einsum', 'width': 64}})
     checkpoint.save_config(tmp_path, old)
-    new = ml_collections.ConfigDict({'model': {'remat': 'full', 'attention': 'dot_product_attention', 'width': 64,
-                                               'attention_pad': 64}})
+    new = ml_collections.ConfigDict(
+        {'model': {'remat': 'full', 'attention': 'dot_product_attention', 'width': 64, 'attention_pad': 64}}
+    )
     assert checkpoint.check_compatible(tmp_path, new) == []
     new.model.width = 128
     with pytest.raises(ValueError, match='model.width: 64 -> 128'):

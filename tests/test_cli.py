@@ -21,8 +21,9 @@ def _flags():
 
 
 def test_dashes_and_underscores_are_the_same_flag_and_config_paths_are_untouched():
-    assert cli.normalize(['--dry-run', '--no-cache', '-x-y', '--out=a-b', '--config.model.mask_ratio=0.5', 'pos-1']) == [
-        '--dry_run', '--no_cache', '-x_y', '--out=a-b', '--config.model.mask_ratio=0.5', 'pos-1']
+    assert cli.normalize(
+        ['--dry-run', '--no-cache', '-x-y', '--out=a-b', '--config.model.mask_ratio=0.5', 'pos-1']
+    ) == ['--dry_run', '--no_cache', '-x_y', '--out=a-b', '--config.model.mask_ratio=0.5', 'pos-1']
     fv, _ = _flags()
     assert cli.parse(fv, ['prog', 'run', '--dry-run', '--out', 'x-y']) == ['prog', 'run']
     assert fv.dry_run and fv.out == 'x-y'
@@ -64,8 +65,11 @@ def test_usage_errors_exit_2_with_the_message(capsys):
 def test_python_m_launch_lists_every_command_once():
     out = subprocess.run([sys.executable, '-m', 'launch'], cwd=REPO, capture_output=True, text=True, check=True).stdout
     names = [line.split()[0] for line in out.splitlines() if line.startswith('  ')]
-    modules = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'launch'))
-                     if f.endswith('.py') and f not in ('__init__.py', '__main__.py', 'cli.py'))
+    modules = sorted(
+        f[:-3]
+        for f in os.listdir(os.path.join(REPO, 'launch'))
+        if f.endswith('.py') and f not in ('__init__.py', '__main__.py', 'cli.py')
+    )
     assert sorted(names) == modules
 
 
@@ -73,8 +77,20 @@ def test_every_command_parses_with_absl_on_its_own_flags_and_has_help():
     """The convention holds for each launcher: its own FlagValues with --help, a main, no argparse."""
     import importlib
 
-    for name in ('aot_compile', 'benchmark', 'benchmark_data', 'export', 'finetune', 'inspect', 'list', 'prepare_data',
-                 'probe', 'sweep', 'tpu_pod', 'train'):
+    for name in (
+        'aot_compile',
+        'benchmark',
+        'benchmark_data',
+        'export',
+        'finetune',
+        'inspect',
+        'list',
+        'prepare_data',
+        'probe',
+        'sweep',
+        'tpu_pod',
+        'train',
+    ):
         module = importlib.import_module(f'launch.{name}')
         with open(module.__file__) as f:
             assert 'argparse' not in f.read(), name

@@ -12,8 +12,7 @@ class FixedRng:
     """Stands in for np.random.Generator: uniform/integers/random from lists."""
 
     def __init__(self, uniforms=(), integers=(), randoms=()):
-        self.uniforms, self.integers_, self.randoms = (list(uniforms), list(integers),
-                                                       list(randoms))
+        self.uniforms, self.integers_, self.randoms = (list(uniforms), list(integers), list(randoms))
 
     def uniform(self, lo, hi):
         return lo + (hi - lo) * self.uniforms.pop(0)  # values given as fractions
@@ -72,13 +71,11 @@ def test_random_resized_crop_box_distribution():
 def test_resized_crop_of_gradient():
     img = gradient()
     # Same size at integer offsets: an exact slice.
-    np.testing.assert_array_equal(augment.resized_crop(img, (0, 64, 128, 128), 128),
-                                  img[:128, 64:192])
+    np.testing.assert_array_equal(augment.resized_crop(img, (0, 64, 128, 128), 128), img[:128, 64:192])
     # 2x bicubic (antialiased) downscale of a ramp: column k averages j = 64 + 2k, 64 + 2k + 1.
     out = augment.resized_crop(img, (32, 64, 128, 128), 64)[..., 0].astype(float)
     assert out.shape == (64, 64)
-    np.testing.assert_allclose(out[:, 2:-2], np.broadcast_to(64 + 2 * np.arange(64) + 0.5,
-                                                             (64, 64))[:, 2:-2], atol=1.0)
+    np.testing.assert_allclose(out[:, 2:-2], np.broadcast_to(64 + 2 * np.arange(64) + 0.5, (64, 64))[:, 2:-2], atol=1.0)
     # 2x upscale: pixel centre k maps to j = 64 + (k + 0.5) / 2 - 0.5.
     out = augment.resized_crop(img, (32, 64, 32, 32), 64)[..., 0].astype(float)
     want = 64 + (np.arange(64) + 0.5) / 2 - 0.5
@@ -109,8 +106,7 @@ def test_normalize_known_values():
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (4, 5, 5, 3), dtype=np.uint8)
     m, s = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    np.testing.assert_allclose(augment.normalize(batch, m, s),
-                               (batch / 255.0 - np.array(m)) / np.array(s), atol=1e-5)
+    np.testing.assert_allclose(augment.normalize(batch, m, s), (batch / 255.0 - np.array(m)) / np.array(s), atol=1e-5)
 
 
 def test_eval_transform_identity_and_centre_crop():
@@ -122,8 +118,7 @@ def test_eval_transform_identity_and_centre_crop():
     # Non-square: the centre square of the short side, resized.
     wide = gradient(100, 200, 1)
     out = augment.eval_transform(wide, 50, 1.0)[..., 0].astype(float)
-    np.testing.assert_allclose(out[:, 2:-2], np.broadcast_to(50 + 2 * np.arange(50) + 0.5,
-                                                             (50, 50))[:, 2:-2], atol=1.0)
+    np.testing.assert_allclose(out[:, 2:-2], np.broadcast_to(50 + 2 * np.arange(50) + 0.5, (50, 50))[:, 2:-2], atol=1.0)
 
 
 def test_mae_train_flip_half_the_time_and_deterministic():
@@ -139,8 +134,7 @@ def test_mae_train_flip_half_the_time_and_deterministic():
         else:
             assert abs(out.astype(int) - img).max() <= 2
     assert 60 < flips < 140
-    no_flip = [augment.mae_train(img, np.random.default_rng(s), 32, (1.0, 1.0), flip=False)
-               for s in range(20)]
+    no_flip = [augment.mae_train(img, np.random.default_rng(s), 32, (1.0, 1.0), flip=False) for s in range(20)]
     assert not any((o == img[:, ::-1]).all() for o in no_flip)
 
 

@@ -12,8 +12,8 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
 import skimage.data
+from PIL import Image
 
 from cratemae import data
 from cratemae.data import augment
@@ -25,6 +25,7 @@ from cratemae.data import tfds_writer
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError('tests must not touch the network')
+
     monkeypatch.setattr(socket.socket, 'connect', refuse)
     monkeypatch.setattr(socket, 'getaddrinfo', refuse)
     monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
@@ -43,9 +44,9 @@ def png16(a):
 
     def chunk(kind, body):
         return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+
     header = struct.pack('>IIBBBBB', w, h, 16, 2 if a.ndim == 3 else 0, 0, 0, 0)
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows))
-            + chunk(b'IEND', b''))
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b'')
 
 
 @pytest.fixture(scope='module')
@@ -57,6 +58,7 @@ def photo_jpeg():
 
 # ------------------------------------------------------------------------------------------
 # fast path
+
 
 def test_reduction_keeps_the_crop_at_least_output_size():
     assert decode.reduction((0, 0, 447, 500), 224) == 1
@@ -83,6 +85,7 @@ def test_fast_path_matches_full_decode_of_the_same_crop(photo_jpeg, monkeypatch)
         im, scale = real_load(opened, channels, draft_size)
         scales.append(scale)
         return im, scale
+
     monkeypatch.setattr(decode, '_load', spy)
     seen = {1: 0, 2: 0, 4: 0, 8: 0}
     for seed in range(60):
@@ -98,7 +101,7 @@ def test_fast_path_matches_full_decode_of_the_same_crop(photo_jpeg, monkeypatch)
                 continue
             err = np.abs(fast - ref)
             assert err.mean() <= (6.0 if r == 8 else 3.0), (seed, size, box, r)
-            psnr = 10 * np.log10(255 ** 2 / np.mean(err ** 2))
+            psnr = 10 * np.log10(255**2 / np.mean(err**2))
             assert psnr >= 28, (seed, size, box, r, psnr)
     assert all(seen[r] >= 10 for r in (1, 2, 4, 8)), seen
 
@@ -110,8 +113,7 @@ def test_pipeline_crops_are_random_resized_crops_of_the_full_image(photo_jpeg, t
     (full decode, `augment.mae_train`) within the fast-path tolerance, flips included."""
     (tmp_path / 'a.jpg').write_bytes(photo_jpeg)
     cfg = data.default_data_config()
-    cfg.update(name='image_folder', folder=str(tmp_path), image_size=48, channels=3,
-               normalize='none', prefetch=0)
+    cfg.update(name='image_folder', folder=str(tmp_path), image_size=48, channels=3, normalize='none', prefetch=0)
     pipe = data.make_pipeline(cfg, 'train', 1, seed=0)
     transform = pipe._batcher.transform  # pylint: disable=protected-access
     full = decode.decode(photo_jpeg, 3)
@@ -138,16 +140,16 @@ def test_undecodable_bytes_are_a_clear_error():
         decode.decode(b'certainly not a jpeg', 3)
     with pytest.raises(decode.UndecodableImage, match='cannot decode'):
         whole = encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), 'PNG')
-        decode.decode(whole[:len(whole) // 2], 3)  # header fine, pixels cut
+        decode.decode(whole[: len(whole) // 2], 3)  # header fine, pixels cut
 
 
 # ------------------------------------------------------------------------------------------
 # colour modes: identical on the folder and tfds paths, each checked against its pixels
 
+
 def _smooth(h=32, w=32):
     y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (h + w - 2)],
-                    -1).astype(np.uint8)
+    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (h + w - 2)], -1).astype(np.uint8)
 
 
 def colour_cases():
@@ -194,8 +196,9 @@ def test_colour_modes_identical_on_folder_and_tfds_paths(tmp_path, channels):
         # the extension list matters for the folder scan: give each its real one
         ext = '.png' if name.endswith('png') else '.jpg'
         (tmp_path / 'folder' / name / 'x.img').rename(tmp_path / 'folder' / name / f'x{ext}')
-    tfds_writer.write_dataset(tmp_path / 'tfds', 'colour_cases',
-                              {'train': [(cases[n][0], i) for i, n in enumerate(names)]}, len(names))
+    tfds_writer.write_dataset(
+        tmp_path / 'tfds', 'colour_cases', {'train': [(cases[n][0], i) for i, n in enumerate(names)]}, len(names)
+    )
     common = dict(image_size=32, channels=channels, normalize='none', eval_crop_pct=1.0, prefetch=0)
     cfg = data.default_data_config()
     cfg.update(name='image_folder', folder=str(tmp_path / 'folder'), **common)
@@ -216,6 +219,7 @@ def test_colour_modes_identical_on_folder_and_tfds_paths(tmp_path, channels):
 # ------------------------------------------------------------------------------------------
 # tfds:NAME
 
+
 @pytest.fixture(scope='module')
 def jpeg_tfds(tmp_path_factory):
     """A JPEG tfds dataset (train 12 / validation 5, 3 classes) prepared without TF."""
@@ -223,8 +227,8 @@ def jpeg_tfds(tmp_path_factory):
     rng = np.random.default_rng(0)
 
     def jpegs(n):
-        return [(encode(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)), i % 3)
-                for i in range(n)]
+        return [(encode(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)), i % 3) for i in range(n)]
+
     tfds_writer.write_dataset(root, 'my_photos', {'train': jpegs(12), 'validation': jpegs(5)}, 3)
     return str(root)
 
@@ -237,6 +241,7 @@ def tfds_cfg(data_dir, name='tfds:my_photos', **kw):
 
 def test_any_tfds_dataset_by_name(jpeg_tfds):
     import sys
+
     cfg = tfds_cfg(jpeg_tfds)
     data.validate_data_config(cfg)
     pipe = data.make_pipeline(cfg, 'train', 4, seed=0)
@@ -253,6 +258,7 @@ def test_any_tfds_dataset_by_name(jpeg_tfds):
 
 def test_tfds_records_are_read_as_bytes(jpeg_tfds):
     from cratemae.data import tfds_source
+
     source, split = tfds_source.open_split('tfds:my_photos', 'train', jpeg_tfds)
     payload, label = source[0]
     assert split == 'train' and decode.is_encoded(payload) and payload[:2] == b'\xff\xd8'
@@ -270,8 +276,9 @@ def test_tfds_keys_splits_and_names_are_checked(jpeg_tfds, tmp_path):
         data.make_pipeline(tfds_cfg(jpeg_tfds, 'tfds:surely_not_a_dataset_xyz'), 'train', 4, seed=0)
     with pytest.raises(ValueError, match='tfds:NAME or tfds:NAME:VERSION'):
         data.validate_data_config(tfds_cfg(jpeg_tfds, 'tfds:'))
-    with pytest.raises(data.DatasetNotPreparedError,
-                       match=f'python -m launch.prepare_data tfds:mnist --data_dir {tmp_path}'):
+    with pytest.raises(
+        data.DatasetNotPreparedError, match=f'python -m launch.prepare_data tfds:mnist --data_dir {tmp_path}'
+    ):
         data.make_pipeline(tfds_cfg(str(tmp_path), 'tfds:mnist'), 'train', 4, seed=0)
     assert not list(tmp_path.iterdir())  # nothing downloaded or written
 
@@ -293,6 +300,7 @@ def test_undecodable_tfds_record_is_replaced_and_logged(tmp_path, caplog):
 def test_a_prepared_dataset_copied_elsewhere_reads_the_same(jpeg_tfds, tmp_path):
     """What a pod host does with a local copy of the prepared files (docs/data.md)."""
     import shutil
+
     shutil.copytree(jpeg_tfds, tmp_path / 'copy')
     here = data.make_pipeline(tfds_cfg(jpeg_tfds), 'train', 4, seed=0).batch(2)
     there = data.make_pipeline(tfds_cfg(str(tmp_path / 'copy')), 'train', 4, seed=0).batch(2)

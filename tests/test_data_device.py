@@ -40,8 +40,9 @@ def test_uint8_batch_normalised_on_device_equals_the_host_batch(train):
         on_device = np.asarray(norm(got['image']))
         assert on_device.dtype == np.float32
         # float32 rounding: the host rounds after the multiply and after the add, XLA may fuse them (one rounding).
-        np.testing.assert_allclose(on_device, want['image'], rtol=0,
-                                   atol=4 * float(np.spacing(np.float32(np.abs(want['image']).max()))))
+        np.testing.assert_allclose(
+            on_device, want['image'], rtol=0, atol=4 * float(np.spacing(np.float32(np.abs(want['image']).max())))
+        )
         # and both are the equation, computed in float64 from the uint8 pixels
         ref = (got['image'] / 255.0 - np.array(host.info.mean)) / np.array(host.info.std)
         np.testing.assert_allclose(on_device, ref, rtol=1e-6, atol=1e-6)

@@ -15,6 +15,7 @@ from cratemae.data import embedded
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError('tests must not touch the network')
+
     monkeypatch.setattr(socket.socket, 'connect', refuse)
     monkeypatch.setattr(socket, 'getaddrinfo', refuse)
 
@@ -38,22 +39,37 @@ def mnist_cfg(**kw):
 
 def test_default_config_keys_and_validation():
     cfg = data.default_data_config()
-    for key in ('name', 'split_train', 'split_eval', 'data_dir', 'folder', 'image_size',
-                'channels', 'augment', 'crop_scale', 'hflip', 'num_workers', 'prefetch',
-                'eval_crop_pct'):
+    for key in (
+        'name',
+        'split_train',
+        'split_eval',
+        'data_dir',
+        'folder',
+        'image_size',
+        'channels',
+        'augment',
+        'crop_scale',
+        'hflip',
+        'num_workers',
+        'prefetch',
+        'eval_crop_pct',
+    ):
         assert key in cfg, key
     data.validate_data_config(cfg)
 
 
-@pytest.mark.parametrize('key,value,needle', [
-    ('name', 'imagenet', 'valid names'),
-    ('augment', 'randaug', 'augment'),
-    ('crop_scale', (0.5, 0.1), 'crop_scale'),
-    ('channels', 2, 'channels'),
-    ('image_size', 0, 'image_size'),
-    ('eval_crop_pct', 1.5, 'eval_crop_pct'),
-    ('split_train', 'validation', "splits ('train', 'test')"),
-])
+@pytest.mark.parametrize(
+    'key,value,needle',
+    [
+        ('name', 'imagenet', 'valid names'),
+        ('augment', 'randaug', 'augment'),
+        ('crop_scale', (0.5, 0.1), 'crop_scale'),
+        ('channels', 2, 'channels'),
+        ('image_size', 0, 'image_size'),
+        ('eval_crop_pct', 1.5, 'eval_crop_pct'),
+        ('split_train', 'validation', "splits ('train', 'test')"),
+    ],
+)
 def test_validate_rejects(key, value, needle):
     cfg = data.default_data_config()
     cfg[key] = value
@@ -62,8 +78,7 @@ def test_validate_rejects(key, value, needle):
 
 
 def test_unknown_dataset_lists_valid_names():
-    assert {'mnist', 'skimage_crops', 'cifar10', 'imagenet2012', 'image_folder'} <= set(
-        data.dataset_names())
+    assert {'mnist', 'skimage_crops', 'cifar10', 'imagenet2012', 'image_folder'} <= set(data.dataset_names())
     assert set(data.dataset_names()) == set(data.DATASETS)
     with pytest.raises(ValueError, match='mnist.*skimage_crops'):
         data.make_pipeline(mnist_cfg(name='nope'), 'train', 8, 0)
@@ -141,14 +156,12 @@ def test_each_epoch_is_a_permutation_and_epochs_reshuffle():
 def test_host_slices_concatenate_to_the_single_host_batch(augment):
     cfg = mnist_cfg(augment=augment)
     single = data.make_pipeline(cfg, 'train', 24, seed=1)
-    hosts = [data.make_pipeline(cfg, 'train', 24, seed=1, process_index=h, process_count=3)
-             for h in range(3)]
+    hosts = [data.make_pipeline(cfg, 'train', 24, seed=1, process_index=h, process_count=3) for h in range(3)]
     for step in (0, 5, 187):  # 187 * 24 = 4488: this batch straddles epochs 0 and 1
         parts = [h.batch(step) for h in hosts]
         assert parts[0]['image'].shape[0] == 8
         for key in ('image', 'label'):
-            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]),
-                                          single.batch(step)[key])
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), single.batch(step)[key])
 
 
 def test_global_batch_must_divide_by_hosts():
@@ -199,10 +212,10 @@ def test_eval_padding_valid_mask_and_identity_transform():
     last = pipe.batch(5)
     assert last['valid'].tolist() == [True] * (500 - 480) + [False] * 76
     np.testing.assert_array_equal(last['label'][20:40], pipe.batch(0)['label'][:20])  # wraps
-    hosts = [data.make_pipeline(cfg, 'test', 96, seed=9, process_index=h, process_count=2,
-                                train=False) for h in range(2)]
-    np.testing.assert_array_equal(np.concatenate([h.batch(5)['valid'] for h in hosts]),
-                                  last['valid'])
+    hosts = [
+        data.make_pipeline(cfg, 'test', 96, seed=9, process_index=h, process_count=2, train=False) for h in range(2)
+    ]
+    np.testing.assert_array_equal(np.concatenate([h.batch(5)['valid'] for h in hosts]), last['valid'])
     # Native size, crop_pct 1: the eval transform is the identity, so x = (u8/255 - m)/s.
     raw = embedded.load_arrays('mnist')['test_image'][:96] / 255.0
     np.testing.assert_allclose(pipe.batch(0)['image'], (raw - 0.1315) / 0.3088, atol=1e-5)
@@ -236,14 +249,14 @@ def test_digits_registered_only_with_sklearn():
     assert ('digits' in data.DATASETS) == embedded.sklearn_available()
     if not embedded.sklearn_available():
         pytest.skip('scikit-learn not installed')
-    pipe = data.make_pipeline(mnist_cfg(name='digits', image_size=8), 'test', 60, seed=0,
-                              train=False)
+    pipe = data.make_pipeline(mnist_cfg(name='digits', image_size=8), 'test', 60, seed=0, train=False)
     assert pipe.info.num_examples == 180 and pipe.info.num_classes == 10
     assert pipe.batch(0)['image'].shape == (60, 8, 8, 1)
 
 
 def test_num_workers_auto_follows_cpu_affinity_and_leaves_the_trainer_a_core(monkeypatch):
     from cratemae.data import workers
+
     assert data.default_data_config().num_workers == 'auto'
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 3, 5, 7, 9})  # e.g. taskset
     assert workers.available_cores() == 5
@@ -256,6 +269,7 @@ def test_num_workers_auto_follows_cpu_affinity_and_leaves_the_trainer_a_core(mon
 
 def test_workers_that_do_not_fit_shared_memory_are_lowered_with_a_message(caplog):
     from cratemae.data import workers
+
     mb = 1 << 20
     assert workers.fit_shm(4, batch_bytes=10 * mb, buffer=2, free=1000 * mb) == 4
     with caplog.at_level('WARNING'):
@@ -279,7 +293,9 @@ def test_num_workers_must_be_auto_or_a_count(value):
 
 def test_a_data_config_read_back_from_json_takes_a_worker_count_again():
     import json
+
     import ml_collections
+
     stored = json.loads(json.dumps(data.default_data_config().to_dict()))  # as a checkpoint keeps it
     plain = ml_collections.ConfigDict(stored)
     with pytest.raises(TypeError):

@@ -23,6 +23,7 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         NETWORK_CALLS.append(args)
         raise OSError('tests must not touch the network')
+
     monkeypatch.setattr(socket.socket, 'connect', refuse)
     monkeypatch.setattr(socket, 'getaddrinfo', refuse)
     monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
@@ -36,6 +37,7 @@ def cfg_for(name, **kw):
 
 # ------------------------------------------------------------------------------------------
 # tfds
+
 
 def test_unprepared_tfds_dataset_fails_fast_naming_the_command(tmp_path):
     cfg = cfg_for('cifar10', data_dir=str(tmp_path))
@@ -57,12 +59,19 @@ def test_unprepared_imagenet_message_mentions_manual_dir(tmp_path):
 
 class TinyImages(tfds.core.GeneratorBasedBuilder):
     """A real tfds builder that needs no TF: variable-size uint8 Tensor images."""
+
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding='zlib'),
-            'label': tfds.features.ClassLabel(num_classes=3)}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    'image': tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding='zlib'),
+                    'label': tfds.features.ClassLabel(num_classes=3),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {'train': self._generate_examples(12), 'test': self._generate_examples(5)}
@@ -94,8 +103,9 @@ def test_real_array_record_dataset_end_to_end(tiny_tfds):
         data.make_pipeline(cfg, 'validation', 4, seed=0)
     assert data.make_pipeline(cfg, 'auto', 4, seed=0, train=False).split == 'test'
     # A grain worker process opens the pickled array_record source itself.
-    with data.make_pipeline(cfg_for('tiny_images', data_dir=tiny_tfds, image_size=16,
-                                    num_workers=1), 'train', 4, seed=0).iterate(2) as it:
+    with data.make_pipeline(
+        cfg_for('tiny_images', data_dir=tiny_tfds, image_size=16, num_workers=1), 'train', 4, seed=0
+    ).iterate(2) as it:
         step, got = next(it)
     assert step == 2
     np.testing.assert_array_equal(got['image'], b['image'])
@@ -104,6 +114,7 @@ def test_real_array_record_dataset_end_to_end(tiny_tfds):
 
 # ------------------------------------------------------------------------------------------
 # launch.prepare_data (the download itself is never run here)
+
 
 def _prepare(*argv):
     return cli.run(prepare_data.main, prepare_data.FLAGS, list(argv))
@@ -151,6 +162,7 @@ def test_prepare_data_writes_array_record(monkeypatch, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 # image_folder
 
+
 def _save(path, image):
     """Writes a numpy array or PIL image, creating parent folders."""
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
@@ -166,9 +178,9 @@ def folder(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / 'imgs'
     _save(root / 'cat' / 'a.png', _noise(rng, (40, 50, 3)))
-    _save(root / 'cat' / 'b.jpg', _noise(rng, (60, 40)))                    # grey JPEG
-    _save(root / 'cat' / 'c.png', _noise(rng, (48, 48, 4)))                 # RGBA
-    _save(root / 'dog' / 'd.png', _noise(rng, (8, 6, 3)))                   # tiny: upscaled
+    _save(root / 'cat' / 'b.jpg', _noise(rng, (60, 40)))  # grey JPEG
+    _save(root / 'cat' / 'c.png', _noise(rng, (48, 48, 4)))  # RGBA
+    _save(root / 'dog' / 'd.png', _noise(rng, (8, 6, 3)))  # tiny: upscaled
     _save(root / 'dog' / 'e.gif', Image.fromarray(_noise(rng, (36, 36, 3))).convert('P'))
     (root / 'dog' / 'corrupt.jpg').write_bytes(b'this is not an image' * 10)
     (root / 'dog' / 'notes.txt').write_text('ignored: not an image extension')
@@ -185,8 +197,7 @@ def test_image_folder_classes_modes_and_skips(folder, caplog):
     b = pipe.batch(0)
     assert b['image'].shape == (5, 32, 32, 3) and np.isfinite(b['image']).all()
     assert sorted(b['label'].tolist()) == [0, 0, 0, 1, 1]
-    grey = data.make_pipeline(cfg_for('image_folder', folder=str(folder), channels=1),
-                              'auto', 4, seed=0, train=False)
+    grey = data.make_pipeline(cfg_for('image_folder', folder=str(folder), channels=1), 'auto', 4, seed=0, train=False)
     e = grey.batch(1)
     assert e['image'].shape == (4, 32, 32, 1) and e['valid'].tolist() == [True, False, False, False]
 
@@ -247,8 +258,11 @@ def test_split_layout_finds_its_eval_split_and_never_reads_splits_as_classes(spl
 
 def test_missing_folder_split_is_an_error_listing_splits_and_the_flag(split_layout):
     cfg = cfg_for('image_folder', folder=str(split_layout))
-    with pytest.raises(ValueError, match=r"no split folder 'test'.*\['train', 'validation'\]"
-                                         r".*--config.data.split_eval"):
+    with pytest.raises(
+        ValueError,
+        match=r"no split folder 'test'.*\['train', 'validation'\]"
+        r".*--config.data.split_eval",
+    ):
         data.make_pipeline(cfg, 'test', 4, seed=0, train=False)
     (split_layout / 'validation').rename(split_layout / 'holdout')
     with pytest.raises(ValueError, match='no evaluation split.*split_eval'):
@@ -269,8 +283,9 @@ def test_a_folder_gone_bad_raises_in_the_consumer(tmp_path, prefetch):
     rng = np.random.default_rng(4)
     for i in range(3):
         _save(tmp_path / f'{i}.png', _noise(rng, (20, 20, 3)))
-    pipe = data.make_pipeline(cfg_for('image_folder', folder=str(tmp_path), image_size=16,
-                                      prefetch=prefetch), 'train', 2, seed=0)
+    pipe = data.make_pipeline(
+        cfg_for('image_folder', folder=str(tmp_path), image_size=16, prefetch=prefetch), 'train', 2, seed=0
+    )
     for i in range(3):
         (tmp_path / f'{i}.png').unlink()  # every file vanishes after the scan
     with pytest.raises(ValueError, match='16 consecutive records from index'):

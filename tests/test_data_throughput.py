@@ -22,8 +22,14 @@ def test_jpegs_look_like_imagenet_files():
 
 
 def test_one_json_line_per_mode_with_rates_and_cores_needed(capsys):
-    assert cli.run(benchmark_data.main, benchmark_data.FLAGS, ['--images=8', '--batch=4', '--steps=1', '--size=32',
-                                                               '--workers=0']) == 0
+    assert (
+        cli.run(
+            benchmark_data.main,
+            benchmark_data.FLAGS,
+            ['--images=8', '--batch=4', '--steps=1', '--size=32', '--workers=0'],
+        )
+        == 0
+    )
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r['mode'] for r in records] == ['folder', 'tfds_jpeg']
     for r in records:

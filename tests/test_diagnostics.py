@@ -72,7 +72,7 @@ def test_split_heads_takes_contiguous_column_blocks():
 
 def _u_blocks(kernel, heads):
     d = kernel.shape[0]
-    return [kernel[:, k * (d // heads):(k + 1) * (d // heads)] for k in range(heads)]
+    return [kernel[:, k * (d // heads) : (k + 1) * (d // heads)] for k in range(heads)]
 
 
 def test_coding_rate_in_subspaces_equals_orthonormalised_n_by_n_form():
@@ -93,16 +93,23 @@ def test_paper_variant_ignores_how_u_stretches_its_subspaces_and_sees_token_norm
     y = rng.normal(size=(1, n, d))
     # U_k -> U_k M_k (an invertible h x h mix of its columns) keeps span(U_k): the paper variant is unchanged, the
     # reference's measure (non-orthonormal U, normalised tokens) is not.
-    mix = np.kron(np.eye(heads), np.array([[1.0, 0.0, 0.0, 0.0], [5.0, 0.1, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0],
-                                           [0.0, 0.0, 0.0, 0.2]]))
+    mix = np.kron(
+        np.eye(heads),
+        np.array([[1.0, 0.0, 0.0, 0.0], [5.0, 0.1, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0], [0.0, 0.0, 0.0, 0.2]]),
+    )
     stretched = kernel @ mix
     rate = lambda k: dg.coding_rate_in_subspaces(dg.split_heads(y @ k, heads), dg.subspace_gram(k, heads))  # noqa
     np.testing.assert_allclose(rate(stretched), rate(kernel), rtol=1e-4)
     ref_rate = lambda k: dg.coding_rate(dg.split_heads(y @ k, heads))  # noqa: E731
     assert abs(float(ref_rate(stretched)[0]) - float(ref_rate(kernel)[0])) > 1.0
     # Shrinking every token lowers the paper variant (the reference's normalisation hides it).
-    assert float(rate(kernel)[0]) - float(dg.coding_rate_in_subspaces(
-        dg.split_heads(0.1 * y @ kernel, heads), dg.subspace_gram(kernel, heads))[0]) > 1.0
+    assert (
+        float(rate(kernel)[0])
+        - float(
+            dg.coding_rate_in_subspaces(dg.split_heads(0.1 * y @ kernel, heads), dg.subspace_gram(kernel, heads))[0]
+        )
+        > 1.0
+    )
     np.testing.assert_allclose(ref_rate(kernel), dg.coding_rate(dg.split_heads(0.1 * y @ kernel, heads)), rtol=1e-5)
 
 
@@ -159,9 +166,7 @@ def test_batch_mean_std_weights_valid_samples():
 
 
 def test_flatten_for_logging():
-    flat = dg.flatten_for_logging(
-        {'mssa_effect': np.array([1.0, 2.0]), 'mssa_effect_std': np.array([0.1, 0.2])}
-    )
+    flat = dg.flatten_for_logging({'mssa_effect': np.array([1.0, 2.0]), 'mssa_effect_std': np.array([0.1, 0.2])})
     assert flat == {'whitebox/mssa_effect/layer_00': 1.0, 'whitebox/mssa_effect/layer_01': 2.0}
     assert len(dg.flatten_for_logging({'x_std': np.zeros(3)}, include_std=True)) == 3
 

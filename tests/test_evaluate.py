@@ -23,8 +23,8 @@ from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
 from cratemae.train import engine
 from cratemae.train import finetune
-from experiments import downstream
 from experiments import base
+from experiments import downstream
 from launch import cli
 from launch import probe as probe_cli
 
@@ -57,10 +57,18 @@ def _equal(a, b):
 @pytest.mark.slow  # the real command in a subprocess
 def test_export_cli_round_trip(workdir, tmp_path):
     out = tmp_path / 'encoder.safetensors'
-    cmd = [sys.executable, '-m', 'launch.export', f'--workdir={workdir}', '--format=safetensors', f'--out={out}',
-           '--encoder-only']
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    cmd = [
+        sys.executable,
+        '-m',
+        'launch.export',
+        f'--workdir={workdir}',
+        '--format=safetensors',
+        f'--out={out}',
+        '--encoder-only',
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu')
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'step 2' in result.stdout
     state_dict, metadata = export.load_state_dict(out)
@@ -93,14 +101,17 @@ def test_features_of_uint8_batches_equal_those_of_host_normalised_batches(workdi
     float32 host-normalised pipeline within float32 rounding (and 'pixels' is the normalised image itself)."""
     ckpt = checkpoints.load(workdir)
     mesh = features.sharding.make_mesh()
-    pipes = [data.make_pipeline(test_split, split='test', global_batch=64, seed=0, train=False, uint8=u8)
-             for u8 in (False, True)]
-    (x_host, y_host), (x_dev, y_dev) = (features.extract(ckpt.model_config, ckpt.params, p, feature, mesh)
-                                        for p in pipes)
+    pipes = [
+        data.make_pipeline(test_split, split='test', global_batch=64, seed=0, train=False, uint8=u8)
+        for u8 in (False, True)
+    ]
+    (x_host, y_host), (x_dev, y_dev) = (
+        features.extract(ckpt.model_config, ckpt.params, p, feature, mesh) for p in pipes
+    )
     np.testing.assert_array_equal(y_dev, y_host)
     np.testing.assert_allclose(x_dev, x_host, rtol=1e-5, atol=1e-5)
     if feature == 'pixels':
-        u8 = np.concatenate([pipes[1].batch(i)['image'] for i in range(pipes[1].num_batches)])[:len(x_dev)]
+        u8 = np.concatenate([pipes[1].batch(i)['image'] for i in range(pipes[1].num_batches)])[: len(x_dev)]
         ref = (u8 / 255.0 - np.array(pipes[1].info.mean)) / np.array(pipes[1].info.std)
         np.testing.assert_allclose(x_dev, ref.reshape(len(ref), -1), rtol=1e-6, atol=1e-5)
 
@@ -175,22 +186,30 @@ def test_probe_refuses_unlabelled_and_unprepared_datasets(workdir, tmp_path, cap
     cfg.update(name='image_folder', folder=str(folder), image_size=28, augment='none')
     with pytest.raises(ValueError, match='no labels'):
         features.split_features(checkpoints.load(workdir), cfg, 'train', 'cls', use_cache=False)
-    assert cli.run(probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--dataset=cifar10',
-                                                     f'--data_dir={tmp_path}', f'--cache_dir={tmp_path}']) == 2
+    assert (
+        cli.run(
+            probe_cli.main,
+            probe_cli.FLAGS,
+            [f'--checkpoint={workdir}', '--dataset=cifar10', f'--data_dir={tmp_path}', f'--cache_dir={tmp_path}'],
+        )
+        == 2
+    )
     assert 'launch.prepare_data cifar10' in capsys.readouterr().err
 
 
 def test_probe_splits_of_a_train_validation_folder_are_found_and_checked(workdir, tmp_path, capsys):
     """The reported bug: DIR/train/<class>/ + DIR/validation/<class>/ evaluated on the training images."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
     import dataclasses  # pylint: disable=import-outside-toplevel
+
+    from PIL import Image  # pylint: disable=import-outside-toplevel
 
     for split in ('train', 'validation'):
         for cls in ('a', 'b'):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(np.full((28, 28), 30 * i + (100 if cls == 'b' else 0), np.uint8)).save(
-                    tmp_path / split / cls / f'{i}.png')
+                    tmp_path / split / cls / f'{i}.png'
+                )
     cfg = data.default_data_config()
     cfg.update(name='image_folder', folder=str(tmp_path), image_size=28, channels=1)
     ckpt = dataclasses.replace(checkpoints.load(workdir), data_config=cfg)
@@ -200,14 +219,29 @@ def test_probe_splits_of_a_train_validation_folder_are_found_and_checked(workdir
     assert len(test.y) == 6 and test.num_classes == 2  # a, b: not train / validation
     with pytest.raises(ValueError, match="no split folder 'test'.*split_eval"):
         features.probe_data_config(ckpt, split_eval='test')
-    assert cli.run(probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--split_eval=nope',
-                                                     f'--cache_dir={tmp_path}']) == 2
+    assert (
+        cli.run(
+            probe_cli.main, probe_cli.FLAGS, [f'--checkpoint={workdir}', '--split_eval=nope', f'--cache_dir={tmp_path}']
+        )
+        == 2
+    )
     assert "split_eval='nope': mnist has splits" in capsys.readouterr().err
 
 
 def test_finetune_split_flags_are_checked_before_anything_is_built():
-    proc = subprocess.run([sys.executable, '-m', 'launch.finetune', '--config=experiments/registry.py:finetune_mnist',
-                           '--split_eval=nope'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'launch.finetune',
+            '--config=experiments/registry.py:finetune_mnist',
+            '--split_eval=nope',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "mnist has no split 'nope'" in proc.stderr and '--config.data.split_eval' in proc.stderr
 
@@ -217,8 +251,9 @@ def test_finetune_split_flags_are_checked_before_anything_is_built():
 
 
 def _finetune_config(checkpoint, **model):
-    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
-                                        batch=16, image_size=28)
+    config = downstream.finetune_config(
+        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28
+    )
     config.model.update(model)
     config.data.update(crop_scale=(0.6, 1.0), hflip=False)
     config.optim.base_lr = 1e-3
@@ -269,8 +304,14 @@ def test_finetune_resumes_bit_exactly_after_sigkill(workdir, finetuned, tmp_path
     config_file, out = tmp_path / 'config.pkl', tmp_path / 'killed'
     config_file.write_bytes(pickle.dumps(_finetune_config(workdir)))
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='/tmp/cratemae_jax_cache')  # 8 CPU devices, as here
-    killed = subprocess.run([sys.executable, '-c', _KILLED_CHILD, str(config_file), str(out)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, '-c', _KILLED_CHILD, str(config_file), str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(int(p.name) for p in (out / 'checkpoints').iterdir() if p.name.isdigit()) == [2]
     resumed = finetune.finetune_and_evaluate(_finetune_config(workdir), str(out))

@@ -2,6 +2,7 @@
 
 The expected key/shape table below is written independently from the spec (§1, §2.10), not from export.py.
 """
+
 import os
 
 import jax
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 import experiments
-from cratemae import export, models, ops
+from cratemae import export
+from cratemae import models
+from cratemae import ops
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -51,33 +54,66 @@ def tiny(tiny_fresh):
 
 def _spec_table(d, depth, dec_depth, p=16, c=3, n=197):
     """{torch key: shape} of the reference MAE_CRATE state dict, docs/model.md §2.10."""
-    t = {'patch_embed.proj.weight': (d, c, p, p), 'patch_embed.proj.bias': (d,), 'cls_token': (1, 1, d),
-         'mask_token': (1, 1, d), 'pos_embed': (1, n, d), 'decoder_pos_embed': (1, n, d),
-         'norm.weight': (d,), 'norm.bias': (d,), 'decoder_embed.weight': (d, d), 'decoder_embed.bias': (d,),
-         'decoder_norm.weight': (d,), 'decoder_norm.bias': (d,),
-         'decoder_pred.weight': (p * p * c, d), 'decoder_pred.bias': (p * p * c,)}
+    t = {
+        'patch_embed.proj.weight': (d, c, p, p),
+        'patch_embed.proj.bias': (d,),
+        'cls_token': (1, 1, d),
+        'mask_token': (1, 1, d),
+        'pos_embed': (1, n, d),
+        'decoder_pos_embed': (1, n, d),
+        'norm.weight': (d,),
+        'norm.bias': (d,),
+        'decoder_embed.weight': (d, d),
+        'decoder_embed.bias': (d,),
+        'decoder_norm.weight': (d,),
+        'decoder_norm.bias': (d,),
+        'decoder_pred.weight': (p * p * c, d),
+        'decoder_pred.bias': (p * p * c,),
+    }
     for i in range(depth):
         b = f'blocks.{i}.layers.0.'
-        t.update({b + '0.norm.weight': (d,), b + '0.norm.bias': (d,), b + '0.fn.qkv.weight': (d, d),
-                  b + '0.fn.to_out.0.weight': (d, d), b + '0.fn.to_out.0.bias': (d,),
-                  b + '1.norm.weight': (d,), b + '1.norm.bias': (d,), b + '1.fn.weight': (d, d)})
+        t.update(
+            {
+                b + '0.norm.weight': (d,),
+                b + '0.norm.bias': (d,),
+                b + '0.fn.qkv.weight': (d, d),
+                b + '0.fn.to_out.0.weight': (d, d),
+                b + '0.fn.to_out.0.bias': (d,),
+                b + '1.norm.weight': (d,),
+                b + '1.norm.bias': (d,),
+                b + '1.fn.weight': (d, d),
+            }
+        )
     for i in range(dec_depth):
         b = f'decoder_blocks.{i}.layers.0.'
-        t.update({b + '0.norm.weight': (d,), b + '0.norm.bias': (d,), b + '0.fn.weight': (d, d),
-                  b + '1.norm.weight': (d,), b + '1.norm.bias': (d,), b + '1.fn.qkv.weight': (d, d),
-                  b + '1.fn.to_out.0.weight': (d, d), b + '1.fn.to_out.0.bias': (d,)})
+        t.update(
+            {
+                b + '0.norm.weight': (d,),
+                b + '0.norm.bias': (d,),
+                b + '0.fn.weight': (d, d),
+                b + '1.norm.weight': (d,),
+                b + '1.norm.bias': (d,),
+                b + '1.fn.qkv.weight': (d, d),
+                b + '1.fn.to_out.0.weight': (d, d),
+                b + '1.fn.to_out.0.bias': (d,),
+            }
+        )
     return t
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layout.
 
-@pytest.mark.parametrize('name,d,depth,total', [
-    ('crate_mae_tiny', 384, 12, 11_555_328),
-    ('crate_mae_small', 576, 12, 25_405_824),
-    ('crate_mae_base', 768, 12, 44_638_464),
-    ('crate_mae_large', 1024, 24, 154_274_560),
-])
+
+@pytest.mark.parametrize(
+    'name,d,depth,total',
+    [
+        ('crate_mae_tiny', 384, 12, 11_555_328),
+        ('crate_mae_small', 576, 12, 25_405_824),
+        ('crate_mae_base', 768, 12, 44_638_464),
+        ('crate_mae_large', 1024, 24, 154_274_560),
+    ],
+)
 def test_keys_and_shapes_equal_the_reference(name, d, depth, total):
     cfg = _model_config(name)
     sd = export.to_reference_state_dict(_init(cfg, abstract=True), cfg)
@@ -93,8 +129,16 @@ def test_keys_and_shapes_equal_the_reference(name, d, depth, total):
 def test_key_order_follows_the_reference_state_dict():
     cfg = _model_config('crate_mae_base')
     keys = list(export.reference_shapes(cfg))
-    assert keys[:8] == ['cls_token', 'pos_embed', 'mask_token', 'decoder_pos_embed', 'patch_embed.proj.weight',
-                        'patch_embed.proj.bias', 'blocks.0.layers.0.0.norm.weight', 'blocks.0.layers.0.0.norm.bias']
+    assert keys[:8] == [
+        'cls_token',
+        'pos_embed',
+        'mask_token',
+        'decoder_pos_embed',
+        'patch_embed.proj.weight',
+        'patch_embed.proj.bias',
+        'blocks.0.layers.0.0.norm.weight',
+        'blocks.0.layers.0.0.norm.bias',
+    ]
     assert keys[-2:] == ['decoder_pred.weight', 'decoder_pred.bias']
 
 
@@ -102,8 +146,9 @@ def test_encoder_only_keys():
     cfg = _model_config('crate_mae_base')
     sd = export.to_reference_state_dict(_init(cfg, abstract=True), cfg, encoder_only=True)
     full = _spec_table(768, 12, 12)
-    expected = {k: s for k, s in full.items()
-                if not k.startswith(('decoder', 'decoder_blocks.')) and k != 'decoder_pos_embed'}
+    expected = {
+        k: s for k, s in full.items() if not k.startswith(('decoder', 'decoder_blocks.')) and k != 'decoder_pos_embed'
+    }
     assert {k: v.shape for k, v in sd.items()} == expected
     assert 'mask_token' in sd and 'pos_embed' in sd and 'norm.weight' in sd
 
@@ -139,6 +184,7 @@ def test_unsupported_architectures_are_refused():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Round trips.
+
 
 def _assert_trees_equal(a, b, dtype=np.float32):
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -203,8 +249,11 @@ def test_file_round_trip(tmp_path, tiny, suffix, dtype):
     assert rebuilt.to_dict() == cfg.to_dict()
     assert jax.tree.map(np.shape, _init(rebuilt, abstract=True)) == jax.tree.map(np.shape, p)
     back = export.from_reference_state_dict(loaded, rebuilt, dtype=None)
-    _assert_trees_equal(jax.tree.map(lambda x: np.asarray(x).astype(loaded['cls_token'].dtype), p), back,
-                        dtype=loaded['cls_token'].dtype)
+    _assert_trees_equal(
+        jax.tree.map(lambda x: np.asarray(x).astype(loaded['cls_token'].dtype), p),
+        back,
+        dtype=loaded['cls_token'].dtype,
+    )
 
 
 def test_metadata_must_be_strings(tmp_path, tiny):
@@ -216,12 +265,16 @@ def test_metadata_must_be_strings(tmp_path, tiny):
 # ----------------------------------------------------------------------------------------------------------------
 # Errors.
 
+
 def test_wrong_architecture_errors_name_keys_and_shapes(tiny):
     cfg, p = tiny
     sd = export.to_reference_state_dict(p, cfg)
     fewer_layers = _model_config('crate_mae_test', decoder_depth=2)
-    with pytest.raises(ValueError, match=r'Unexpected keys \(8\): decoder_blocks\.2\.layers\.0\.0\.norm\.weight'
-                                         r'.*3 decoder blocks'):
+    with pytest.raises(
+        ValueError,
+        match=r'Unexpected keys \(8\): decoder_blocks\.2\.layers\.0\.0\.norm\.weight'
+        r'.*3 decoder blocks',
+    ):
         export.from_reference_state_dict(sd, fewer_layers)
     wider = _model_config('crate_mae_test', width=64, decoder_width=64, decoder_depth=3)
     with pytest.raises(ValueError, match=r'Mismatched shapes .*cls_token \(expected \(1, 1, 64\), got \(1, 1, 32\)\)'):
@@ -260,7 +313,7 @@ def test_truncated_and_missing_files(tmp_path, tiny, suffix):
     save = export.save_safetensors if suffix == '.safetensors' else export.save_npz
     save(path, export.to_reference_state_dict(p, cfg), export.make_metadata(cfg))
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f'{path}.*truncated or corrupt'):
         export.load_state_dict(path)
     with pytest.raises(FileNotFoundError, match='nothing'):

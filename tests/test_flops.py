@@ -1,4 +1,5 @@
 """Tests for cratemae.flops: hand figures for Base, and XLA's cost analysis of plain-jnp blocks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +8,21 @@ import pytest
 from cratemae import flops
 from cratemae import models
 
-BASE = {'image_size': 224, 'patch_size': 16, 'channels': 3, 'encoder_block': 'crate',
-        'decoder_block': 'crate', 'width': 768, 'depth': 12, 'heads': 12, 'decoder_width': 768,
-        'decoder_depth': 12, 'decoder_heads': 12, 'mask_ratio': 0.75,
-        'encoder_sees_mask_tokens': True}
+BASE = {
+    'image_size': 224,
+    'patch_size': 16,
+    'channels': 3,
+    'encoder_block': 'crate',
+    'decoder_block': 'crate',
+    'width': 768,
+    'depth': 12,
+    'heads': 12,
+    'decoder_width': 768,
+    'decoder_depth': 12,
+    'decoder_heads': 12,
+    'mask_ratio': 0.75,
+    'encoder_sees_mask_tokens': True,
+}
 
 
 def test_base_hand_figures():
@@ -22,15 +34,21 @@ def test_base_hand_figures():
     enc = sum(v for k, v in flops.forward_breakdown(BASE).items() if k.startswith('encoder/'))
     assert enc == 12 * 2 * (5 * n * d * d + 2 * n * n * d)
     # FAIR MAE-Base (visible-only ViT encoder, dec512d8b): 58.5 GFLOP per train step (docs/model.md §8.12).
-    fair = dict(BASE, encoder_block='vit', decoder_block='vit', decoder_width=512,
-                decoder_depth=8, encoder_sees_mask_tokens=False)
+    fair = dict(
+        BASE,
+        encoder_block='vit',
+        decoder_block='vit',
+        decoder_width=512,
+        decoder_depth=8,
+        encoder_sees_mask_tokens=False,
+    )
     np.testing.assert_allclose(flops.train_flops(fair), 58.5e9, rtol=0.01)
 
 
 def test_mask_awareness_and_fused_ista():
     visible = dict(BASE, encoder_sees_mask_tokens=False)
     assert flops.token_counts(visible) == (196, 50, 197)
-    assert flops.token_counts(visible, mask_ratio=0.9) == (196, 20, 197)   # int(19.6) + 1
+    assert flops.token_counts(visible, mask_ratio=0.9) == (196, 20, 197)  # int(19.6) + 1
     assert flops.token_counts(BASE) == (196, 197, 197)
     assert flops.forward_flops(visible) < flops.forward_flops(BASE)
     assert 'decoder_embed' in flops.forward_breakdown(visible)
@@ -50,8 +68,7 @@ def test_mfu_and_peak_table():
     assert flops.peak_flops('cpu') is None
     # The H200 anchor of docs/performance.md: 2,388 img/s on one H200 at 76.7 GFLOP/img is 18.6% MFU.
     step_s = 256 / 2388
-    np.testing.assert_allclose(
-        flops.mfu(flops.train_flops(BASE) * 256, step_s, 'NVIDIA H200', 1), 0.186, atol=0.002)
+    np.testing.assert_allclose(flops.mfu(flops.train_flops(BASE) * 256, step_s, 'NVIDIA H200', 1), 0.186, atol=0.002)
     assert flops.mfu(1e9, 1.0, 'cpu', 8) is None
     assert flops.mfu(1e9, 1.0, 'cpu', 1, peak=1e10) == pytest.approx(0.1)
 
@@ -86,8 +103,9 @@ def _xla_flops(f, *args):
     return (cost[0] if isinstance(cost, list) else cost)['flops']
 
 
-@pytest.mark.parametrize('kind,block', [('crate_encoder', _crate_encoder_block),
-                                        ('crate_decoder', _crate_decoder_block)])
+@pytest.mark.parametrize(
+    'kind,block', [('crate_encoder', _crate_encoder_block), ('crate_decoder', _crate_decoder_block)]
+)
 def test_block_against_xla_cost_analysis(kind, block):
     n, d = 65, 128
     keys = jax.random.split(jax.random.key(0), 6)
@@ -107,17 +125,38 @@ def test_block_against_xla_cost_analysis(kind, block):
 
 
 @pytest.mark.slow  # compiles a whole model forward and backward twice
-@pytest.mark.parametrize('overrides', [
-    # reference CRATE-MAE with an unrolled scan
-    {'depth': 2, 'decoder_depth': 2, 'scan_unroll': 2},
-    # visible-only ViT encoder, decoder_embed, CRATE decoder of another width
-    {'depth': 1, 'decoder_depth': 1, 'encoder_sees_mask_tokens': False, 'encoder_block': 'vit',
-     'decoder_width': 64, 'decoder_heads': 2},
-])
+@pytest.mark.parametrize(
+    'overrides',
+    [
+        # reference CRATE-MAE with an unrolled scan
+        {'depth': 2, 'decoder_depth': 2, 'scan_unroll': 2},
+        # visible-only ViT encoder, decoder_embed, CRATE decoder of another width
+        {
+            'depth': 1,
+            'decoder_depth': 1,
+            'encoder_sees_mask_tokens': False,
+            'encoder_block': 'vit',
+            'decoder_width': 64,
+            'decoder_heads': 2,
+        },
+    ],
+)
 def test_model_against_xla_cost_analysis(overrides):
     cfg = models.default_model_config()
-    cfg.update(dict({'image_size': 32, 'patch_size': 4, 'channels': 3, 'width': 128, 'heads': 4,
-                         'decoder_width': 128, 'decoder_heads': 4}, **overrides))
+    cfg.update(
+        dict(
+            {
+                'image_size': 32,
+                'patch_size': 4,
+                'channels': 3,
+                'width': 128,
+                'heads': 4,
+                'decoder_width': 128,
+                'decoder_heads': 4,
+            },
+            **overrides,
+        )
+    )
     model, batch = models.build(cfg), 2
     images = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
     noise = jax.random.uniform(jax.random.key(1), (batch, 64))

@@ -56,8 +56,17 @@ def test_inspect_workdir_all_steps(run, tmp_path):
     argv = ['--checkpoint', workdir, '--out', out, '--all-steps', '--random-init', '--image-ids', '3,1', '--paper']
     assert _inspect(argv + _COMMON) == 0
     summary = _summary(out)
-    expected = ['layerwise.png', 'mssa_ista.png', 'mssa_ista_paper.png', 'sparsity_inversion.png',
-                'attention_layers.png', 'attention_heads.png', 'pca.png', 'pca_reference.png', 'reconstructions.png']
+    expected = [
+        'layerwise.png',
+        'mssa_ista.png',
+        'mssa_ista_paper.png',
+        'sparsity_inversion.png',
+        'attention_layers.png',
+        'attention_heads.png',
+        'pca.png',
+        'pca_reference.png',
+        'reconstructions.png',
+    ]
     assert summary['files'] == expected
     for name in expected:
         assert 0 < os.path.getsize(os.path.join(out, name)) < 150_000, name
@@ -104,8 +113,20 @@ def test_encoder_only_export_and_a_wrong_size_image(run, tmp_path, capsys):
     picture = str(tmp_path / 'digit.png')
     Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)).save(picture)
     out = str(tmp_path / 'out')
-    argv = ['--checkpoint', path, '--out', out, '--image-files', picture, '--layers', '1', '--heads', '0,mean',
-            '--pca', 'reference']
+    argv = [
+        '--checkpoint',
+        path,
+        '--out',
+        out,
+        '--image-files',
+        picture,
+        '--layers',
+        '1',
+        '--heads',
+        '0,mean',
+        '--pca',
+        'reference',
+    ]
     assert _inspect(argv + _COMMON) == 0
     printed = capsys.readouterr().out
     assert 'skipped reconstructions.png' in printed and '30x40 resized to the model input 28x28' in printed
@@ -117,8 +138,10 @@ def test_encoder_only_export_and_a_wrong_size_image(run, tmp_path, capsys):
 
 def test_multi_word_flags_take_either_spelling():
     parsed = []
-    for argv in (['--checkpoint=c', '--out=o', '--random-init', '--mask-ratios=0.5', '--all-steps', '--image-ids=3'],
-                 ['--checkpoint=c', '--out=o', '--random_init', '--mask_ratios=0.5', '--all_steps', '--image_ids=3']):
+    for argv in (
+        ['--checkpoint=c', '--out=o', '--random-init', '--mask-ratios=0.5', '--all-steps', '--image-ids=3'],
+        ['--checkpoint=c', '--out=o', '--random_init', '--mask_ratios=0.5', '--all_steps', '--image_ids=3'],
+    ):
         cli.parse(inspect_cli.FLAGS, ['prog'] + argv)
         parsed.append(inspect_cli.options())
     assert parsed[0] == parsed[1] and parsed[0].random_init and parsed[0].mask_ratios == (0.5,)

@@ -1,14 +1,14 @@
 """Tests for cratemae.metrics: JSONL rows, TensorBoard events, images, throughput."""
+
 import json
 import logging
 import struct
 import sys
 import time
 
-import pytest
-
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tensorboardX.proto import event_pb2
 
 from cratemae import metrics
@@ -21,9 +21,9 @@ def _read_events(logdir):
         data = f.read_bytes()
         i = 0
         while i < len(data):
-            (n,) = struct.unpack('<Q', data[i:i + 8])   # length, then its masked crc32c
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4                               # payload, then its masked crc32c
+            (n,) = struct.unpack('<Q', data[i : i + 8])  # length, then its masked crc32c
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4  # payload, then its masked crc32c
             for v in event.summary.value:
                 out.append((event.step, v.tag, v.simple_value, v.HasField('image')))
     return out
@@ -34,12 +34,10 @@ def test_scalars_jsonl_and_tensorboard(tmp_path):
     w.write_scalars(1, {'train/loss': jnp.float32(0.5), 'lr': np.float64(1e-3), 'n': 3})
     w.write_scalars(2, {'train/loss': jnp.array(0.25)})
     w.update(2, loss=jnp.float32(0.25))
-    w.write_images(2, {'recon': np.random.rand(8, 8, 3), 'gray': np.zeros((8, 8), np.uint8)},
-                   png=True)
+    w.write_images(2, {'recon': np.random.rand(8, 8, 3), 'gray': np.zeros((8, 8), np.uint8)}, png=True)
     w.close()
     rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-    assert rows == [{'step': 1, 'train/loss': 0.5, 'lr': 1e-3, 'n': 3.0},
-                    {'step': 2, 'train/loss': 0.25}]
+    assert rows == [{'step': 1, 'train/loss': 0.5, 'lr': 1e-3, 'n': 3.0}, {'step': 2, 'train/loss': 0.25}]
     events = _read_events(tmp_path / 'tensorboard')
     assert (1, 'train/loss', 0.5, False) in events
     assert (2, 'train/loss', 0.25, False) in events
@@ -62,10 +60,15 @@ def test_resume_appends_and_disabled_writes_nothing(tmp_path):
 
 
 def test_read_scalars_keeps_the_last_row_of_a_step_written_twice(tmp_path):
-    (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n'
-                                            '{"step": 4, "loss": 0.25, "eval/x": 3}\n{"step": 3, "loss": 0.75}\n')
-    assert metrics.read_scalars(tmp_path) == [{'step': 2, 'loss': 1.0}, {'step': 3, 'loss': 0.75},
-                                              {'step': 4, 'loss': 0.25, 'eval/x': 3}]
+    (tmp_path / 'metrics.jsonl').write_text(
+        '{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n'
+        '{"step": 4, "loss": 0.25, "eval/x": 3}\n{"step": 3, "loss": 0.75}\n'
+    )
+    assert metrics.read_scalars(tmp_path) == [
+        {'step': 2, 'loss': 1.0},
+        {'step': 3, 'loss': 0.75},
+        {'step': 4, 'loss': 0.25, 'eval/x': 3},
+    ]
 
 
 def test_progress_off_a_terminal_is_one_line_per_write_not_bar_redraws(tmp_path, capsys, caplog, monkeypatch):
@@ -91,7 +94,7 @@ def test_throughput_and_core_hours():
     s = tp.measure(110)
     total = time.perf_counter() - t0
     busy = s['step_time_s'] * 10
-    assert 0.05 <= busy <= total - 0.05                # the excluded 50 ms is not training time
+    assert 0.05 <= busy <= total - 0.05  # the excluded 50 ms is not training time
     np.testing.assert_allclose(s['img_per_s'], 640 / (s['step_time_s'] * 10))
     np.testing.assert_allclose(s['img_per_s_per_device'], s['img_per_s'] / 8)
     assert 2.0 + 8 * 0.1 / 3600 <= s['core_hours'] <= 2.0 + 8 * total / 3600
@@ -106,4 +109,3 @@ def test_busy_cpu_seconds_grows_while_this_process_computes():
     while time.process_time() < deadline:
         pass
     assert metrics.busy_cpu_seconds() - before >= 0.2
-

@@ -1,4 +1,5 @@
 """Bad inputs to the model fail with a ValueError naming the expected shape or dtype, before the layers trace."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +17,14 @@ def model_and_params():
     return model, params
 
 
-@pytest.mark.parametrize('shape,message', [
-    ((2, 32, 32, 1), r'\(batch, 28, 28, 1\)'),
-    ((2, 28, 28, 3), r'\(batch, 28, 28, 1\)'),
-    ((28, 28, 1), r'got \(28, 28, 1\)'),
-])
+@pytest.mark.parametrize(
+    'shape,message',
+    [
+        ((2, 32, 32, 1), r'\(batch, 28, 28, 1\)'),
+        ((2, 28, 28, 3), r'\(batch, 28, 28, 1\)'),
+        ((28, 28, 1), r'got \(28, 28, 1\)'),
+    ],
+)
 def test_wrong_image_shape_names_the_expected_shape(model_and_params, shape, message):
     model, params = model_and_params
     with pytest.raises(ValueError, match=message):

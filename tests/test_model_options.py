@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import experiments
+from cratemae import benchmark
 from cratemae import models
 from cratemae import ops
 from cratemae import sharding
-from cratemae import benchmark
 
 F32_RTOL = 1e-5  # float32 reassociation; measured <= 5e-7 on these shapes
 
@@ -91,12 +91,16 @@ def _compare(option, rtol, **arch):
 
 # Each case is one XLA compile of forward + backward; the options are paired so that every value is covered once.
 @pytest.mark.slow  # compiles a train step per option
-@pytest.mark.parametrize('option', [
-    {'attention': 'dot_product_attention', 'remat': 'full', 'scan_unroll': 2},
-    {'attention': 'dot_product_attention', 'attention_pad': 64, 'remat': 'dots_saveable', 'scan_unroll': 3},
-    {'attention': 'dot_product_attention', 'attention_pad': 8, 'remat': 'dots_with_no_batch_dims_saveable'},
-    {'fused_ista': True},
-], ids=['dpa-full-unroll2', 'dpa-pad64-dots-unroll3', 'dpa-pad8-dotsnobatch', 'fused-ista'])
+@pytest.mark.parametrize(
+    'option',
+    [
+        {'attention': 'dot_product_attention', 'remat': 'full', 'scan_unroll': 2},
+        {'attention': 'dot_product_attention', 'attention_pad': 64, 'remat': 'dots_saveable', 'scan_unroll': 3},
+        {'attention': 'dot_product_attention', 'attention_pad': 8, 'remat': 'dots_with_no_batch_dims_saveable'},
+        {'fused_ista': True},
+    ],
+    ids=['dpa-full-unroll2', 'dpa-pad64-dots-unroll3', 'dpa-pad8-dotsnobatch', 'fused-ista'],
+)
 def test_float32_options_match_the_default_path(option):
     _compare(option, F32_RTOL)
 
@@ -104,8 +108,14 @@ def test_float32_options_match_the_default_path(option):
 @pytest.mark.slow  # compiles several models
 def test_padded_attention_in_vit_blocks_and_visible_only_encoder():
     """ViT blocks use the same padded kernel; the visible-only encoder has N_e = 13 tokens (pad 16), decoder 50."""
-    arch = {'encoder_block': 'vit', 'decoder_block': 'vit', 'encoder_sees_mask_tokens': False, 'qkv_bias': True,
-            'depth': 1, 'decoder_depth': 1}
+    arch = {
+        'encoder_block': 'vit',
+        'decoder_block': 'vit',
+        'encoder_sees_mask_tokens': False,
+        'qkv_bias': True,
+        'depth': 1,
+        'decoder_depth': 1,
+    }
     _compare({'attention': 'dot_product_attention', 'attention_pad': 16}, F32_RTOL, **arch)
 
 
@@ -157,14 +167,26 @@ def test_cudnn_option_passes_the_padded_shapes_and_key_lengths(monkeypatch):
     assert calls[0]['shape'] == (2, 197, 4, 16) and 'key_value_seq_lengths' not in calls[0]
 
 
-@pytest.mark.parametrize('overrides,message', [
-    ({'attention': 'cudnn'}, 'bfloat16'),
-    ({'attention': 'einsum', 'attention_pad': 64}, 'dot_product_attention'),
-    ({'attention': 'dot_product_attention', 'attention_pad': -1}, 'non-negative'),
-    ({'attention': 'flash'}, 'choose one of'),
-    ({'attention': 'cudnn', 'dtype': 'bfloat16', 'width': 36, 'heads': 3, 'decoder_width': 36, 'decoder_heads': 3},
-     'multiples of 8'),
-])
+@pytest.mark.parametrize(
+    'overrides,message',
+    [
+        ({'attention': 'cudnn'}, 'bfloat16'),
+        ({'attention': 'einsum', 'attention_pad': 64}, 'dot_product_attention'),
+        ({'attention': 'dot_product_attention', 'attention_pad': -1}, 'non-negative'),
+        ({'attention': 'flash'}, 'choose one of'),
+        (
+            {
+                'attention': 'cudnn',
+                'dtype': 'bfloat16',
+                'width': 36,
+                'heads': 3,
+                'decoder_width': 36,
+                'decoder_heads': 3,
+            },
+            'multiples of 8',
+        ),
+    ],
+)
 def test_invalid_attention_options_are_rejected_at_config_time(overrides, message):
     cfg = _model_config(**overrides)
     with pytest.raises(ValueError, match=message):

@@ -25,28 +25,38 @@ RTOL = 1e-5
 # Flax -> torch layout (docs/model.md §2.10, contract "Flax parameter tree").
 
 _CRATE_ENC = {  # flax path under encoder/layers -> (torch suffix under blocks.i., transpose?)
-    ('norm1', 'scale'): ('layers.0.0.norm.weight', False), ('norm1', 'bias'): ('layers.0.0.norm.bias', False),
+    ('norm1', 'scale'): ('layers.0.0.norm.weight', False),
+    ('norm1', 'bias'): ('layers.0.0.norm.bias', False),
     ('mssa', 'qkv', 'kernel'): ('layers.0.0.fn.qkv.weight', True),
     ('mssa', 'out', 'kernel'): ('layers.0.0.fn.to_out.0.weight', True),
     ('mssa', 'out', 'bias'): ('layers.0.0.fn.to_out.0.bias', False),
-    ('norm2', 'scale'): ('layers.0.1.norm.weight', False), ('norm2', 'bias'): ('layers.0.1.norm.bias', False),
+    ('norm2', 'scale'): ('layers.0.1.norm.weight', False),
+    ('norm2', 'bias'): ('layers.0.1.norm.bias', False),
     ('ista', 'dictionary'): ('layers.0.1.fn.weight', False),  # D is stored untransposed
 }
 _CRATE_DEC = {
-    ('norm1', 'scale'): ('layers.0.0.norm.weight', False), ('norm1', 'bias'): ('layers.0.0.norm.bias', False),
+    ('norm1', 'scale'): ('layers.0.0.norm.weight', False),
+    ('norm1', 'bias'): ('layers.0.0.norm.bias', False),
     ('unsparsify', 'kernel'): ('layers.0.0.fn.weight', True),
-    ('norm2', 'scale'): ('layers.0.1.norm.weight', False), ('norm2', 'bias'): ('layers.0.1.norm.bias', False),
+    ('norm2', 'scale'): ('layers.0.1.norm.weight', False),
+    ('norm2', 'bias'): ('layers.0.1.norm.bias', False),
     ('mssa', 'qkv', 'kernel'): ('layers.0.1.fn.qkv.weight', True),
     ('mssa', 'out', 'kernel'): ('layers.0.1.fn.to_out.0.weight', True),
     ('mssa', 'out', 'bias'): ('layers.0.1.fn.to_out.0.bias', False),
 }
 _VIT = {  # timm Block names
-    ('norm1', 'scale'): ('norm1.weight', False), ('norm1', 'bias'): ('norm1.bias', False),
-    ('qkv', 'kernel'): ('attn.qkv.weight', True), ('qkv', 'bias'): ('attn.qkv.bias', False),
-    ('proj', 'kernel'): ('attn.proj.weight', True), ('proj', 'bias'): ('attn.proj.bias', False),
-    ('norm2', 'scale'): ('norm2.weight', False), ('norm2', 'bias'): ('norm2.bias', False),
-    ('fc1', 'kernel'): ('mlp.fc1.weight', True), ('fc1', 'bias'): ('mlp.fc1.bias', False),
-    ('fc2', 'kernel'): ('mlp.fc2.weight', True), ('fc2', 'bias'): ('mlp.fc2.bias', False),
+    ('norm1', 'scale'): ('norm1.weight', False),
+    ('norm1', 'bias'): ('norm1.bias', False),
+    ('qkv', 'kernel'): ('attn.qkv.weight', True),
+    ('qkv', 'bias'): ('attn.qkv.bias', False),
+    ('proj', 'kernel'): ('attn.proj.weight', True),
+    ('proj', 'bias'): ('attn.proj.bias', False),
+    ('norm2', 'scale'): ('norm2.weight', False),
+    ('norm2', 'bias'): ('norm2.bias', False),
+    ('fc1', 'kernel'): ('mlp.fc1.weight', True),
+    ('fc1', 'bias'): ('mlp.fc1.bias', False),
+    ('fc2', 'kernel'): ('mlp.fc2.weight', True),
+    ('fc2', 'bias'): ('mlp.fc2.bias', False),
 }
 
 
@@ -82,8 +92,9 @@ def to_torch_layout(params, cfg):
         sd['decoder_embed.weight'] = take(('decoder_embed', 'kernel')).T
         sd['decoder_embed.bias'] = take(('decoder_embed', 'bias'))
     for part, torch_prefix, depth, kind, table in (
-            ('encoder', 'blocks', cfg.depth, cfg.encoder_block, _CRATE_ENC),
-            ('decoder', 'decoder_blocks', cfg.decoder_depth, cfg.decoder_block, _CRATE_DEC)):
+        ('encoder', 'blocks', cfg.depth, cfg.encoder_block, _CRATE_ENC),
+        ('decoder', 'decoder_blocks', cfg.decoder_depth, cfg.decoder_block, _CRATE_DEC),
+    ):
         table = _VIT if kind == 'vit' else table
         for fpath, (tname, transpose) in table.items():
             key = (part, 'layers') + fpath
@@ -143,8 +154,9 @@ def shrink_stream(params, factor=1e-3):
 def small_config(**overrides):
     cfg = experiments.get_config('crate_mae_base').model
     cfg.unlock()
-    base = dict(image_size=32, patch_size=8, width=64, heads=4, depth=2,
-                decoder_width=64, decoder_heads=4, decoder_depth=2)
+    base = dict(
+        image_size=32, patch_size=8, width=64, heads=4, depth=2, decoder_width=64, decoder_heads=4, decoder_depth=2
+    )
     base.update(overrides)
     cfg.update(base)
     cfg.lock()
@@ -163,14 +175,16 @@ def _setup(cfg, batch=2, seed=0, variant=None):
         model = cratemae.models.build(cfg)
         rng = np.random.default_rng(seed)
         images = rng.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.float32)
-        shapes = jax.eval_shape(lambda: model.init(
-            {'params': jax.random.key(seed), 'masking': jax.random.key(seed + 1)}, jnp.asarray(images)))
+        shapes = jax.eval_shape(
+            lambda: model.init(
+                {'params': jax.random.key(seed), 'masking': jax.random.key(seed + 1)}, jnp.asarray(images)
+            )
+        )
         params = random_params(shapes['params'], seed + 2)
         if variant == 'small_stream':
             params, images = shrink_stream(params), images * 1e-3
         elif variant == 'offset':
-            params = dict(params, patch_embed=dict(params['patch_embed'],
-                                                   bias=params['patch_embed']['bias'] + 300.0))
+            params = dict(params, patch_embed=dict(params['patch_embed'], bias=params['patch_embed']['bias'] + 300.0))
         sd = to_torch_layout(jax.device_get(params), cfg)
         _CACHE[key] = (model, {'params': params}, images, sd)
     return _CACHE[key]
@@ -190,8 +204,7 @@ def _check_latent(got, want, ids_keep, visible_only, rtol=RTOL):
         ref.assert_close(got, want, rtol, 'latent (noise order)')
     except AssertionError:
         order = np.argsort(ids_keep, axis=1)
-        sorted_want = np.concatenate(
-            [want[:, :1], np.take_along_axis(want[:, 1:], order[:, :, None], axis=1)], axis=1)
+        sorted_want = np.concatenate([want[:, :1], np.take_along_axis(want[:, 1:], order[:, :, None], axis=1)], axis=1)
         ref.assert_close(got, sorted_want, rtol, 'latent (patch order)')
 
 
@@ -199,14 +212,14 @@ def run_and_compare(cfg, mask_ratio, batch=2, seed=0, rtol=RTOL, intermediates=F
     model, variables, images, sd = _setup(cfg, batch, seed, variant)
     noise = _noise(cfg, batch)
     want = ref.forward(sd, images, noise, mask_ratio, cfg)
-    fn = jax.jit(lambda v, x, n: model.apply(v, x, noise=n, mask_ratio=mask_ratio, train=True,
-                                             mutable=['intermediates']))
+    fn = jax.jit(
+        lambda v, x, n: model.apply(v, x, noise=n, mask_ratio=mask_ratio, train=True, mutable=['intermediates'])
+    )
     out, state = fn(variables, jnp.asarray(images), jnp.asarray(noise))
     np.testing.assert_array_equal(np.asarray(out['mask']), want['mask'])
     assert float(out['loss']) == pytest.approx(want['loss'], rel=rtol)
     ref.assert_close(out['pred'], want['pred'], rtol, 'pred')
-    _check_latent(np.asarray(out['latent']), want['latent'], want['ids_keep'], not cfg.encoder_sees_mask_tokens,
-                  rtol)
+    _check_latent(np.asarray(out['latent']), want['latent'], want['ids_keep'], not cfg.encoder_sees_mask_tokens, rtol)
     if intermediates:
         _compare_intermediates(state['intermediates'], want, rtol)
     return out, want
@@ -217,15 +230,18 @@ def _find(tree, *names):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         keys = [getattr(k, 'key', None) for k in path]
         keys = [k for k in keys if k is not None]
-        if keys[-len(names):] == list(names):
+        if keys[-len(names) :] == list(names):
             return np.asarray(leaf)
     return None
 
 
 def _compare_intermediates(inter, want, rtol):
     enc = want['encoder']
-    checks = [(('encoder', 'attention'), 'attention', enc), (('encoder', 'mssa_out'), 'mssa_out', enc),
-              (('encoder', 'ista_out'), 'ista_out', enc)]
+    checks = [
+        (('encoder', 'attention'), 'attention', enc),
+        (('encoder', 'mssa_out'), 'mssa_out', enc),
+        (('encoder', 'ista_out'), 'ista_out', enc),
+    ]
     for names, rkey, layers in checks:
         got = _find(inter.get(names[0], {}), names[1])
         assert got is not None, 'missing intermediate %s' % (names,)
@@ -242,6 +258,7 @@ def _compare_intermediates(inter, want, rtol):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tests.
+
 
 def test_layout_mapping_covers_every_param():
     cfg = small_config()
@@ -263,8 +280,9 @@ def test_crate_mae_parity(mask_ratio, norm_pix):
 
 def test_crate_mae_parity_other_heads():
     """patch 4 (L = 64), width 96; encoder 6 heads (h = 16), decoder 2 heads (h = 48), depth 3 / 2, batch 3."""
-    cfg = small_config(patch_size=4, width=96, heads=6, depth=3, decoder_width=96, decoder_heads=2,
-                       decoder_depth=2, norm_pix_loss=True)
+    cfg = small_config(
+        patch_size=4, width=96, heads=6, depth=3, decoder_width=96, decoder_heads=2, decoder_depth=2, norm_pix_loss=True
+    )
     run_and_compare(cfg, 0.75, batch=3)
 
 
@@ -294,8 +312,13 @@ def test_layer_norm_two_pass_variance(overrides):
     run_and_compare(small_config(**overrides), 0.75, rtol=2e-4, variant='offset')
 
 
-@pytest.mark.parametrize('option', [dict(attention='dot_product_attention', remat='full', scan_unroll=2),
-                                    dict(fused_ista=True, remat='dots_saveable')])
+@pytest.mark.parametrize(
+    'option',
+    [
+        dict(attention='dot_product_attention', remat='full', scan_unroll=2),
+        dict(fused_ista=True, remat='dots_saveable'),
+    ],
+)
 def test_crate_mae_parity_implementation_options(option):
     cfg = small_config(**option)
     run_and_compare(cfg, 0.75, rtol=3e-5 if option.get('fused_ista') else RTOL)
@@ -328,16 +351,31 @@ def test_mask_token_and_cls_matter():
 
 def test_mae_vit_parity():
     """'mae_vit_base' style: timm ViT blocks in the CRATE-MAE forward (mask tokens in the encoder)."""
-    cfg = small_config(encoder_block='vit', decoder_block='vit', decoder_depth=1, decoder_heads=8,
-                       block_norm_eps=1e-6, qkv_bias=False, norm_pix_loss=True)
+    cfg = small_config(
+        encoder_block='vit',
+        decoder_block='vit',
+        decoder_depth=1,
+        decoder_heads=8,
+        block_norm_eps=1e-6,
+        qkv_bias=False,
+        norm_pix_loss=True,
+    )
     run_and_compare(cfg, 0.9)
 
 
 def test_fair_mae_parity():
     """'fair_mae_base' style: visible-only ViT encoder, decoder_embed to a narrower decoder, qkv bias on."""
-    cfg = small_config(encoder_block='vit', decoder_block='vit', decoder_width=32, decoder_heads=4,
-                       decoder_depth=1, block_norm_eps=1e-6, qkv_bias=True, encoder_sees_mask_tokens=False,
-                       norm_pix_loss=True)
+    cfg = small_config(
+        encoder_block='vit',
+        decoder_block='vit',
+        decoder_width=32,
+        decoder_heads=4,
+        decoder_depth=1,
+        block_norm_eps=1e-6,
+        qkv_bias=True,
+        encoder_sees_mask_tokens=False,
+        norm_pix_loss=True,
+    )
     run_and_compare(cfg, 0.75)
 
 
@@ -348,9 +386,17 @@ def test_crate_visible_only_parity():
 
 
 def test_encode_vit_and_visible_only():
-    for cfg in (small_config(encoder_block='vit', decoder_block='vit', block_norm_eps=1e-6),
-                small_config(encoder_block='vit', decoder_block='vit', decoder_width=32, block_norm_eps=1e-6,
-                             qkv_bias=True, encoder_sees_mask_tokens=False)):
+    for cfg in (
+        small_config(encoder_block='vit', decoder_block='vit', block_norm_eps=1e-6),
+        small_config(
+            encoder_block='vit',
+            decoder_block='vit',
+            decoder_width=32,
+            block_norm_eps=1e-6,
+            qkv_bias=True,
+            encoder_sees_mask_tokens=False,
+        ),
+    ):
         model, variables, images, sd = _setup(cfg)
         got = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))(variables, jnp.asarray(images))
         ref.assert_close(got, ref.encode(sd, images, cfg), RTOL, 'encode %s' % cfg.encoder_sees_mask_tokens)

@@ -85,8 +85,15 @@ class _Group:
         self.procs = []
         for i, path in enumerate(self.paths):
             with open(path, 'w') as log:
-                self.procs.append(subprocess.Popen([sys.executable, '-c', _CHILD, *flags], cwd=REPO,
-                                                   env=_env(i, port, tmp_path), stdout=log, stderr=subprocess.STDOUT))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, '-c', _CHILD, *flags],
+                        cwd=REPO,
+                        env=_env(i, port, tmp_path),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
 
     def logs(self):
         return [p.read_text(errors='replace') for p in self.paths]
@@ -160,8 +167,8 @@ def _run(tmp_path, tag, *flags, timeout=240, ok_codes=(0,)):
         if not group.hung:
             break
     assert not group.killed and all(c in ok_codes for c in codes), (
-        f'return codes {codes}, expected {ok_codes}{" (killed by the test)" if group.killed else ""}\n'
-        f'{group.report()}')
+        f'return codes {codes}, expected {ok_codes}{" (killed by the test)" if group.killed else ""}\n{group.report()}'
+    )
     return group.logs()
 
 
@@ -171,8 +178,9 @@ def _state(workdir, step, like=None):
     with an explicit single-device target built from `like`."""
     manager = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints')
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = None if like is None else jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+    target = (
+        None if like is None else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+    )
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     finally:

@@ -25,6 +25,7 @@ def _f32(x):
 # ----------------------------------------------------------------------------------------------------------------
 # Position embedding.
 
+
 @pytest.mark.parametrize('width,grid', [(64, 4), (768, 14), (576, 14)])
 def test_sincos_pos_embed_matches_reference(width, grid):
     got = np.asarray(ops.sincos_pos_embed(width, grid))
@@ -44,9 +45,9 @@ def test_sincos_pos_embed_known_values():
         for j in range(grid):
             row = got[1 + i * grid + j]
             np.testing.assert_allclose(row[:q], np.sin(j * omega), atol=1e-6)
-            np.testing.assert_allclose(row[q:2 * q], np.cos(j * omega), atol=1e-6)
-            np.testing.assert_allclose(row[2 * q:3 * q], np.sin(i * omega), atol=1e-6)
-            np.testing.assert_allclose(row[3 * q:], np.cos(i * omega), atol=1e-6)
+            np.testing.assert_allclose(row[q : 2 * q], np.cos(j * omega), atol=1e-6)
+            np.testing.assert_allclose(row[2 * q : 3 * q], np.sin(i * omega), atol=1e-6)
+            np.testing.assert_allclose(row[3 * q :], np.cos(i * omega), atol=1e-6)
     # The patch at row 0, column 1 differs from the one at row 1, column 0 in the first half only.
     assert got[1 + 1, 0] == pytest.approx(math.sin(1.0), abs=1e-6)
     assert got[1 + grid, 0] == 0.0 and got[1 + grid, 2 * q] == pytest.approx(math.sin(1.0), abs=1e-6)
@@ -54,6 +55,7 @@ def test_sincos_pos_embed_known_values():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Patches.
+
 
 def _coded_images(b=2, side=8, c=3):
     """x[b, y, x, c] = 1000 b + 100 y + 10 x + c ... scaled so each entry names its own coordinates."""
@@ -98,6 +100,7 @@ def test_unpatchify_inverts_patchify():
 def test_patch_embedding_conv_layout():
     """Conv order (c, u, v) with the torch [d, C, p, p] weight == the conv definition == Flax Conv on W^(2,3,1,0)."""
     import flax.linen as nn
+
     rng = _rng(2)
     p, d = 4, 8
     x = rng.normal(size=(2, 16, 16, 3))
@@ -115,8 +118,10 @@ def test_patch_embedding_conv_layout():
 # ----------------------------------------------------------------------------------------------------------------
 # Masking.
 
-@pytest.mark.parametrize('length,ratio,keep', [(196, 0.75, 49), (196, 0.9, 19), (196, 0.0, 196),
-                                               (16, 0.75, 4), (64, 0.9, 6)])
+
+@pytest.mark.parametrize(
+    'length,ratio,keep', [(196, 0.75, 49), (196, 0.9, 19), (196, 0.0, 196), (16, 0.75, 4), (64, 0.9, 6)]
+)
 def test_num_kept(length, ratio, keep):
     assert ops.num_kept(length, ratio) == keep == ref.num_keep(length, ratio)
 
@@ -148,6 +153,7 @@ def test_random_masking_keeps_smallest_noise():
 # ----------------------------------------------------------------------------------------------------------------
 # Loss.
 
+
 @pytest.mark.parametrize('norm_pix', [False, True])
 def test_loss_matches_reference(norm_pix):
     rng = _rng(4)
@@ -156,8 +162,7 @@ def test_loss_matches_reference(norm_pix):
     pred = rng.normal(size=(3, 16, 12))
     mask = np.zeros((3, 16))
     mask[0, :5] = mask[1, 3:4] = mask[2, 7:16] = 1.0  # unequal counts: pooled over the batch, not per sample
-    got = float(ops.masked_reconstruction_loss(_f32(pred), ops.patchify(_f32(x), p), _f32(mask),
-                                               norm_pix=norm_pix))
+    got = float(ops.masked_reconstruction_loss(_f32(pred), ops.patchify(_f32(x), p), _f32(mask), norm_pix=norm_pix))
     want = ref.mae_loss(x, pred, mask, p, norm_pix_loss=norm_pix)
     assert got == pytest.approx(want, rel=1e-5)
     if norm_pix:  # the test can tell unbiased from biased variance
@@ -177,11 +182,12 @@ def test_loss_known_answer():
     # norm_pix: patch [0, 0, 6] -> mean 2, unbiased var 12 -> (t - 2)/sqrt(12 + 1e-6); constant patches -> 0.
     got = float(ops.masked_reconstruction_loss(_f32(pred), _f32(target), _f32(mask), norm_pix=True))
     z = (np.array([0, 0, 6.0]) - 2) / np.sqrt(12 + 1e-6)
-    assert got == pytest.approx((z ** 2).mean() / 3, rel=1e-5)
+    assert got == pytest.approx((z**2).mean() / 3, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # White-box operators.
+
 
 def _tokens(rng, b=2, n=17, d=48):
     return rng.normal(size=(b, n, d))

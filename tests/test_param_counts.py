@@ -12,10 +12,12 @@ import experiments
 
 try:
     import numpy_reference as ref
-    from test_model_parity import small_config, to_torch_layout
+    from test_model_parity import small_config
+    from test_model_parity import to_torch_layout
 except ImportError:  # tests/ imported as a package
     from tests import numpy_reference as ref
-    from tests.test_model_parity import small_config, to_torch_layout
+    from tests.test_model_parity import small_config
+    from tests.test_model_parity import to_torch_layout
 
 # name -> (all params incl. frozen pos-embs and unused decoder_embed, trainable params used by the forward)
 SPEC_COUNTS = {
@@ -31,8 +33,9 @@ SPEC_COUNTS = {
 def _param_shapes(cfg):
     model = cratemae.models.build(cfg)
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
-    return jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'masking': jax.random.key(1)},
-                                             images))['params']
+    return jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'masking': jax.random.key(1)}, images))[
+        'params'
+    ]
 
 
 @pytest.mark.parametrize('name', sorted(SPEC_COUNTS))
@@ -67,11 +70,19 @@ def test_registry_block_types():
     """Spec §1 / §3 item 8: the baselines' block types, widths and qkv bias."""
     vit = experiments.get_config('mae_vit_base').model
     assert (vit.encoder_block, vit.decoder_block, vit.encoder_sees_mask_tokens, vit.qkv_bias) == (
-        'vit', 'vit', True, False)
+        'vit',
+        'vit',
+        True,
+        False,
+    )
     assert (vit.decoder_depth, vit.decoder_width, vit.decoder_heads) == (8, 768, 16)
     fair = experiments.get_config('fair_mae_base').model
     assert (fair.encoder_sees_mask_tokens, fair.qkv_bias, fair.decoder_width, fair.decoder_depth) == (
-        False, True, 512, 8)
+        False,
+        True,
+        512,
+        8,
+    )
     for name in ('crate_mae_small', 'crate_mae_base'):
         c = experiments.get_config(name).model
         assert (c.block_norm_eps, c.final_norm_eps, c.ista_step, c.ista_lambda) == (1e-5, 1e-6, 0.1, 0.5)
@@ -81,10 +92,12 @@ def test_registry_block_types():
 # ----------------------------------------------------------------------------------------------------------------
 # Initialisers (docs/model.md §2.9) on a width-768 model with two layers each (one jit-compiled init).
 
+
 @pytest.fixture(scope='module')
 def init_params():
-    cfg = small_config(width=768, heads=12, decoder_width=768, decoder_heads=12, patch_size=16, depth=2,
-                       decoder_depth=2)
+    cfg = small_config(
+        width=768, heads=12, decoder_width=768, decoder_heads=12, patch_size=16, depth=2, decoder_depth=2
+    )
     model = cratemae.models.build(cfg)
     images = jnp.zeros((1, 32, 32, 3), jnp.float32)
     init = jax.jit(lambda: model.init({'params': jax.random.key(0), 'masking': jax.random.key(1)}, images))
@@ -103,8 +116,8 @@ def _check_uniform(w, bound, name):
 
 def test_init_uniform_bounds(init_params):
     p, d = init_params, 768
-    kaiming = math.sqrt(6 / d)                 # D and A: kaiming_uniform(a=0), U(+-sqrt(6/d)), std sqrt(2/d)
-    xavier = math.sqrt(6 / (d + d))            # every d x d Linear, and decoder_pred (768 -> 768)
+    kaiming = math.sqrt(6 / d)  # D and A: kaiming_uniform(a=0), U(+-sqrt(6/d)), std sqrt(2/d)
+    xavier = math.sqrt(6 / (d + d))  # every d x d Linear, and decoder_pred (768 -> 768)
     for layer in range(2):
         _check_uniform(p['encoder']['layers']['ista']['dictionary'][layer], kaiming, 'D')
         _check_uniform(p['decoder']['layers']['unsparsify']['kernel'][layer], kaiming, 'A')
@@ -118,8 +131,12 @@ def test_init_uniform_bounds(init_params):
 
 def test_init_layers_differ_and_zero_biases(init_params):
     p = init_params
-    for path in (('encoder', 'ista', 'dictionary'), ('encoder', 'mssa', 'qkv', 'kernel'),
-                 ('decoder', 'unsparsify', 'kernel'), ('decoder', 'mssa', 'out', 'kernel')):
+    for path in (
+        ('encoder', 'ista', 'dictionary'),
+        ('encoder', 'mssa', 'qkv', 'kernel'),
+        ('decoder', 'unsparsify', 'kernel'),
+        ('decoder', 'mssa', 'out', 'kernel'),
+    ):
         leaf = p[path[0]]['layers']
         for k in path[1:]:
             leaf = leaf[k]

@@ -48,7 +48,11 @@ def test_applies_when_jax_platforms_names_the_cpu(platforms):
 
 
 def test_thp_mode_parsing(tmp_path):
-    for text, ok in [('always [madvise] never', True), ('[always] madvise never', True), ('always madvise [never]', False)]:
+    for text, ok in [
+        ('always [madvise] never', True),
+        ('[always] madvise never', True),
+        ('always madvise [never]', False),
+    ]:
         (tmp_path / 'enabled').write_text(text + '\n')
         assert cpu_platform._thp_available(str(tmp_path / 'enabled')) is ok
     assert cpu_platform._thp_available(str(tmp_path / 'missing')) is False
@@ -78,8 +82,9 @@ print(json.dumps({'tunables': os.environ.get('GLIBC_TUNABLES', ''), 'faults': fa
 def _run(extra_env):
     env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'CRATEMAE_CPU_TUNING_APPLIED')}
     env.update(JAX_PLATFORMS='cpu', **extra_env)
-    out = subprocess.run([sys.executable, '-c', _FAULTS], cwd=_ROOT, env=env, capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, '-c', _FAULTS], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -41,17 +41,41 @@ def _reference_state_dict(cfg, seed=0, encoder_only=False):
     """Random tensors in the reference layout, as torch tensors (what model.state_dict() holds)."""
     rng = np.random.default_rng(seed)
     table = ops.sincos_pos_embed(cfg.width, cfg.image_size // cfg.patch_size)[None].astype(np.float32)
-    return {k: torch.from_numpy(table if k.endswith('pos_embed') else rng.standard_normal(shape).astype(np.float32))
-            for k, shape in export.reference_shapes(cfg, encoder_only).items()}
+    return {
+        k: torch.from_numpy(table if k.endswith('pos_embed') else rng.standard_normal(shape).astype(np.float32))
+        for k, shape in export.reference_shapes(cfg, encoder_only).items()
+    }
 
 
 def _args(**kw):
     """The kind of Namespace FAIR MAE's main_pretrain parses (a few of its fields)."""
-    fields = dict(batch_size=64, epochs=800, accum_iter=1, model='mae_crate_tiny', input_size=224, mask_ratio=0.75,
-                  norm_pix_loss=False, weight_decay=0.05, lr=None, blr=1.5e-4, min_lr=0.0, warmup_epochs=40,
-                  data_path='/datasets01/imagenet_full_size/061417/', output_dir='./output_dir', device='cuda',
-                  seed=0, resume='', start_epoch=0, num_workers=10, pin_mem=True, world_size=1, local_rank=-1,
-                  dist_on_itp=False, dist_url='env://', distributed=False)
+    fields = dict(
+        batch_size=64,
+        epochs=800,
+        accum_iter=1,
+        model='mae_crate_tiny',
+        input_size=224,
+        mask_ratio=0.75,
+        norm_pix_loss=False,
+        weight_decay=0.05,
+        lr=None,
+        blr=1.5e-4,
+        min_lr=0.0,
+        warmup_epochs=40,
+        data_path='/datasets01/imagenet_full_size/061417/',
+        output_dir='./output_dir',
+        device='cuda',
+        seed=0,
+        resume='',
+        start_epoch=0,
+        num_workers=10,
+        pin_mem=True,
+        world_size=1,
+        local_rank=-1,
+        dist_on_itp=False,
+        dist_url='env://',
+        distributed=False,
+    )
     fields.update(kw)
     return argparse.Namespace(**fields)
 
@@ -59,13 +83,22 @@ def _args(**kw):
 def _save_model_style(state_dict, path, epoch=7, **args):
     """What util/misc.py save_model writes: the weights plus a real AdamW state, a GradScaler state and the args."""
     params = [torch.nn.Parameter(v.clone()) for v in list(state_dict.values())[:3]]
-    optimizer = torch.optim.AdamW([{'params': params, 'weight_decay': 0.05, 'lr_scale': 1.0}], lr=1e-3,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{'params': params, 'weight_decay': 0.05, 'lr_scale': 1.0}], lr=1e-3, betas=(0.9, 0.95)
+    )
     sum((p * p).sum() for p in params).backward()
     optimizer.step()
     scaler = torch.amp.GradScaler('cpu')
-    torch.save({'model': state_dict, 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                'scaler': scaler.state_dict(), 'args': _args(**args)}, path)
+    torch.save(
+        {
+            'model': state_dict,
+            'optimizer': optimizer.state_dict(),
+            'epoch': epoch,
+            'scaler': scaler.state_dict(),
+            'args': _args(**args),
+        },
+        path,
+    )
     return path
 
 
@@ -106,8 +139,12 @@ def test_numpy_scalars_beside_the_weights_load(tmp_path, small):
 def test_fine_tuned_file_loads_its_encoder_and_reports_the_head(tmp_path, small, caplog):
     sd = _reference_state_dict(small, seed=2, encoder_only=True)
     d = small.width
-    classifier = {'fc_norm.weight': torch.ones(d), 'fc_norm.bias': torch.zeros(d),
-                  'head.weight': torch.randn(10, d), 'head.bias': torch.zeros(10)}
+    classifier = {
+        'fc_norm.weight': torch.ones(d),
+        'fc_norm.bias': torch.zeros(d),
+        'head.weight': torch.randn(10, d),
+        'head.bias': torch.zeros(10),
+    }
     path = _save_model_style({**sd, **classifier}, tmp_path / 'finetuned.pth')
     with caplog.at_level(logging.INFO, logger='cratemae'):
         ckpt = checkpoints.load(path, model_config=small, encoder_only=True)
@@ -136,12 +173,12 @@ def test_fine_tuned_file_loads_its_encoder_and_reports_the_head(tmp_path, small,
 def test_truncated_and_non_checkpoint_files(tmp_path, small):
     good = _save_model_style(_reference_state_dict(small), tmp_path / 'good.pth')
     truncated = tmp_path / 'truncated.pth'
-    truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(checkpoints.CheckpointError, match='truncated PyTorch checkpoint.*Download or copy it again'):
         checkpoints.load(truncated, model_config=small)
     legacy = tmp_path / 'legacy.pth'  # torch's pre-1.6 format, a bare pickle stream
     torch.save({'model': _reference_state_dict(small)}, legacy, _use_new_zipfile_serialization=False)
-    legacy.write_bytes(legacy.read_bytes()[:len(legacy.read_bytes()) // 2])
+    legacy.write_bytes(legacy.read_bytes()[: len(legacy.read_bytes()) // 2])
     with pytest.raises(checkpoints.CheckpointError, match='truncated PyTorch checkpoint: the data ends early'):
         checkpoints.load(legacy, model_config=small)
     page = tmp_path / 'page.pth'
@@ -173,8 +210,9 @@ def test_missing_torch_names_the_converting_command(tmp_path, small, monkeypatch
     with pytest.raises(checkpoints.CheckpointError) as err:
         checkpoints.load(path, model_config=small)
     assert 'pip install torch' in str(err.value)
-    assert f'python -m launch.export --from {path} --format safetensors --out {tmp_path}/crate_mae.safetensors' \
-        in str(err.value)
+    assert f'python -m launch.export --from {path} --format safetensors --out {tmp_path}/crate_mae.safetensors' in str(
+        err.value
+    )
 
 
 def test_architecture_errors_name_the_config(tmp_path, small):
@@ -200,8 +238,13 @@ def test_architecture_errors_name_the_config(tmp_path, small):
 def test_reference_sizes_are_the_registry_sizes():
     for name, (width, depth, heads) in export.REFERENCE_SIZES.items():
         model = experiments.get_config(f'crate_mae_{name}').model
-        assert (model.width, model.depth, model.heads, model.patch_size, model.image_size) == \
-            (width, depth, heads, 16, 224)
+        assert (model.width, model.depth, model.heads, model.patch_size, model.image_size) == (
+            width,
+            depth,
+            heads,
+            16,
+            224,
+        )
         assert (model.decoder_width, model.decoder_depth, model.decoder_heads) == (width, depth, heads)
 
 
@@ -227,27 +270,49 @@ def test_converter_round_trip(tmp_path, capsys):
 def test_converter_needs_the_heads_when_nothing_shows_them(tmp_path, small, capsys):
     src = tmp_path / 'bare.pth'
     torch.save(_reference_state_dict(small), src)
-    assert cli.run(export_cli.main, export_cli.FLAGS, ['--from', str(src), '--format', 'safetensors',
-                                                       '--out', str(tmp_path / 'x.safetensors')]) == cli.EXIT_USAGE
+    assert (
+        cli.run(
+            export_cli.main,
+            export_cli.FLAGS,
+            ['--from', str(src), '--format', 'safetensors', '--out', str(tmp_path / 'x.safetensors')],
+        )
+        == cli.EXIT_USAGE
+    )
     assert 'number of attention heads is not in the checkpoint' in capsys.readouterr().err
     out = tmp_path / 'named.npz'
-    assert cli.run(export_cli.main, export_cli.FLAGS, ['--from', str(src), '--format', 'npz', '--out', str(out),
-                                                       '--config', 'crate_mae_test']) == 0
+    assert (
+        cli.run(
+            export_cli.main,
+            export_cli.FLAGS,
+            ['--from', str(src), '--format', 'npz', '--out', str(out), '--config', 'crate_mae_test'],
+        )
+        == 0
+    )
     assert checkpoints.load(out).model_config.heads == small.heads
 
 
 def _fine_tuned_file_with_a_foreign_object(path, cfg):
     d = cfg.width
-    sd = {**_reference_state_dict(cfg, encoder_only=True), 'fc_norm.weight': torch.ones(d),
-          'fc_norm.bias': torch.zeros(d), 'head.weight': torch.zeros(10, d), 'head.bias': torch.zeros(10)}
+    sd = {
+        **_reference_state_dict(cfg, encoder_only=True),
+        'fc_norm.weight': torch.ones(d),
+        'fc_norm.bias': torch.zeros(d),
+        'head.weight': torch.zeros(10, d),
+        'head.bias': torch.zeros(10),
+    }
     torch.save({'model': sd, 'epoch': 99, 'args': _args(model='crate_mae_test'), 'logger': Foreign(1)}, path)
     return path
 
 
 def test_probe_cli_trusts_a_file_only_when_told(tmp_path, small, capsys):
     path = _fine_tuned_file_with_a_foreign_object(tmp_path / 'finetuned.pth', small)
-    args = [f'--checkpoint={path}', '--config=experiments/registry.py:crate_mae_test', f'--out={tmp_path}',
-            f'--cache_dir={tmp_path / "cache"}', '--methods=knn']
+    args = [
+        f'--checkpoint={path}',
+        '--config=experiments/registry.py:crate_mae_test',
+        f'--out={tmp_path}',
+        f'--cache_dir={tmp_path / "cache"}',
+        '--methods=knn',
+    ]
     assert cli.run(probe_cli.main, probe_cli.FLAGS, args) == cli.EXIT_USAGE
     assert re.search('Foreign.*--trust_checkpoint', capsys.readouterr().err)
     assert cli.run(probe_cli.main, probe_cli.FLAGS, args + ['--trust-checkpoint']) == 0
@@ -257,8 +322,9 @@ def test_probe_cli_trusts_a_file_only_when_told(tmp_path, small, capsys):
 
 def test_finetune_trusts_a_file_only_when_told(tmp_path, small):
     path = _fine_tuned_file_with_a_foreign_object(tmp_path / 'finetuned.pth', small)
-    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1,
-                                        batch=16, image_size=28)
+    config = downstream.finetune_config(
+        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28
+    )
     config.train.update(steps=2, log_every=2, eval_every=2, eval_batch=64)
     config.checkpoint.update(every=2, async_save=False)
     config.finetune.update(checkpoint=str(path))

@@ -1,4 +1,5 @@
 """The experiment registry: every entry builds, validates, and ablations change exactly what they declare."""
+
 import ast
 import os
 
@@ -70,8 +71,9 @@ def test_no_module_of_experiments_imports_the_registry_but_its_package():
     for file in ('base.py', 'ablations.py', 'downstream.py'):
         with open(os.path.join(REPO, 'experiments', file)) as f:
             tree = ast.parse(f.read())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                    for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names} | {
+            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+        }
         assert not {'registry', 'experiments.registry'} & imported, (file, imported)
 
 

@@ -1,4 +1,5 @@
 """launch.sweep: which entries a pattern runs, the overrides it applies, the tables it writes, one real run."""
+
 import csv
 import json
 
@@ -50,9 +51,10 @@ def test_end_to_end_on_one_entry_writes_the_tables(tmp_path):
 
 
 def test_vit_entries_get_no_whitebox_measures_instead_of_an_error():
+    import math
+
     import jax
     import jax.numpy as jnp
-    import math
 
     import experiments
     from cratemae import models

@@ -61,8 +61,9 @@ def test_train_step_on_uint8_equals_the_step_on_the_host_normalised_batch():
     assert not np.allclose(mean, 0) and not np.allclose(std, 1)  # a normalisation that changes the pixels
     images = _batches(config, 1)[0]
     host = augment.normalize(images, np.float32(mean), np.float32(std))
-    schedule = optimizer.learning_rate_schedule(config.optim, config.train.global_batch,
-                                                optimizer.schedule_length(config))
+    schedule = optimizer.learning_rate_schedule(
+        config.optim, config.train.global_batch, optimizer.schedule_length(config)
+    )
     old_step = jax.jit(task.train_step(program.tx, schedule))
     batch_sharding = sharding.batch_sharding(mesh)
     old_state, old_metrics = jax.device_get(old_step(program.init(), {'image': jax.device_put(host, batch_sharding)}))
@@ -70,11 +71,13 @@ def test_train_step_on_uint8_equals_the_step_on_the_host_normalised_batch():
     assert u8.dtype == np.uint8
     new_state, new_metrics = jax.device_get(program.train_step(program.init(), {'image': u8}))
     np.testing.assert_allclose(new_metrics['loss'], old_metrics['loss'], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params,
-                 old_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params, old_state.params
+    )
     # and the normalisation is not a no-op: the raw pixels as floats give another loss
-    _, raw_metrics = jax.device_get(old_step(program.init(), {'image': jax.device_put(
-        images.astype(np.float32), batch_sharding)}))
+    _, raw_metrics = jax.device_get(
+        old_step(program.init(), {'image': jax.device_put(images.astype(np.float32), batch_sharding)})
+    )
     assert abs(float(raw_metrics['loss']) - float(old_metrics['loss'])) > 1e-3
 
 
@@ -186,12 +189,15 @@ def test_schedule_steps_stops_a_run_early_on_its_original_schedule(tmp_path, str
     # Steps 0-9 of the 20-step run, stopped at 10: the same state as the straight run's step-10 checkpoint.
     stopped = _launch(tmp_path / 'stopped', '--config.train.steps=10', '--config.optim.schedule_steps=20')
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / 'stopped', 10), _final_params(straight_run, 10))
+    jax.tree.map(
+        np.testing.assert_array_equal, _final_params(tmp_path / 'stopped', 10), _final_params(straight_run, 10)
+    )
     # Without it, train.steps=10 is a 10-step schedule: its cosine reaches zero at step 10, so the weights differ.
     short = _launch(tmp_path / 'short', '--config.train.steps=10')
     assert short.returncode == 0, short.stderr[-3000:]
-    differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), _final_params(tmp_path / 'short', 10),
-                           _final_params(straight_run, 10))
+    differs = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), _final_params(tmp_path / 'short', 10), _final_params(straight_run, 10)
+    )
     assert any(jax.tree.leaves(differs))
     config = _config()
     config.optim.schedule_steps = 0
@@ -343,10 +349,18 @@ def test_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
     # The evaluation also logs the white-box measures per layer, the MSSA and ISTA effects apart, and draws the
     # reconstructions and the two layer-wise figures (arrays written as PNGs, no file read back).
     evals = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines() if 'eval/' in line]
-    assert {'whitebox/sparsity_zeros/layer_01', 'whitebox/compression_input/layer_00', 'whitebox/mssa_effect/layer_01',
-            'whitebox/ista_effect/layer_00', 'whitebox/compression_mid/layer_01'} <= set(evals[-1])
+    assert {
+        'whitebox/sparsity_zeros/layer_01',
+        'whitebox/compression_input/layer_00',
+        'whitebox/mssa_effect/layer_01',
+        'whitebox/ista_effect/layer_00',
+        'whitebox/compression_mid/layer_01',
+    } <= set(evals[-1])
     assert {p.name for p in (workdir / 'images').iterdir()} >= {
-        'reconstructions_00000010.png', 'whitebox_layerwise_00000010.png', 'whitebox_mssa_ista_00000010.png'}
+        'reconstructions_00000010.png',
+        'whitebox_layerwise_00000010.png',
+        'whitebox_mssa_ista_00000010.png',
+    }
 
 
 def test_random_params_are_a_runs_own_step_zero():
@@ -366,8 +380,9 @@ def test_reconstruction_grid_of_a_uint8_eval_batch_shows_its_pixels():
     mesh = _mesh(jax.devices())
     task = pretrain.Pretrain(config)
     program = engine.build_program(config, mesh, task)
-    pipe = data.make_pipeline(config.data, split=config.data.split_eval, global_batch=config.train.eval_batch, seed=0,
-                              train=False, uint8=True)
+    pipe = data.make_pipeline(
+        config.data, split=config.data.split_eval, global_batch=config.train.eval_batch, seed=0, train=False, uint8=True
+    )
     local = pipe.batch(0)
     assert local['image'].dtype == np.uint8
     batch = sharding.host_local_to_global({k: local[k] for k in task.eval_keys}, mesh)

@@ -73,10 +73,14 @@ def layer_measures(sd, images, cfg):
     for layer in range(depth):
         prefix = f'blocks.{layer}.'
         z_next, inter = ref.crate_encoder_layer(z, sd, prefix, k, cfg.block_norm_eps, cfg.ista_step, cfg.ista_lambda)
-        ln1 = lambda t: ref.layer_norm(t, sd[prefix + 'layers.0.0.norm.weight'],  # noqa: E731
-                                       sd[prefix + 'layers.0.0.norm.bias'], cfg.block_norm_eps)
+        ln1 = lambda t: ref.layer_norm(
+            t,
+            sd[prefix + 'layers.0.0.norm.weight'],  # noqa: E731
+            sd[prefix + 'layers.0.0.norm.bias'],
+            cfg.block_norm_eps,
+        )
         u_t = np.asarray(sd[prefix + 'layers.0.0.fn.qkv.weight'], np.float64)  # torch [out, in] = U
-        u_blocks = [u_t.T[:, i * (d // k):(i + 1) * (d // k)] for i in range(k)]  # U_k: (d, h), W_k = Y U_k
+        u_blocks = [u_t.T[:, i * (d // k) : (i + 1) * (d // k)] for i in range(k)]  # U_k: (d, h), W_k = Y U_k
         points = {'input': z, 'mid': inter['mssa_out'], 'output': inter['ista_out']}
         values = {}
         for name, tokens in points.items():
@@ -84,10 +88,12 @@ def layer_measures(sd, images, cfg):
             values[f'compression_{name}'] = coding_rate_tokens(heads(y @ u_t.T, k))
             values[f'compression_paper_{name}'] = coding_rate_orthonormal(y, u_blocks)
         for suffix in ('', 'paper_'):
-            values[f'mssa_effect{"_paper" if suffix else ""}'] = (values[f'compression_{suffix}mid']
-                                                                  - values[f'compression_{suffix}input'])
-            values[f'ista_effect{"_paper" if suffix else ""}'] = (values[f'compression_{suffix}output']
-                                                                  - values[f'compression_{suffix}mid'])
+            values[f'mssa_effect{"_paper" if suffix else ""}'] = (
+                values[f'compression_{suffix}mid'] - values[f'compression_{suffix}input']
+            )
+            values[f'ista_effect{"_paper" if suffix else ""}'] = (
+                values[f'compression_{suffix}output'] - values[f'compression_{suffix}mid']
+            )
         values['sparsity_zeros'] = zero_fraction(inter['ista_out'])
         values['sparsity_l0'] = 1.0 - values['sparsity_zeros']
         for key, v in values.items():

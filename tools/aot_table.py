@@ -107,7 +107,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     import experiments  # pylint: disable=import-outside-toplevel  (after flag parsing: imports jax)
-    from cratemae import aot, models  # pylint: disable=import-outside-toplevel
+    from cratemae import aot  # pylint: disable=import-outside-toplevel
+    from cratemae import models  # pylint: disable=import-outside-toplevel
 
     params_by_model = {m: models.count_params(experiments.get_config(m).model) for m in _MODELS.value}
     rows = read_rows(_ROWS.value)

@@ -46,14 +46,18 @@ if _ROOT not in sys.path:
 
 
 def _load():
-    ps = subprocess.run(['ps', '-eo', 'pcpu,nice,args', '--sort=-pcpu'], capture_output=True, text=True, check=False).stdout
+    ps = subprocess.run(
+        ['ps', '-eo', 'pcpu,nice,args', '--sort=-pcpu'], capture_output=True, text=True, check=False
+    ).stdout
     return {'loadavg': [round(x, 2) for x in os.getloadavg()], 'top': [line[:110] for line in ps.splitlines()[1:6]]}
 
 
 def _jax_mode(model, batch, dtype):
     import jax
 
-    from cratemae import benchmark, sharding, train
+    from cratemae import benchmark
+    from cratemae import sharding
+    from cratemae import train
     from cratemae.train import tasks
     from experiments import registry
 
@@ -82,9 +86,7 @@ def _torch_mode(model, batch, reference_dir, bf16, stub_torchvision):
     import torch
 
     sys.path.insert(0, reference_dir)
-    from model.crate_ae import (
-        crate_ae,  # the reference's own code, from the user's checkout
-    )
+    from model.crate_ae import crate_ae  # the reference's own code, from the user's checkout
 
     torch.manual_seed(0)
     net = getattr(crate_ae, f'mae_crate_{model}')()
@@ -168,13 +170,16 @@ def main(argv=None):
     steps, model_config = {}, None
     for mode in modes:
         if mode.startswith('jax'):
-            steps[mode], model_config = _jax_mode(args.model, args.batch, mode[4:].replace('bf16', 'bfloat16')
-                                                  .replace('f32', 'float32'))
+            steps[mode], model_config = _jax_mode(
+                args.model, args.batch, mode[4:].replace('bf16', 'bfloat16').replace('f32', 'float32')
+            )
         else:
-            steps[mode] = _torch_mode(args.model, args.batch, args.reference_dir, mode == 'torch_bf16',
-                                      args.stub_torchvision)
+            steps[mode] = _torch_mode(
+                args.model, args.batch, args.reference_dir, mode == 'torch_bf16', args.stub_torchvision
+            )
     if model_config is None:
         from experiments import registry
+
         model_config = registry.get_config(f'crate_mae_{args.model}').model
     train_flops = flops.train_flops(model_config, args.batch) * args.batch
     for mode in modes:
@@ -197,10 +202,15 @@ def main(argv=None):
 
     env = {
         'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-        'cpu_count': os.cpu_count(), 'jax': jax.__version__, 'torch': torch.__version__,
-        'torch_threads': torch.get_num_threads(), 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-        'xla_flags': os.environ.get('XLA_FLAGS', ''), 'torchvision_placeholder': args.stub_torchvision,
-        'load_before': load_before, 'load_after': load_after,
+        'cpu_count': os.cpu_count(),
+        'jax': jax.__version__,
+        'torch': torch.__version__,
+        'torch_threads': torch.get_num_threads(),
+        'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+        'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        'torchvision_placeholder': args.stub_torchvision,
+        'load_before': load_before,
+        'load_after': load_after,
     }
     try:
         with open('/proc/cpuinfo') as f:
@@ -211,13 +221,20 @@ def main(argv=None):
     for mode in modes:
         ips = args.batch / statistics.median(wall[mode])
         record = {
-            'benchmark': 'compare_reference_cpu', 'mode': mode, 'model': f'crate_mae_{args.model}', 'batch': args.batch,
-            'rounds': args.rounds, 'steps_per_round': args.steps,
-            'images_per_s': ips, 'images_per_s_best_round': args.batch / min(wall[mode]),
-            's_per_step': [round(x, 3) for x in wall[mode]], 'cpu_s_per_step': [round(x, 3) for x in cpu[mode]],
+            'benchmark': 'compare_reference_cpu',
+            'mode': mode,
+            'model': f'crate_mae_{args.model}',
+            'batch': args.batch,
+            'rounds': args.rounds,
+            'steps_per_round': args.steps,
+            'images_per_s': ips,
+            'images_per_s_best_round': args.batch / min(wall[mode]),
+            's_per_step': [round(x, 3) for x in wall[mode]],
+            'cpu_s_per_step': [round(x, 3) for x in cpu[mode]],
             'images_per_cpu_s': args.batch / statistics.median(cpu[mode]),
             'achieved_gflop_per_s': train_flops / statistics.median(wall[mode]) / 1e9,
-            'ratio_to_best_torch_mode': None if best_torch is None else ips / best_torch, **env,
+            'ratio_to_best_torch_mode': None if best_torch is None else ips / best_torch,
+            **env,
         }
         line = json.dumps(record, sort_keys=True)
         print(line, flush=True)

@@ -39,8 +39,13 @@ def _point(name, stage, overrides=None, config=None, batch=None):
     """A sweep point: the base (Base, batch 256, bf16) with config-path overrides on top (--smoke: all on the base)."""
     if BASE.get('smoke'):
         config, batch = None, None
-    return {'name': name, 'stage': stage, 'config': config or BASE['config'], 'batch': batch or BASE['batch'],
-            'overrides': {**BASE['overrides'], **(overrides or {})}}
+    return {
+        'name': name,
+        'stage': stage,
+        'config': config or BASE['config'],
+        'batch': batch or BASE['batch'],
+        'overrides': {**BASE['overrides'], **(overrides or {})},
+    }
 
 
 def _fastest(results, stages_=None):
@@ -51,8 +56,11 @@ def _fastest(results, stages_=None):
 def _settings(record, keys=('attention', 'attention_pad', 'remat')):
     """The model overrides of a finished record that later stages inherit (the plain step when none ran)."""
     if record is None:
-        return {k: v for k, v in {'model.attention': 'einsum', 'model.attention_pad': 0,
-                                  'model.remat': 'none'}.items() if k.split('.')[1] in keys}
+        return {
+            k: v
+            for k, v in {'model.attention': 'einsum', 'model.attention_pad': 0, 'model.remat': 'none'}.items()
+            if k.split('.')[1] in keys
+        }
     return {f'model.{k}': record['options'][k] for k in keys}
 
 
@@ -70,33 +78,45 @@ def stages():
 
     def remat(results):
         best = _settings(_fastest(results, ('attention',)), ('attention', 'attention_pad'))
-        return [_point(f'remat_{policy}', 'remat', {**best, 'model.remat': policy})
-                for policy in ('full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')]
+        return [
+            _point(f'remat_{policy}', 'remat', {**best, 'model.remat': policy})
+            for policy in ('full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+        ]
 
     def best(results):
         return _settings(_fastest(results, ('attention', 'remat')))
 
     def knobs(results):
-        return [_point('fused_ista', 'knobs', {**best(results), 'model.fused_ista': True}),
-                _point('scan_unroll2', 'knobs', {**best(results), 'model.scan_unroll': 2})]
+        return [
+            _point('fused_ista', 'knobs', {**best(results), 'model.fused_ista': True}),
+            _point('scan_unroll2', 'knobs', {**best(results), 'model.scan_unroll': 2}),
+        ]
 
     def models(results):
         large = _point('large', 'models', best(results), config='crate_mae_large')
         large['fallback'] = {'model.remat': 'dots_with_no_batch_dims_saveable'}
-        return [_point('visible_only', 'models', {**best(results), 'model.encoder_sees_mask_tokens': False}),
-                _point('small', 'models', best(results), config='crate_mae_small'),
-                large]
+        return [
+            _point('visible_only', 'models', {**best(results), 'model.encoder_sees_mask_tokens': False}),
+            _point('small', 'models', best(results), config='crate_mae_small'),
+            large,
+        ]
 
     def extras(results):
         profiled = _point('profile_best', 'extras', best(results))
         profiled['profile'] = True
-        return [profiled,
-                _point('batch512', 'extras', best(results), batch=512),
-                _point('scan_unroll12', 'extras', {**best(results), 'model.scan_unroll': 12}),
-                _point('einsum_dots_no_batch', 'extras', {'model.attention': 'einsum',
-                                                          'model.remat': 'dots_with_no_batch_dims_saveable'}),
-                _point('einsum_fp32', 'extras', {'model.attention': 'einsum', 'model.remat': 'none',
-                                                 'model.dtype': 'float32'})]
+        return [
+            profiled,
+            _point('batch512', 'extras', best(results), batch=512),
+            _point('scan_unroll12', 'extras', {**best(results), 'model.scan_unroll': 12}),
+            _point(
+                'einsum_dots_no_batch',
+                'extras',
+                {'model.attention': 'einsum', 'model.remat': 'dots_with_no_batch_dims_saveable'},
+            ),
+            _point(
+                'einsum_fp32', 'extras', {'model.attention': 'einsum', 'model.remat': 'none', 'model.dtype': 'float32'}
+            ),
+        ]
 
     return [('attention', attention), ('remat', remat), ('knobs', knobs), ('models', models), ('extras', extras)]
 
@@ -106,8 +126,15 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the bench
 
 
 def command(point, steps, warmup):
-    cmd = [sys.executable, '-m', 'launch.benchmark', f'--config=experiments/registry.py:{point["config"]}',
-           f'--batch={point["batch"]}', f'--steps={steps}', f'--warmup={warmup}']
+    cmd = [
+        sys.executable,
+        '-m',
+        'launch.benchmark',
+        f'--config=experiments/registry.py:{point["config"]}',
+        f'--batch={point["batch"]}',
+        f'--steps={steps}',
+        f'--warmup={warmup}',
+    ]
     if point.get('profile'):
         cmd.append(f'--profile={_TRACE}')
     for key, value in point['overrides'].items():
@@ -142,16 +169,22 @@ class Sweep:
         sweep = {'stage': point['stage'], 'name': point['name'], 'command': ' '.join(shlex.quote(c) for c in cmd)}
         estimate = 1.25 * max(self.walls) if self.walls else 60.0
         if self.dry_run or self.left() < estimate:
-            record = {'sweep': dict(sweep, skipped='dry run' if self.dry_run else
-                                    f'{self.left():.0f} s left < {estimate:.0f} s estimated'), 'error': 'skipped'}
+            record = {
+                'sweep': dict(
+                    sweep,
+                    skipped='dry run' if self.dry_run else f'{self.left():.0f} s left < {estimate:.0f} s estimated',
+                ),
+                'error': 'skipped',
+            }
             self._write(record)
             return record
         if point.get('profile'):
             shutil.rmtree(_TRACE, ignore_errors=True)  # a trace left by an earlier sweep on this machine
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30.0, self.left()), check=False,
-                                  cwd=_REPO)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=max(30.0, self.left()), check=False, cwd=_REPO
+            )
             stdout, stderr = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as e:
             stdout, stderr = e.stdout or '', (e.stderr or '') + '\nTIMEOUT'
@@ -165,8 +198,9 @@ class Sweep:
             f.write(f'### {point["stage"]}/{point["name"]}  ({wall:.1f} s)\n{sweep["command"]}\n{stderr[-4000:]}\n\n')
         self._write(record)
         if point.get('profile') and os.path.isdir(_TRACE):  # one file: only two folder levels of --out come back
-            subprocess.run(['tar', 'czf', os.path.join(self.out, 'gpu_sweep_profile.tgz'), '-C', _TRACE, '.'],
-                           check=False)
+            subprocess.run(
+                ['tar', 'czf', os.path.join(self.out, 'gpu_sweep_profile.tgz'), '-C', _TRACE, '.'], check=False
+            )
         if 'error' in record and point.get('fallback') and any(s in record['error'] for s in _OOM):
             retry = {k: v for k, v in point.items() if k != 'fallback'}
             retry.update(name=point['name'] + '_fallback', overrides={**point['overrides'], **point['fallback']})
@@ -174,15 +208,19 @@ class Sweep:
         return record
 
     def summary(self):
-        rows = ['| stage | point | images/s | ms/step (median) | compile s | peak GiB | MFU | note |',
-                '|---|---|---|---|---|---|---|---|']
+        rows = [
+            '| stage | point | images/s | ms/step (median) | compile s | peak GiB | MFU | note |',
+            '|---|---|---|---|---|---|---|---|',
+        ]
         for r in self.results:
             s = r['sweep']
             if 'images_per_s' in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get('mfu') else 'n/a'
                 gib = f"{r['peak_memory_gib']:.1f}" if r.get('peak_memory_gib') is not None else 'n/a'
-                rows.append(f"| {s['stage']} | {s['name']} | {r['images_per_s']:.0f} | {r['ms_per_step']['median']:.1f}"
-                            f" | {r['first_step_compile_s']:.1f} | {gib} | {mfu} | |")
+                rows.append(
+                    f"| {s['stage']} | {s['name']} | {r['images_per_s']:.0f} | {r['ms_per_step']['median']:.1f}"
+                    f" | {r['first_step_compile_s']:.1f} | {gib} | {mfu} | |"
+                )
             else:
                 note = s.get('skipped') or r.get('error', '')[:120].replace('|', '/').replace('\n', ' ')
                 rows.append(f"| {s['stage']} | {s['name']} | - | - | - | - | - | {note} |")
@@ -193,8 +231,10 @@ class Sweep:
         lines = ['# GPU sweep', '', f"device: {', '.join(sorted(kinds)) or '?'}", '', *rows, '']
         for label, r in (('fastest (attention x remat)', best), ('fastest within 24 GiB', fits)):
             if r:
-                lines.append(f"- {label}: {r['sweep']['name']} {json.dumps(_settings(r))}: {r['images_per_s']:.0f} "
-                             f"img/s, {r.get('peak_memory_gib') or 0:.1f} GiB")
+                lines.append(
+                    f"- {label}: {r['sweep']['name']} {json.dumps(_settings(r))}: {r['images_per_s']:.0f} "
+                    f"img/s, {r.get('peak_memory_gib') or 0:.1f} GiB"
+                )
         with open(os.path.join(self.out, 'gpu_sweep_summary.md'), 'w') as f:
             f.write('\n'.join(lines) + '\n')
         print('\n'.join(lines), flush=True)
@@ -204,8 +244,13 @@ def _environment(out):
     """nvidia-smi's view of the card, recorded before anything runs."""
     try:
         query = 'name,driver_version,memory.total,clocks.max.sm,power.limit'
-        text = subprocess.run(['nvidia-smi', f'--query-gpu={query}', '--format=csv'], capture_output=True, text=True,
-                              timeout=20, check=False).stdout
+        text = subprocess.run(
+            ['nvidia-smi', f'--query-gpu={query}', '--format=csv'],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         text = f'nvidia-smi unavailable: {e}'
     with open(os.path.join(out, 'gpu_sweep.log'), 'a') as f:

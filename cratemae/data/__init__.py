@@ -14,6 +14,7 @@ Sources: embedded (mnist, skimage_crops, digits if sklearn), tfds array_record
 image_folder. See docs/data.md.
 """
 
+from cratemae.data import workers
 from cratemae.data.config import data_config_from
 from cratemae.data.config import default_data_config
 from cratemae.data.config import validate_data_config
@@ -26,9 +27,18 @@ from cratemae.data.registry import DatasetSpec
 from cratemae.data.registry import dataset_names
 from cratemae.data.registry import resolve_split
 from cratemae.data.tfds_source import DatasetNotPreparedError
-from cratemae.data import workers
 
 __all__ = [
-    'DATASETS', 'DataInfo', 'DatasetNotPreparedError', 'DatasetSpec', 'Pipeline', 'data_config_from',
-    'dataset_names', 'default_data_config', 'make_pipeline', 'normalization', 'resolve_split', 'validate_data_config',
+    'DATASETS',
+    'DataInfo',
+    'DatasetNotPreparedError',
+    'DatasetSpec',
+    'Pipeline',
+    'data_config_from',
+    'dataset_names',
+    'default_data_config',
+    'make_pipeline',
+    'normalization',
+    'resolve_split',
+    'validate_data_config',
 ]

@@ -37,7 +37,7 @@ def to_channels(image, channels):
         image = image[:, :, None]
     c = image.shape[-1]
     if c in (2, 4):  # LA / RGBA: drop alpha, like PIL convert('L'/'RGB')
-        image = image[..., :c - 1]
+        image = image[..., : c - 1]
         c -= 1
     if c == channels:
         return image
@@ -49,8 +49,7 @@ def to_channels(image, channels):
     raise ValueError(f'cannot convert an image with {c} channels to {channels}')
 
 
-def random_resized_crop_box(rng, height, width, scale=(0.2, 1.0),
-                            ratio=(3 / 4, 4 / 3), attempts=10):
+def random_resized_crop_box(rng, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
     """Samples a crop box (top, left, h, w) as torchvision RandomResizedCrop.
 
     area a ~ U(scale) * H * W, log aspect r ~ U(log ratio); w = round(sqrt(a r)),
@@ -92,14 +91,12 @@ def resized_crop(image, box, size, resample=Image.BICUBIC):
     size x size at integer offsets is returned as a plain slice.
     """
     top, left, h, w = box
-    if (h == size and w == size and float(top).is_integer()
-            and float(left).is_integer()):
+    if h == size and w == size and float(top).is_integer() and float(left).is_integer():
         t, l = int(top), int(left)
-        return np.ascontiguousarray(image[t:t + size, l:l + size])
+        return np.ascontiguousarray(image[t : t + size, l : l + size])
     channels = image.shape[-1]
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    out = pil.resize((size, size), resample=resample,
-                     box=(left, top, left + w, top + h))
+    out = pil.resize((size, size), resample=resample, box=(left, top, left + w, top + h))
     out = np.asarray(out)
     return out[..., None] if channels == 1 else out
 

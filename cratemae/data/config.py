@@ -29,25 +29,27 @@ def default_data_config():
     in-memory embedded datasets; 0 = in process; see workers.py), prefetch (batches made ahead by a background thread),
     eval_crop_pct (None -> the dataset's default: 1.0 small, 0.875 photos).
     """
-    return ml_collections.ConfigDict(dict(
-        name='mnist',
-        split_train='train',
-        split_eval='auto',
-        data_dir=config_dict.placeholder(str),
-        image_key=config_dict.placeholder(str),
-        label_key=config_dict.placeholder(str),
-        folder=config_dict.placeholder(str),
-        image_size=32,
-        channels=1,
-        augment='mae',
-        crop_scale=(0.2, 1.0),
-        hflip=True,
-        randaugment=config_dict.placeholder(tuple),
-        normalize='dataset',
-        num_workers=config_dict.FieldReference('auto', field_type=object),  # 'auto' or an int
-        prefetch=2,
-        eval_crop_pct=config_dict.placeholder(float),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            name='mnist',
+            split_train='train',
+            split_eval='auto',
+            data_dir=config_dict.placeholder(str),
+            image_key=config_dict.placeholder(str),
+            label_key=config_dict.placeholder(str),
+            folder=config_dict.placeholder(str),
+            image_size=32,
+            channels=1,
+            augment='mae',
+            crop_scale=(0.2, 1.0),
+            hflip=True,
+            randaugment=config_dict.placeholder(tuple),
+            normalize='dataset',
+            num_workers=config_dict.FieldReference('auto', field_type=object),  # 'auto' or an int
+            prefetch=2,
+            eval_crop_pct=config_dict.placeholder(float),
+        )
+    )
 
 
 def data_config_from(values):
@@ -70,22 +72,22 @@ def validate_data_config(cfg):
         if (problem := tfds_source.check_name(name)) is not None:
             errors.append(problem)
     elif name not in registry.DATASETS:
-        errors.append(f'data.name={name!r} is not a dataset; valid '
-                      f'names: {", ".join(registry.dataset_names())}, or '
-                      'tfds:NAME[:VERSION] for any prepared tfds image dataset')
+        errors.append(
+            f'data.name={name!r} is not a dataset; valid '
+            f'names: {", ".join(registry.dataset_names())}, or '
+            'tfds:NAME[:VERSION] for any prepared tfds image dataset'
+        )
     for key in ('split_train', 'split_eval'):
         if not isinstance(cfg.get(key), str) or not cfg.get(key):
             errors.append(f'data.{key}={cfg.get(key)!r} must be a split name')
     if not _is_int(cfg.get('image_size')) or cfg.image_size < 1:
-        errors.append(f'data.image_size={cfg.get("image_size")!r} must be a '
-                      'positive int')
+        errors.append(f'data.image_size={cfg.get("image_size")!r} must be a positive int')
     if cfg.get('channels') not in (1, 3):
         errors.append(f'data.channels={cfg.get("channels")!r} must be 1 or 3')
     if cfg.get('augment') not in AUGMENTS:
         errors.append(f'data.augment={cfg.get("augment")!r} must be one of {AUGMENTS}')
     if cfg.get('normalize', 'dataset') not in NORMALIZE:
-        errors.append(f'data.normalize={cfg.get("normalize")!r} must be one of '
-                      f'{NORMALIZE}')
+        errors.append(f'data.normalize={cfg.get("normalize")!r} must be one of {NORMALIZE}')
     scale = cfg.get('crop_scale')
     try:
         lo, hi = (float(v) for v in scale)
@@ -93,14 +95,12 @@ def validate_data_config(cfg):
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        errors.append(f'data.crop_scale={scale!r} must be (lo, hi) with '
-                      '0 < lo <= hi <= 1')
+        errors.append(f'data.crop_scale={scale!r} must be (lo, hi) with 0 < lo <= hi <= 1')
     if (problem := randaugment.check_spec(cfg.get('randaugment'))) is not None:
         errors.append(problem)
     if not isinstance(cfg.get('hflip'), bool):
         errors.append(f'data.hflip={cfg.get("hflip")!r} must be True or False')
-    if not (cfg.get('num_workers') == 'auto' or _is_int(cfg.get('num_workers'))
-            and cfg.get('num_workers') >= 0):
+    if not (cfg.get('num_workers') == 'auto' or _is_int(cfg.get('num_workers')) and cfg.get('num_workers') >= 0):
         errors.append(f'data.num_workers={cfg.get("num_workers")!r} must be \'auto\' or an int >= 0')
     if not _is_int(cfg.get('prefetch')) or cfg.get('prefetch') < 0:
         errors.append(f'data.prefetch={cfg.get("prefetch")!r} must be an int >= 0')
@@ -110,14 +110,13 @@ def validate_data_config(cfg):
     if cfg.get('name') == 'image_folder':
         folder = cfg.get('folder')
         if not folder or not os.path.isdir(folder):
-            errors.append(f'data.folder={folder!r} must be an existing directory '
-                          "for data.name='image_folder'")
+            errors.append(f'data.folder={folder!r} must be an existing directory for data.name=\'image_folder\'')
     spec = registry.DATASETS.get(cfg.get('name'))
     if spec is not None and spec.splits:
         for key in ('split_train', 'split_eval'):
-            if cfg.get(key) not in spec.splits and not (key == 'split_eval'
-                                                        and cfg.get(key) == 'auto'):
-                errors.append(f'data.{key}={cfg.get(key)!r}: {spec.name} has '
-                              f'splits {spec.splits} (--config.data.{key})')
+            if cfg.get(key) not in spec.splits and not (key == 'split_eval' and cfg.get(key) == 'auto'):
+                errors.append(
+                    f'data.{key}={cfg.get(key)!r}: {spec.name} has splits {spec.splits} (--config.data.{key})'
+                )
     if errors:
         raise ValueError('invalid config.data:\n  ' + '\n  '.join(errors))

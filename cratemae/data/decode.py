@@ -132,8 +132,7 @@ def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=Tr
     draft = (max(1, width // r), max(1, height // r)) if r > 1 else None
     im, scale = _load(im, channels, draft)
     box = (left * scale, top * scale, (left + w) * scale, (top + h) * scale)
-    if (scale == 1.0 and h == size and w == size and float(top).is_integer()
-            and float(left).is_integer()):
+    if scale == 1.0 and h == size and w == size and float(top).is_integer() and float(left).is_integer():
         out = im.crop((int(left), int(top), int(left) + size, int(top) + size))
     else:
         out = im.resize((size, size), resample=resample, box=box)

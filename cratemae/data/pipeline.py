@@ -28,15 +28,16 @@ import logging
 import math
 import queue
 import threading
-from typing import Optional, Tuple
+from typing import Optional
+from typing import Tuple
 
 import grain
 import numpy as np
 
 from cratemae.data import augment
+from cratemae.data import config as config_lib
 from cratemae.data import decode
 from cratemae.data import randaugment
-from cratemae.data import config as config_lib
 from cratemae.data import registry
 from cratemae.data import workers
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
     """What the model sees: output image_size/channels and the mean/std used."""
+
     name: str
     num_examples: int
     num_classes: Optional[int]
@@ -77,8 +79,7 @@ class _Transform:
     (deterministically) and logged. Normalisation happens once per batch
     (`_Batcher`): vectorised, on a quarter of the bytes."""
 
-    def __init__(self, source, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True,
-                 randaugment_spec=None):
+    def __init__(self, source, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment_spec=None):
         self.source = source
         self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32)
@@ -99,11 +100,15 @@ class _Transform:
                 return augment.resized_crop(image, box_fn(*image.shape[:2]), self.size), label
             except decode.UndecodableImage as e:
                 j = (int(index) + k + 1) % n
-                log.warning('record %d of %s: %s; using record %d instead',
-                            (int(index) + k) % n, _describe(self.source, (int(index) + k) % n), e, j)
+                log.warning(
+                    'record %d of %s: %s; using record %d instead',
+                    (int(index) + k) % n,
+                    _describe(self.source, (int(index) + k) % n),
+                    e,
+                    j,
+                )
                 payload, label = self.source[j]
-        raise decode.UndecodableImage(
-            f'{_MAX_FALLBACK} consecutive records from index {index} failed to decode')
+        raise decode.UndecodableImage(f'{_MAX_FALLBACK} consecutive records from index {index} failed to decode')
 
     def train(self, example, rng):
         if self.mae_crop:
@@ -156,8 +161,9 @@ def _derive_seeds(seed):
 class _Batcher:
     """Index math + grain dataset; pickled into grain worker processes."""
 
-    def __init__(self, source, transform, seed, global_batch, process_index,
-                 process_count, train, augment_train, uint8=False):
+    def __init__(
+        self, source, transform, seed, global_batch, process_index, process_count, train, augment_train, uint8=False
+    ):
         self.source, self.transform = source, transform
         self.seed, self.train, self.augment_train = seed, train, augment_train
         self.global_batch = global_batch
@@ -200,8 +206,10 @@ class _Batcher:
         examples = [self.dataset[int(i)] for i in index]
         images = np.stack([e[0] for e in examples])
         t = self.transform
-        batch = {'image': images if self.uint8 else augment.normalize(images, t.mean, t.std),
-                 'label': np.asarray([e[1] for e in examples], np.int32)}
+        batch = {
+            'image': images if self.uint8 else augment.normalize(images, t.mean, t.std),
+            'label': np.asarray([e[1] for e in examples], np.int32),
+        }
         if not self.train:
             batch['valid'] = g < self.num_examples
         return batch
@@ -220,15 +228,14 @@ def normalization(cfg):
 class Pipeline:
     """Input for one split on one host; see the module docstring for order."""
 
-    def __init__(self, cfg, split, global_batch, seed, process_index=0,
-                 process_count=1, train=True, uint8=False):
+    def __init__(self, cfg, split, global_batch, seed, process_index=0, process_count=1, train=True, uint8=False):
         config_lib.validate_data_config(cfg)
         if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f'process_index={process_index} must be in '
-                             f'[0, process_count={process_count})')
+            raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
         if global_batch < 1 or global_batch % process_count:
-            raise ValueError(f'global_batch={global_batch} must be a positive '
-                             f'multiple of process_count={process_count}')
+            raise ValueError(
+                f'global_batch={global_batch} must be a positive multiple of process_count={process_count}'
+            )
         spec = registry.get_spec(cfg.name)
         source, split = registry.open_source(cfg, split)
         mean, std = normalization(cfg)
@@ -236,28 +243,57 @@ class Pipeline:
         crop_pct = spec.eval_crop_pct if crop_pct is None else float(crop_pct)
         rand_aug = cfg.get('randaugment')
         rand_aug = None if rand_aug is None else tuple(int(v) for v in rand_aug)
-        transform = _Transform(source, cfg.image_size, cfg.channels, mean, std,
-                               cfg.crop_scale, cfg.hflip, crop_pct,
-                               mae_crop=cfg.augment == 'mae', randaugment_spec=rand_aug)
-        self.info = DataInfo(name=spec.name, num_examples=len(source),
-                             num_classes=registry.num_classes(spec, source),
-                             image_size=cfg.image_size, channels=cfg.channels,
-                             mean=mean, std=std)
+        transform = _Transform(
+            source,
+            cfg.image_size,
+            cfg.channels,
+            mean,
+            std,
+            cfg.crop_scale,
+            cfg.hflip,
+            crop_pct,
+            mae_crop=cfg.augment == 'mae',
+            randaugment_spec=rand_aug,
+        )
+        self.info = DataInfo(
+            name=spec.name,
+            num_examples=len(source),
+            num_classes=registry.num_classes(spec, source),
+            image_size=cfg.image_size,
+            channels=cfg.channels,
+            mean=mean,
+            std=std,
+        )
         self.split, self.train = split, train
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
         self.prefetch = cfg.prefetch
-        batch_bytes = self.local_batch * cfg.image_size ** 2 * cfg.channels * (1 if uint8 else 4)
-        self.num_workers = workers.resolve(cfg.num_workers, decodes=spec.kind != 'embedded',
-                                           batch_bytes=batch_bytes, buffer=max(1, cfg.prefetch))
-        self._batcher = _Batcher(source, transform, seed, global_batch,
-                                 process_index, process_count, train,
-                                 augment_train=cfg.augment == 'mae' or rand_aug is not None,
-                                 uint8=uint8)
-        log.info('data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
-                 spec.name, split, len(source),
-                 f'augment={cfg.augment}, randaugment={rand_aug}' if train else f'eval crop_pct={crop_pct}',
-                 process_index, process_count, self.local_batch, global_batch)
+        batch_bytes = self.local_batch * cfg.image_size**2 * cfg.channels * (1 if uint8 else 4)
+        self.num_workers = workers.resolve(
+            cfg.num_workers, decodes=spec.kind != 'embedded', batch_bytes=batch_bytes, buffer=max(1, cfg.prefetch)
+        )
+        self._batcher = _Batcher(
+            source,
+            transform,
+            seed,
+            global_batch,
+            process_index,
+            process_count,
+            train,
+            augment_train=cfg.augment == 'mae' or rand_aug is not None,
+            uint8=uint8,
+        )
+        log.info(
+            'data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
+            spec.name,
+            split,
+            len(source),
+            f'augment={cfg.augment}, randaugment={rand_aug}' if train else f'eval crop_pct={crop_pct}',
+            process_index,
+            process_count,
+            self.local_batch,
+            global_batch,
+        )
 
     @property
     def steps_per_epoch(self):
@@ -297,11 +333,14 @@ class Pipeline:
         15, against 683 and 2,163 with this thread; docs/data.md)."""
         stop = self.num_batches if not self.train else start_step + 2**40  # "forever"
         if self.num_workers > 0:
-            return Prefetcher(_grain_worker_iter(self._batcher, start_step, stop, self.num_workers,
-                                                 max(1, self.prefetch)), self.prefetch)
+            return Prefetcher(
+                _grain_worker_iter(self._batcher, start_step, stop, self.num_workers, max(1, self.prefetch)),
+                self.prefetch,
+            )
         ds = grain.MapDataset.range(start_step, max(start_step, stop)).map(_StepBatch(self._batcher))
-        ds = ds.to_iter_dataset(grain.ReadOptions(
-            num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch))
+        ds = ds.to_iter_dataset(
+            grain.ReadOptions(num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch)
+        )
         return _Batches(iter(ds))
 
 
@@ -340,14 +379,14 @@ class _Batches:
 def _grain_worker_iter(batcher, start, stop, num_workers, buffer):
     """Batches made by grain worker processes, in step order."""
     from absl import flags  # pylint: disable=import-outside-toplevel
+
     if not flags.FLAGS.is_parsed():
         # grain's workers read an absl flag; unparsed flags raise otherwise.
         flags.FLAGS.mark_as_parsed()
     stop = start + 2**40 if stop is None else stop  # "forever" for training
     ds = grain.MapDataset.range(start, stop).map(_StepBatch(batcher))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=buffer))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer))
     it = iter(ds)
     # Workers hand back arrays in shared memory; copying them into ordinary
     # arrays (in the prefetch thread) frees each segment at once instead of
@@ -377,8 +416,7 @@ class Prefetcher:
         self._thread = None
         if size > 0:
             self._queue = queue.Queue(maxsize=size)
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name='cratemae-data-prefetch')
+            self._thread = threading.Thread(target=self._run, daemon=True, name='cratemae-data-prefetch')
             self._thread.start()
 
     def _put(self, item):
@@ -432,9 +470,16 @@ class Prefetcher:
         self.close()
 
 
-def make_pipeline(cfg, split, global_batch, seed, process_index=0,
-                  process_count=1, train=True, uint8=False):
+def make_pipeline(cfg, split, global_batch, seed, process_index=0, process_count=1, train=True, uint8=False):
     """The pipeline the train/eval loops read; see `Pipeline`. uint8=True
     hands uint8 batches over, to be normalised on the devices (`device.py`)."""
-    return Pipeline(cfg, split, global_batch, seed, process_index=process_index,
-                    process_count=process_count, train=train, uint8=uint8)
+    return Pipeline(
+        cfg,
+        split,
+        global_batch,
+        seed,
+        process_index=process_index,
+        process_count=process_count,
+        train=train,
+        uint8=uint8,
+    )

@@ -17,14 +17,17 @@ _INSTALL_GCSFUSE = (
     'echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt '
     'gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && '
     'curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc '
-    '>/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }')
+    '>/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }'
+)
 
 
 def split_gcs(url):
     """'gs://BUCKET/PREFIX' -> (BUCKET, PREFIX or ''); ValueError for anything else."""
     if not isinstance(url, str) or not url.startswith('gs://') or not url[5:].strip('/'):
-        raise ValueError(f'--data={url!r} must be gs://BUCKET[/PREFIX], the GCS folder holding the prepared tfds '
-                         'datasets (the --data_dir that launch.prepare_data wrote, copied there)')
+        raise ValueError(
+            f'--data={url!r} must be gs://BUCKET[/PREFIX], the GCS folder holding the prepared tfds '
+            'datasets (the --data_dir that launch.prepare_data wrote, copied there)'
+        )
     bucket, _, prefix = url[5:].strip('/').partition('/')
     return bucket, prefix
 
@@ -38,8 +41,10 @@ def host_command(url, how='gcsfuse', local=LOCAL_DIR):
     if how == 'copy':
         return f'{make} && gcloud storage rsync --recursive {shlex.quote(url.rstrip("/"))} {local}'
     only = f' --only-dir {shlex.quote(prefix)}' if prefix else ''
-    return (f'{_INSTALL_GCSFUSE} && {make} && '
-            f'{{ mountpoint -q {local} || gcsfuse --implicit-dirs{only} {shlex.quote(bucket)} {local}; }}')
+    return (
+        f'{_INSTALL_GCSFUSE} && {make} && '
+        f'{{ mountpoint -q {local} || gcsfuse --implicit-dirs{only} {shlex.quote(bucket)} {local}; }}'
+    )
 
 
 def train_overrides(local=LOCAL_DIR):

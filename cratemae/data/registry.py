@@ -6,7 +6,8 @@ units) used for normalisation. Adding a dataset is one entry here.
 """
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional
+from typing import Tuple
 
 from cratemae.data import embedded
 from cratemae.data import folder as folder_lib
@@ -15,7 +16,7 @@ from cratemae.data import tfds_source
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Computed over each training split in [0, 1] units (see docs/data.md).
-MNIST_MEAN, MNIST_STD = (0.1315,), (0.3088,)      # 4,500-image train split
+MNIST_MEAN, MNIST_STD = (0.1315,), (0.3088,)  # 4,500-image train split
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -25,6 +26,7 @@ class DatasetSpec:
     """name; kind in {'embedded','tfds','folder'}; native channels (None = any);
     native size (None = variable); mean/std per native channel; default eval
     crop_pct (1.0 for small fixed-size images, 0.875 = 224/256 for photos)."""
+
     name: str
     kind: str
     channels: Optional[int]
@@ -40,22 +42,20 @@ def _tfds(name, mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, crop=0.875):
 
 
 DATASETS = {
-    'mnist': DatasetSpec('mnist', 'embedded', 1, 28, MNIST_MEAN, MNIST_STD, 1.0,
-                         ('train', 'test')),
-    'skimage_crops': DatasetSpec('skimage_crops', 'embedded', 3, 64, IMAGENET_MEAN,
-                                 IMAGENET_STD, 1.0, ('train', 'test')),
+    'mnist': DatasetSpec('mnist', 'embedded', 1, 28, MNIST_MEAN, MNIST_STD, 1.0, ('train', 'test')),
+    'skimage_crops': DatasetSpec(
+        'skimage_crops', 'embedded', 3, 64, IMAGENET_MEAN, IMAGENET_STD, 1.0, ('train', 'test')
+    ),
     'imagenet2012': _tfds('imagenet2012'),
     'cifar10': _tfds('cifar10', CIFAR10_MEAN, CIFAR10_STD, 32, 1.0),
     'cifar100': _tfds('cifar100', CIFAR100_MEAN, CIFAR100_STD, 32, 1.0),
     'oxford_flowers102': _tfds('oxford_flowers102'),
     'oxford_iiit_pet': _tfds('oxford_iiit_pet'),
-    'image_folder': DatasetSpec('image_folder', 'folder', None, None, IMAGENET_MEAN,
-                                IMAGENET_STD, 0.875),
+    'image_folder': DatasetSpec('image_folder', 'folder', None, None, IMAGENET_MEAN, IMAGENET_STD, 0.875),
 }
 if embedded.sklearn_available():
     # mean/std None: computed from the train split when opened (optional dataset).
-    DATASETS['digits'] = DatasetSpec('digits', 'embedded', 1, 8, None, None, 1.0,
-                                     ('train', 'test'))
+    DATASETS['digits'] = DatasetSpec('digits', 'embedded', 1, 8, None, None, 1.0, ('train', 'test'))
 
 
 def dataset_names():
@@ -70,9 +70,11 @@ def get_spec(name):
             raise ValueError(problem)
         return DatasetSpec(name, 'tfds', None, None, IMAGENET_MEAN, IMAGENET_STD, 0.875)
     if name not in DATASETS:
-        raise ValueError(f'unknown dataset {name!r}; valid names: '
-                         f'{", ".join(dataset_names())}, or tfds:NAME[:VERSION] for any '
-                         'prepared tfds image dataset')
+        raise ValueError(
+            f'unknown dataset {name!r}; valid names: '
+            f'{", ".join(dataset_names())}, or tfds:NAME[:VERSION] for any '
+            'prepared tfds image dataset'
+        )
     return DATASETS[name]
 
 
@@ -85,11 +87,9 @@ def open_source(cfg, split):
         split = 'test' if split == 'auto' else split
         return embedded.open_split(spec.name, split), split
     if spec.kind == 'tfds':
-        return tfds_source.open_split(spec.name, split, cfg.get('data_dir'),
-                                      cfg.get('image_key'), cfg.get('label_key'))
+        return tfds_source.open_split(spec.name, split, cfg.get('data_dir'), cfg.get('image_key'), cfg.get('label_key'))
     folder, split = folder_lib.folder_for_split(cfg.folder, split)
-    return folder_lib.FolderSource(folder, channels=cfg.channels,
-                                   image_size=cfg.image_size), split
+    return folder_lib.FolderSource(folder, channels=cfg.channels, image_size=cfg.image_size), split
 
 
 def resolve_split(cfg, split):
@@ -99,8 +99,10 @@ def resolve_split(cfg, split):
     if spec.kind == 'embedded':
         split = 'test' if split == 'auto' else split
         if split not in spec.splits:
-            raise ValueError(f'{spec.name} has no split {split!r}; its splits are {spec.splits}. '
-                             'Choose with --config.data.split_train / --config.data.split_eval')
+            raise ValueError(
+                f'{spec.name} has no split {split!r}; its splits are {spec.splits}. '
+                'Choose with --config.data.split_train / --config.data.split_eval'
+            )
         return split
     if spec.kind == 'tfds':
         b = tfds_source.builder(spec.name, cfg.get('data_dir'))

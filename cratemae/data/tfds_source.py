@@ -19,8 +19,7 @@ would retry a download for ~205 s offline before failing.
 import importlib.util
 import os
 
-TFDS_NAMES = ('imagenet2012', 'cifar10', 'cifar100', 'oxford_flowers102',
-              'oxford_iiit_pet')
+TFDS_NAMES = ('imagenet2012', 'cifar10', 'cifar100', 'oxford_flowers102', 'oxford_iiit_pet')
 PREFIX = 'tfds:'
 EVAL_SPLITS = ('validation', 'test')  # what split_eval='auto' looks for, in order
 _SPLIT_FLAGS = '--config.data.split_train / --config.data.split_eval'
@@ -32,21 +31,22 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 def default_data_dir():
     """tfds' own default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-    return os.environ.get('TFDS_DATA_DIR') or os.path.join(
-        os.path.expanduser('~'), 'tensorflow_datasets')
+    return os.environ.get('TFDS_DATA_DIR') or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
 
 
 def tfds_name(name):
     """'tfds:NAME[:VERSION]' -> 'NAME[:VERSION]' (tfds' own spelling); registered names as is."""
-    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
 
 
 def check_name(name):
     """None if `name` is a well-formed 'tfds:NAME[:VERSION]', else the problem."""
     parts = tfds_name(name).split(':')
     if len(parts) > 2 or not parts[0] or (len(parts) == 2 and not parts[1]):
-        return (f'data.name={name!r}: write a tfds dataset as tfds:NAME or '
-                'tfds:NAME:VERSION, e.g. tfds:food101 or tfds:food101:2.0.0')
+        return (
+            f'data.name={name!r}: write a tfds dataset as tfds:NAME or '
+            'tfds:NAME:VERSION, e.g. tfds:food101 or tfds:food101:2.0.0'
+        )
     return None
 
 
@@ -61,7 +61,8 @@ def _not_prepared(name, data_dir, why):
     return DatasetNotPreparedError(
         f"tfds dataset '{tfds_name(name)}' is not prepared in array_record format "
         f'under {data_dir or default_data_dir()} ({why}). Training never downloads; '
-        f'prepare it once with:\n    {prepare_command(name, data_dir)}')
+        f'prepare it once with:\n    {prepare_command(name, data_dir)}'
+    )
 
 
 class TfdsSource:
@@ -94,13 +95,15 @@ def _file_formats(info):
 def builder(name, data_dir=None):
     """The prepared array_record builder for `name`, or a clear error."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     try:
         b = tfds.builder(tfds_name(name), data_dir=data_dir, file_format='array_record')
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(
             f'data.name={name!r}: tfds has no dataset {tfds_name(name)!r} (and none is '
             f'prepared under {data_dir or default_data_dir()}); see '
-            'https://www.tensorflow.org/datasets/catalog for names') from e
+            'https://www.tensorflow.org/datasets/catalog for names'
+        ) from e
     if not b.is_prepared():
         raise _not_prepared(name, data_dir, 'no prepared version found')
     formats = _file_formats(b.info)
@@ -115,55 +118,64 @@ def resolve_split(name, info, split):
     if split == 'auto':
         found = [s for s in EVAL_SPLITS if s in splits]
         if not found:
-            raise ValueError(f"tfds dataset '{tfds_name(name)}' has no validation or test "
-                             f'split (splits: {splits}); choose one with {_SPLIT_FLAGS}')
+            raise ValueError(
+                f"tfds dataset '{tfds_name(name)}' has no validation or test "
+                f'split (splits: {splits}); choose one with {_SPLIT_FLAGS}'
+            )
         return found[0]
     if split.split('[')[0] not in splits:
-        raise ValueError(f"tfds dataset '{tfds_name(name)}' has no split {split!r}; its "
-                         f'splits are {splits}. Choose with {_SPLIT_FLAGS}')
+        raise ValueError(
+            f"tfds dataset '{tfds_name(name)}' has no split {split!r}; its "
+            f'splits are {splits}. Choose with {_SPLIT_FLAGS}'
+        )
     return split
 
 
 def resolve_keys(name, info, image_key=None, label_key=None):
     """(image_key, label_key or None) from overrides, supervised keys, features."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     features = info.features
     supervised = info.supervised_keys
-    if not (isinstance(supervised, (tuple, list)) and len(supervised) == 2
-            and all(isinstance(k, str) for k in supervised)):
+    if not (
+        isinstance(supervised, (tuple, list)) and len(supervised) == 2 and all(isinstance(k, str) for k in supervised)
+    ):
         supervised = (None, None)
     if image_key is None:
         image_key = supervised[0] or next(
             (k for k, f in features.items() if isinstance(f, tfds.features.Image)),
-            'image' if 'image' in features else None)
+            'image' if 'image' in features else None,
+        )
     if label_key is None:
         label_key = supervised[1] or next(
-            (k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+            (k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None
+        )
     listing = ', '.join(f'{k} ({type(f).__name__})' for k, f in features.items())
     if image_key is None or image_key not in features:
         raise ValueError(
             f"tfds dataset '{tfds_name(name)}' has no image feature {image_key!r}; its "
-            f'features: {listing}. Choose with --config.data.image_key')
+            f'features: {listing}. Choose with --config.data.image_key'
+        )
     if label_key is not None and label_key not in features:
         raise ValueError(
             f"tfds dataset '{tfds_name(name)}' has no label feature {label_key!r}; its "
-            f'features: {listing}. Choose with --config.data.label_key')
+            f'features: {listing}. Choose with --config.data.label_key'
+        )
     return image_key, label_key
 
 
 def open_split(name, split, data_dir=None, image_key=None, label_key=None):
     """(TfdsSource, resolved split) for `split` of a prepared dataset, never downloading."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     b = builder(name, data_dir)
     split = resolve_split(name, b.info, split)
     image_key, label_key = resolve_keys(name, b.info, image_key, label_key)
     features = b.info.features
-    decoders = ({image_key: tfds.decode.SkipDecoding()}
-                if isinstance(features[image_key], tfds.features.Image) else None)
+    decoders = {image_key: tfds.decode.SkipDecoding()} if isinstance(features[image_key], tfds.features.Image) else None
     source = b.as_data_source(split=split, decoders=decoders)
     label = features[label_key] if label_key is not None else None
-    return TfdsSource(source, getattr(label, 'num_classes', None), image_key,
-                      label_key), split
+    return TfdsSource(source, getattr(label, 'num_classes', None), image_key, label_key), split
 
 
 def tensorflow_available():
@@ -183,14 +195,20 @@ def prepare(name, data_dir=None, manual_dir=None):
     if name not in TFDS_NAMES and not generic:
         raise ValueError(f'unknown dataset {name!r}; tfds datasets: {", ".join(TFDS_NAMES)}, or tfds:NAME[:VERSION]')
     if tfds_name(name).split(':')[0] == 'imagenet2012' and not manual_dir:
-        raise ValueError('imagenet2012 cannot be downloaded automatically: put ILSVRC2012_img_train.tar and '
-                         'ILSVRC2012_img_val.tar (from image-net.org) in a folder and pass --manual_dir.')
+        raise ValueError(
+            'imagenet2012 cannot be downloaded automatically: put ILSVRC2012_img_train.tar and '
+            'ILSVRC2012_img_val.tar (from image-net.org) in a folder and pass --manual_dir.'
+        )
     if not tensorflow_available():
-        raise ValueError('preparing a tfds image dataset needs TensorFlow to encode images: pip install '
-                         'tensorflow-cpu (training does not).')
+        raise ValueError(
+            'preparing a tfds image dataset needs TensorFlow to encode images: pip install '
+            'tensorflow-cpu (training does not).'
+        )
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     builder = tfds.builder(tfds_name(name), data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-                                     file_format='array_record')
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir), file_format='array_record'
+        )
     return builder

@@ -14,8 +14,7 @@ import sys
 import tensorflow_datasets as tfds
 
 
-def write_dataset(data_dir, name, splits, num_classes, version='1.0.0',
-                  encoding_format='jpeg'):
+def write_dataset(data_dir, name, splits, num_classes, version='1.0.0', encoding_format='jpeg'):
     """Writes {split: [(encoded bytes, label), ...]} as `name`/`version` under
     data_dir; returns the prepared builder."""
     splits = {k: list(v) for k, v in splits.items()}
@@ -25,10 +24,15 @@ def write_dataset(data_dir, name, splits, num_classes, version='1.0.0',
 
         def _info(self):
             return tfds.core.DatasetInfo(
-                builder=self, supervised_keys=('image', 'label'),
-                features=tfds.features.FeaturesDict({
-                    'image': tfds.features.Image(encoding_format=encoding_format),
-                    'label': tfds.features.ClassLabel(num_classes=num_classes)}))
+                builder=self,
+                supervised_keys=('image', 'label'),
+                features=tfds.features.FeaturesDict(
+                    {
+                        'image': tfds.features.Image(encoding_format=encoding_format),
+                        'label': tfds.features.ClassLabel(num_classes=num_classes),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {split: self._generate_examples(split) for split in splits}
@@ -42,4 +46,3 @@ def write_dataset(data_dir, name, splits, num_classes, version='1.0.0',
     with contextlib.redirect_stdout(sys.stderr):  # tfds prints its progress; stdout may be a report
         builder.download_and_prepare()
     return builder
-

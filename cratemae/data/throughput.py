@@ -45,8 +45,7 @@ TARGETS = {
     'TPU v5e host (4 chips)': 4 * 4600.0 * 197 / 989,
     'TPU v5p host (4 chips)': 4 * 4600.0 * 459 / 989,
 }
-_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field',
-           'immunohistochemistry', 'retina')
+_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina')
 _TEXTURES = ('grass', 'gravel', 'brick')
 
 
@@ -69,11 +68,10 @@ def imagenet_like_jpegs(count, seed=0, detail=3.0, quality=95):
         side = rng.uniform(0.6, 1.0) * min(w, h)
         cw, ch = (side, side * 0.75) if i % 3 else (side * 0.75, side)
         left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-        base = np.asarray(photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch)),
-                          np.float32)
+        base = np.asarray(photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch)), np.float32)
         tex = textures[i % len(textures)]
         y, x = rng.integers(0, 1000 - size[1]), rng.integers(0, 1000 - size[0])
-        pixels = base + detail * tex[y:y + size[1], x:x + size[0], None]
+        pixels = base + detail * tex[y : y + size[1], x : x + size[0], None]
         buf = io.BytesIO()
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=quality)
         out.append((buf.getvalue(), k))
@@ -82,8 +80,7 @@ def imagenet_like_jpegs(count, seed=0, detail=3.0, quality=95):
 
 def _config(mode, root, size, num_workers):
     cfg = data.default_data_config()
-    cfg.update(image_size=size, channels=3, augment='mae', hflip=True, num_workers=num_workers,
-               prefetch=4)
+    cfg.update(image_size=size, channels=3, augment='mae', hflip=True, num_workers=num_workers, prefetch=4)
     if mode == 'folder':
         cfg.update(name='image_folder', folder=os.path.join(root, 'folder'))
     else:
@@ -98,8 +95,7 @@ def write_data(root, jpegs):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f'{i:05d}.jpg'), 'wb') as f:
             f.write(payload)
-    tfds_writer.write_dataset(os.path.join(root, 'tfds'), 'bench_jpegs', {'train': jpegs},
-                              num_classes=len(_PHOTOS))
+    tfds_writer.write_dataset(os.path.join(root, 'tfds'), 'bench_jpegs', {'train': jpegs}, num_classes=len(_PHOTOS))
 
 
 def bench_inline(cfg, batch, steps, uint8=False):
@@ -152,14 +148,16 @@ def measure(mode, root, size, batch, steps, worker_counts, uint8=False):
             rates[w] = bench_workers(cfg, batch, steps, uint8)
     per_cpu = None if per_cpu is None else round(per_cpu, 1)  # the figure printed is the one used
     record = {
-        'mode': mode, 'size': size, 'batch': batch, 'steps': steps, 'uint8_batches': uint8,
+        'mode': mode,
+        'size': size,
+        'batch': batch,
+        'steps': steps,
+        'uint8_batches': uint8,
         'images_per_cpu_second': None if per_cpu is None else round(per_cpu, 1),
         'decode_augment_per_cpu_second': None if per_cpu_u8 is None else round(per_cpu_u8, 1),
         'images_per_s': {str(w): round(r, 1) for w, r in rates.items()},
-        'scaling': ({str(w): round(r / (w * per_cpu), 3) for w, r in rates.items() if w}
-                    if per_cpu else {}),
-        'cores_needed': ({k: math.ceil(v / per_cpu) for k, v in TARGETS.items()}
-                         if per_cpu else {}),
+        'scaling': ({str(w): round(r / (w * per_cpu), 3) for w, r in rates.items() if w} if per_cpu else {}),
+        'cores_needed': ({k: math.ceil(v / per_cpu) for k, v in TARGETS.items()} if per_cpu else {}),
         'targets_images_per_s': {k: round(v) for k, v in TARGETS.items()},
         'other_processes_cores': None if foreign is None else round(foreign, 2),
         'load_before': [round(x, 2) for x in load_before],
@@ -182,10 +180,13 @@ def run(images, modes=MODES, size=224, batch=64, steps=12, worker_counts=(0, 1, 
         t0 = time.perf_counter()
         jpegs = imagenet_like_jpegs(images)
         write_data(root, jpegs)
-        common = {'date': datetime.date.today().isoformat(),
-                  'machine': platform.processor() or platform.machine(),
-                  'cores': workers.available_cores(), 'images': len(jpegs),
-                  'mean_kib': round(sum(len(b) for b, _ in jpegs) / len(jpegs) / 1024, 1),
-                  'write_s': round(time.perf_counter() - t0, 1)}
+        common = {
+            'date': datetime.date.today().isoformat(),
+            'machine': platform.processor() or platform.machine(),
+            'cores': workers.available_cores(),
+            'images': len(jpegs),
+            'mean_kib': round(sum(len(b) for b, _ in jpegs) / len(jpegs) / 1024, 1),
+            'write_s': round(time.perf_counter() - t0, 1),
+        }
         for mode in modes:
             yield {**measure(mode, root, size, batch, steps, worker_counts, uint8), **common}

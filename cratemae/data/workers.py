@@ -69,8 +69,16 @@ def fit_shm(count, batch_bytes, buffer, free=None):
         '(%d batches of %.1f MB each), but only %.2f GB is free; using %d worker(s)%s. '
         'Free space in %s (docker: --shm-size), lower data.prefetch or the batch, or set '
         'data.num_workers yourself.',
-        count, count * per_worker / 1e9, SHM, buffer + 1, batch_bytes / 1e6, free / 1e9,
-        fits, ' (batches made in this process)' if fits == 0 else '', SHM)
+        count,
+        count * per_worker / 1e9,
+        SHM,
+        buffer + 1,
+        batch_bytes / 1e6,
+        free / 1e9,
+        fits,
+        ' (batches made in this process)' if fits == 0 else '',
+        SHM,
+    )
     return fits
 
 
@@ -79,7 +87,11 @@ def resolve(num_workers, decodes, batch_bytes, buffer, cores=None, free=None):
     count = auto_count(decodes, cores) if num_workers == 'auto' else int(num_workers)
     count = fit_shm(count, batch_bytes, buffer, free)
     if num_workers == 'auto':
-        log.info('data.num_workers=auto: %d worker process(es) (%d core(s) available to '
-                 'this process, %d kept for the trainer)', count,
-                 available_cores() if cores is None else cores, TRAINER_CORES)
+        log.info(
+            'data.num_workers=auto: %d worker process(es) (%d core(s) available to '
+            'this process, %d kept for the trainer)',
+            count,
+            available_cores() if cores is None else cores,
+            TRAINER_CORES,
+        )
     return count

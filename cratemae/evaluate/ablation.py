@@ -1,9 +1,9 @@
 """One row per finished pretraining run, and the tables a family of runs makes (``python -m launch.sweep``).
 
-  reconstruction   the held-out masked-reconstruction loss at the last evaluation (lower is better)
-  ridge, knn       top-1 accuracy of a closed-form ridge probe and of a weighted kNN on class-token features
-  compression      R^c of the last encoder layer's output against its own subspaces (lower = more compressed)
-  sparsity         fraction of exact zeros in the last ISTA output
+reconstruction   the held-out masked-reconstruction loss at the last evaluation (lower is better)
+ridge, knn       top-1 accuracy of a closed-form ridge probe and of a weighted kNN on class-token features
+compression      R^c of the last encoder layer's output against its own subspaces (lower = more compressed)
+sparsity         fraction of exact zeros in the last ISTA output
 """
 
 import csv
@@ -49,8 +49,13 @@ def evaluate_run(workdir) -> dict:
     probes = probe.run_probes(train_feats, test_feats, methods=('ridge', 'knn'))
     pipe = data.make_pipeline(data_cfg, split=data_cfg.split_eval, global_batch=64, seed=0, train=False)
     compression, sparsity = last_layer_measures(models.build(ckpt.model_config), ckpt.params, pipe.batch(0))
-    return {'reconstruction': last_eval_loss(workdir), 'ridge': probes['ridge']['top1'], 'knn': probes['knn']['top1'],
-            'compression': compression, 'sparsity': sparsity}
+    return {
+        'reconstruction': last_eval_loss(workdir),
+        'ridge': probes['ridge']['top1'],
+        'knn': probes['knn']['top1'],
+        'compression': compression,
+        'sparsity': sparsity,
+    }
 
 
 def write_tables(rows, stem):
@@ -67,7 +72,9 @@ def write_tables(rows, stem):
     with open(stem + '.md', 'w') as f:
         f.write('\n'.join(lines) + '\n')
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(3.2 * len(MEASURES), 3.2), constrained_layout=True)
-    labels = ['base' if row.get('changes') == 'base' else str(row.get('name', i)).split('_')[-1] for i, row in enumerate(rows)]
+    labels = [
+        'base' if row.get('changes') == 'base' else str(row.get('name', i)).split('_')[-1] for i, row in enumerate(rows)
+    ]
     for ax, column in zip(axes, MEASURES):
         ax.bar(range(len(rows)), [row[column] for row in rows], color=['#888'] + ['#3a7'] * (len(rows) - 1))
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha='right', fontsize=8)

@@ -40,8 +40,21 @@ log = logging.getLogger(__name__)
 
 # Keys of config.model that change what the encoder computes; image_size may differ (the sin-cos position table is
 # rebuilt for any grid, so a model pretrained at 224 px fine-tunes at another size without interpolation).
-ARCHITECTURE_KEYS = ('encoder_block', 'patch_size', 'channels', 'width', 'depth', 'heads', 'mlp_ratio', 'qkv_bias',
-                     'ista_step', 'ista_lambda', 'encoder_sees_mask_tokens', 'block_norm_eps', 'final_norm_eps')
+ARCHITECTURE_KEYS = (
+    'encoder_block',
+    'patch_size',
+    'channels',
+    'width',
+    'depth',
+    'heads',
+    'mlp_ratio',
+    'qkv_bias',
+    'ista_step',
+    'ista_lambda',
+    'encoder_sees_mask_tokens',
+    'block_norm_eps',
+    'final_norm_eps',
+)
 
 
 @dataclasses.dataclass
@@ -88,11 +101,15 @@ def check_params(params, model_config, encoder_only=True, what='checkpoint'):
     unexpected = sorted(set(have) - set(want))
     shapes = [f'{k} (model {want[k]}, {what} {have[k]})' for k in sorted(want) if k in have and want[k] != have[k]]
     if missing or unexpected or shapes:
-        parts = [f'{title} ({len(v)}): {", ".join(v[:12])}{" ..." if len(v) > 12 else ""}.'
-                 for title, v in (('Missing keys', missing), ('Unexpected keys', unexpected),
-                                  ('Mismatched shapes', shapes)) if v]
-        raise CheckpointError(f'The {what} does not fit the model config (width {model_config.width}, depth '
-                              f'{model_config.depth}, patch {model_config.patch_size}). ' + ' '.join(parts))
+        parts = [
+            f'{title} ({len(v)}): {", ".join(v[:12])}{" ..." if len(v) > 12 else ""}.'
+            for title, v in (('Missing keys', missing), ('Unexpected keys', unexpected), ('Mismatched shapes', shapes))
+            if v
+        ]
+        raise CheckpointError(
+            f'The {what} does not fit the model config (width {model_config.width}, depth '
+            f'{model_config.depth}, patch {model_config.patch_size}). ' + ' '.join(parts)
+        )
 
 
 def normalize_model_config(stored) -> ml_collections.ConfigDict:
@@ -109,12 +126,18 @@ def normalize_model_config(stored) -> ml_collections.ConfigDict:
 
 def check_architecture(checkpoint_config, config_model, what='checkpoint'):
     """Raises CheckpointError listing the architecture keys on which the checkpoint and the config disagree."""
-    diffs = [f'model.{k}: {what} {checkpoint_config.get(k)!r}, config {config_model.get(k)!r}'
-             for k in ARCHITECTURE_KEYS if checkpoint_config.get(k) != config_model.get(k)]
+    diffs = [
+        f'model.{k}: {what} {checkpoint_config.get(k)!r}, config {config_model.get(k)!r}'
+        for k in ARCHITECTURE_KEYS
+        if checkpoint_config.get(k) != config_model.get(k)
+    ]
     if diffs:
-        raise CheckpointError(f'The {what} was trained with another architecture than the config asks for:\n  '
-                              + '\n  '.join(diffs) + '\nChoose the matching registry entry or override the keys '
-                              '(e.g. --config.model.width=...).')
+        raise CheckpointError(
+            f'The {what} was trained with another architecture than the config asks for:\n  '
+            + '\n  '.join(diffs)
+            + '\nChoose the matching registry entry or override the keys '
+            '(e.g. --config.model.width=...).'
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,8 +158,10 @@ def is_workdir(path) -> bool:
 def read_workdir_config(workdir) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / checkpoint_lib.CONFIG_FILE
     if not path.exists():
-        raise CheckpointError(f'{workdir} has checkpoints but no {checkpoint_lib.CONFIG_FILE}: the model config is '
-                              'unknown. Pass --config=experiments/registry.py:NAME (or --config=NAME).')
+        raise CheckpointError(
+            f'{workdir} has checkpoints but no {checkpoint_lib.CONFIG_FILE}: the model config is '
+            'unknown. Pass --config=experiments/registry.py:NAME (or --config=NAME).'
+        )
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -171,8 +196,10 @@ def restore_workdir_params(workdir, step=None):
     try:
         steps = sorted(manager.all_steps())
         if not steps:
-            raise CheckpointError(f'{directory} holds no finished checkpoint (an interrupted first save leaves only '
-                                  'a *.orbax-checkpoint-tmp folder); train longer or pick another workdir.')
+            raise CheckpointError(
+                f'{directory} holds no finished checkpoint (an interrupted first save leaves only '
+                'a *.orbax-checkpoint-tmp folder); train longer or pick another workdir.'
+            )
         if step is not None:
             if step not in steps:
                 raise CheckpointError(f'{directory} has no step {step}; saved steps: {steps}.')
@@ -181,11 +208,14 @@ def restore_workdir_params(workdir, step=None):
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types on damaged files
-                raise CheckpointError(f'Step {step} in {directory} could not be read (truncated or corrupt?): '
-                                      f'{type(e).__name__}: {checkpoint_lib.first_line(e)}') from e
+                raise CheckpointError(
+                    f'Step {step} in {directory} could not be read (truncated or corrupt?): '
+                    f'{type(e).__name__}: {checkpoint_lib.first_line(e)}'
+                ) from e
         try:
-            return checkpoint_lib.restore_newest(steps, lambda candidate: _restore_params(manager, candidate),
-                                                 directory)
+            return checkpoint_lib.restore_newest(
+                steps, lambda candidate: _restore_params(manager, candidate), directory
+            )
         except checkpoint_lib.UnreadableCheckpointsError as e:
             raise CheckpointError(str(e)) from e
     finally:
@@ -197,8 +227,15 @@ def _load_workdir(path, step, encoder_only):
     step, params = restore_workdir_params(path, step)
     params = models.encoder_params(params) if encoder_only else params
     stamp = _mtime(epath.Path(path) / checkpoint_lib.CKPT_DIR / str(step))
-    return Checkpoint(params, normalize_model_config(config.model), 'workdir', str(path), step, config.get('data'),
-                      f'workdir:{os.path.abspath(path)}:{step}:{stamp}')
+    return Checkpoint(
+        params,
+        normalize_model_config(config.model),
+        'workdir',
+        str(path),
+        step,
+        config.get('data'),
+        f'workdir:{os.path.abspath(path)}:{step}:{stamp}',
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,7 +275,8 @@ def _load_file(path, model_config, encoder_only, trust_checkpoint):
             f'{path} is a reference-format file without our metadata, so its architecture is unknown: pass '
             '--config=experiments/registry.py:NAME (or --config=NAME).'
             + export.registry_hint(state_dict, args.get('model'))
-            + f' Or convert it once, which records the architecture in the file:\n  {pth.convert_command(path)}')
+            + f' Or convert it once, which records the architecture in the file:\n  {pth.convert_command(path)}'
+        )
     cfg = _architecture(stored, model_config, f'file {os.path.basename(path)}', '')
     try:
         params = export.from_reference_state_dict(state_dict, cfg, encoder_only=encoder_only, source=path)
@@ -247,8 +285,15 @@ def _load_file(path, model_config, encoder_only, trust_checkpoint):
     step = json.loads(metadata['step']) if 'step' in metadata else None
     if 'epoch' in metadata:
         log.info('%s: saved at epoch %s of its training run.', path, metadata['epoch'])
-    return Checkpoint(params, cfg, source, path, step, _config_from_json(metadata.get('data_config')),
-                      f'{source}:{os.path.abspath(path)}:{_mtime(path)}')
+    return Checkpoint(
+        params,
+        cfg,
+        source,
+        path,
+        step,
+        _config_from_json(metadata.get('data_config')),
+        f'{source}:{os.path.abspath(path)}:{_mtime(path)}',
+    )
 
 
 _FILE_SOURCES = {'.safetensors': 'safetensors', '.npz': 'npz', '.pth': 'torch', '.pt': 'torch'}
@@ -262,8 +307,12 @@ def _load_orbax(path, model_config, encoder_only):
     sidecar = _sidecar(path)
     meta = json.loads(epath.Path(sidecar).read_text()) if os.path.exists(sidecar) else {}
     stored = normalize_model_config(meta['model_config']) if 'model_config' in meta else None
-    cfg = _architecture(stored, model_config, f'export {path}',
-                        f'{path} is an Orbax params directory without {sidecar}, so its architecture is unknown')
+    cfg = _architecture(
+        stored,
+        model_config,
+        f'export {path}',
+        f'{path} is an Orbax params directory without {sidecar}, so its architecture is unknown',
+    )
     checkpointer = ocp.StandardCheckpointer()
     try:
         tree = checkpointer.metadata(os.path.abspath(path))
@@ -272,16 +321,24 @@ def _load_orbax(path, model_config, encoder_only):
         target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree))
         params = checkpointer.restore(os.path.abspath(path), target)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f'Could not read the Orbax params in {path} (truncated or corrupt?): '
-                              f'{type(e).__name__}: {checkpoint_lib.first_line(e)}') from e
+        raise CheckpointError(
+            f'Could not read the Orbax params in {path} (truncated or corrupt?): '
+            f'{type(e).__name__}: {checkpoint_lib.first_line(e)}'
+        ) from e
     finally:
         checkpointer.close()
     params = jax.tree.map(np.asarray, params)
     params = models.encoder_params(params) if encoder_only else params
     check_params(params, cfg, encoder_only, what=f'export {path}')
-    return Checkpoint(params, cfg, 'orbax', str(path), meta.get('step'),
-                      _config_from_json(json.dumps(meta['data_config'])) if meta.get('data_config') else None,
-                      f'orbax:{os.path.abspath(path)}:{_mtime(os.path.join(path, "_CHECKPOINT_METADATA"))}')
+    return Checkpoint(
+        params,
+        cfg,
+        'orbax',
+        str(path),
+        meta.get('step'),
+        _config_from_json(json.dumps(meta['data_config'])) if meta.get('data_config') else None,
+        f'orbax:{os.path.abspath(path)}:{_mtime(os.path.join(path, "_CHECKPOINT_METADATA"))}',
+    )
 
 
 def load(path, *, step=None, model_config=None, encoder_only=True, trust_checkpoint=False) -> Checkpoint:
@@ -293,8 +350,10 @@ def load(path, *, step=None, model_config=None, encoder_only=True, trust_checkpo
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f'Checkpoint not found: {path} (expected a training workdir, a .safetensors/.npz/.pth '
-                              'file or an Orbax params directory).')
+        raise CheckpointError(
+            f'Checkpoint not found: {path} (expected a training workdir, a .safetensors/.npz/.pth '
+            'file or an Orbax params directory).'
+        )
     if is_workdir(path):
         ckpt = _load_workdir(path, step, encoder_only)
         if model_config is not None:
@@ -304,8 +363,10 @@ def load(path, *, step=None, model_config=None, encoder_only=True, trust_checkpo
         raise CheckpointError(f'--step applies to training workdirs only; {path} holds a single set of weights.')
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')) and not os.path.exists(_sidecar(path)):
-            raise CheckpointError(f'{path} is a directory but neither a training workdir (no checkpoints/) nor an '
-                                  'Orbax params export (no _CHECKPOINT_METADATA).')
+            raise CheckpointError(
+                f'{path} is a directory but neither a training workdir (no checkpoints/) nor an '
+                'Orbax params export (no _CHECKPOINT_METADATA).'
+            )
         return _load_orbax(path, model_config, encoder_only)
     return _load_file(path, model_config, encoder_only, trust_checkpoint)
 
@@ -316,5 +377,6 @@ def random_init(model_config, seed=0, encoder_only=True) -> Checkpoint:
     params = models.random_params(model_config, seed)
     params = models.encoder_params(params) if encoder_only else params
     digest = hashlib.sha256(json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
-    return Checkpoint(params, model_config, 'random', f'random_init_seed{seed}', None, None,
-                      f'random:{digest[:16]}:{seed}')
+    return Checkpoint(
+        params, model_config, 'random', f'random_init_seed{seed}', None, None, f'random:{digest[:16]}:{seed}'
+    )

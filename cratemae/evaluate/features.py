@@ -60,8 +60,10 @@ def probe_data_config(ckpt, dataset=None, data_dir=None, split_train=None, split
     """
     trained = ckpt.data_config
     if dataset is None and trained is None:
-        raise ValueError(f'{ckpt.path} does not record the dataset it was trained on; pass --dataset NAME '
-                         f'(one of {", ".join(data.dataset_names())}).')
+        raise ValueError(
+            f'{ckpt.path} does not record the dataset it was trained on; pass --dataset NAME '
+            f'(one of {", ".join(data.dataset_names())}).'
+        )
     cfg = data.default_data_config()
     same = trained is not None and (dataset is None or dataset == trained.get('name'))
     if same:
@@ -107,8 +109,7 @@ def extract(model_config, params, pipe, feature, mesh, rules=()):
         x = device.normalize(x, mean, std) if x.dtype == jnp.uint8 else x
         return _pool(model, feature, p, x).astype(jnp.float32)
 
-    fn = jax.jit(fn_,
-                 in_shardings=(param_sharding, batch_sharding), out_shardings=batch_sharding)
+    fn = jax.jit(fn_, in_shardings=(param_sharding, batch_sharding), out_shardings=batch_sharding)
     outs, labels, valid = [], [], []
     with pipe.iterate() as batches:
         for _, local in batches:
@@ -124,8 +125,14 @@ def cache_key(ckpt, data_cfg, split, feature) -> str:
     """sha256 over what determines the features: weights, dataset + preprocessing, split, feature type."""
     weights = 'pixels' if feature == 'pixels' else ckpt.fingerprint
     keys = ('name', 'image_size', 'channels', 'normalize', 'eval_crop_pct', 'data_dir', 'folder')
-    what = {'v': _CACHE_VERSION, 'weights': weights, 'data': {k: data_cfg.get(k) for k in keys}, 'split': split,
-            'feature': feature, 'embedded': embedded._CACHE_VERSION}  # embedded arrays change with their version
+    what = {
+        'v': _CACHE_VERSION,
+        'weights': weights,
+        'data': {k: data_cfg.get(k) for k in keys},
+        'split': split,
+        'feature': feature,
+        'embedded': embedded._CACHE_VERSION,
+    }  # embedded arrays change with their version
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -152,8 +159,9 @@ def _write_cache(path, feats):
         log.warning('Could not write the feature cache %s (%s).', path, e)
 
 
-def split_features(ckpt, data_cfg, split, feature, *, mesh=None, batch_size=256, cache_dir=None,
-                   use_cache=True, rules=()) -> Features:
+def split_features(
+    ckpt, data_cfg, split, feature, *, mesh=None, batch_size=256, cache_dir=None, use_cache=True, rules=()
+) -> Features:
     """Features of ``split``, from the cache when this checkpoint's were computed before (``.cached`` says)."""
     path = os.path.join(cache_dir or default_cache_dir(), cache_key(ckpt, data_cfg, split, feature) + '.npz')
     if use_cache and (hit := _read_cache(path)) is not None:  # every process reads the same (shared) cache
@@ -162,11 +170,21 @@ def split_features(ckpt, data_cfg, split, feature, *, mesh=None, batch_size=256,
     mesh = mesh or sharding.make_mesh()
     devices = mesh.shape['data'] * mesh.shape['fsdp']
     batch = max(devices, -(-batch_size // devices) * devices)  # round up to a multiple of the batch devices
-    pipe = data.make_pipeline(data_cfg, split=split, global_batch=batch, seed=0, process_index=jax.process_index(),
-                              process_count=jax.process_count(), train=False, uint8=True)
+    pipe = data.make_pipeline(
+        data_cfg,
+        split=split,
+        global_batch=batch,
+        seed=0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        train=False,
+        uint8=True,
+    )
     if pipe.info.num_classes is None:
-        raise ValueError(f'Dataset {data_cfg.name!r} (split {split!r}) has no labels (num_classes is None): a probe '
-                         'needs labelled examples.')
+        raise ValueError(
+            f'Dataset {data_cfg.name!r} (split {split!r}) has no labels (num_classes is None): a probe '
+            'needs labelled examples.'
+        )
     x, y = extract(ckpt.model_config, ckpt.params, pipe, feature, mesh, rules)
     feats = Features(x, y, pipe.info.num_classes)
     if use_cache and jax.process_index() == 0:

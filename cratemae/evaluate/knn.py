@@ -40,8 +40,9 @@ def knn_predict(train_x, train_y, test_x, num_classes, *, k=20, temperature=0.07
         return jnp.argmax(votes, axis=-1)
 
     test_x = _normalize(test_x)
-    return np.concatenate([np.asarray(predict(jnp.asarray(test_x[i:i + chunk])))
-                           for i in range(0, len(test_x), chunk)])
+    return np.concatenate(
+        [np.asarray(predict(jnp.asarray(test_x[i : i + chunk]))) for i in range(0, len(test_x), chunk)]
+    )
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, **kwargs) -> float:

@@ -49,8 +49,9 @@ class ProbeHead(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_bias=False,
-                         use_scale=False)(x)  # torch momentum 0.1 = flax momentum 0.9
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_bias=False, use_scale=False)(
+            x
+        )  # torch momentum 0.1 = flax momentum 0.9
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.01))(x)
 
 
@@ -66,11 +67,17 @@ def make_optimizer(cfg: LinearProbeConfig, steps_per_epoch: int, batch_size: int
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.base_lr * batch_size / 256, warmup, total)
     if cfg.optimizer == 'lars':  # FAIR's LARS excludes biases and norms from decay and from the trust ratio
-        return optax.lars(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=_matrices,
-                          trust_ratio_mask=_matrices, momentum=cfg.momentum)
+        return optax.lars(
+            schedule,
+            weight_decay=cfg.weight_decay,
+            weight_decay_mask=_matrices,
+            trust_ratio_mask=_matrices,
+            momentum=cfg.momentum,
+        )
     if cfg.optimizer == 'sgd':
-        return optax.chain(optax.add_decayed_weights(cfg.weight_decay, _matrices),
-                           optax.sgd(schedule, momentum=cfg.momentum))
+        return optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, _matrices), optax.sgd(schedule, momentum=cfg.momentum)
+        )
     return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_matrices)
 
 
@@ -98,7 +105,7 @@ def _epoch_fn(head, tx):
 
 def _predict(head, variables, x, chunk=8192):
     fn = jax.jit(lambda v, x: jnp.argmax(head.apply(v, x, train=False), -1))
-    return np.concatenate([np.asarray(fn(variables, x[i:i + chunk])) for i in range(0, len(x), chunk)])
+    return np.concatenate([np.asarray(fn(variables, x[i : i + chunk])) for i in range(0, len(x), chunk)])
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, cfg: LinearProbeConfig = LinearProbeConfig()):
@@ -115,7 +122,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, cfg: LinearProbe
     rng = np.random.default_rng(cfg.seed)
     loss = float('nan')
     for _ in range(cfg.epochs):
-        order = rng.permutation(n)[:steps * batch].reshape(steps, batch)
+        order = rng.permutation(n)[: steps * batch].reshape(steps, batch)
         carry, loss = epoch(carry, train_x[order], np.asarray(train_y)[order])
     final = {'params': carry[0], 'batch_stats': carry[1]}
     return {
@@ -166,8 +173,10 @@ def ridge_probe(train_x, train_y, test_x, test_y, num_classes, *, lambdas=RIDGE_
     perm = np.random.default_rng(seed).permutation(len(train_x))
     n_val = max(1, round(holdout * len(train_x)))
     val, fit = perm[:n_val], perm[n_val:]
-    scores = {lam: accuracy(predict(train_x[val]), train_y[val])
-              for lam, predict in _ridge_fits(train_x[fit], onehot[fit], lambdas).items()}
+    scores = {
+        lam: accuracy(predict(train_x[val]), train_y[val])
+        for lam, predict in _ridge_fits(train_x[fit], onehot[fit], lambdas).items()
+    }
     best = max(sorted(scores, reverse=True), key=scores.get)  # ties: the stronger regularisation
     predict = _ridge_fits(train_x, onehot, [best])[best]
     return {

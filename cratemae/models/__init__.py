@@ -4,11 +4,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 
 from cratemae import ops
-from cratemae.models.mae import MaskedAutoencoder, check_mask_ratio
+from cratemae.models.mae import MaskedAutoencoder
+from cratemae.models.mae import check_mask_ratio
 
 _BLOCKS = ('crate', 'vit')
 _ATTENTION = ops.ATTENTION_IMPLEMENTATIONS  # ('einsum', 'dot_product_attention', 'cudnn')

@@ -35,12 +35,12 @@ import jax.numpy as jnp
 
 from cratemae import checkpoint
 from cratemae import data
-from cratemae.data import device
 from cratemae import distributed
 from cratemae import flops
 from cratemae import metrics as metrics_lib
 from cratemae import models
 from cratemae import sharding
+from cratemae.data import device
 from cratemae.train import optimizer
 from cratemae.train import step as step_lib
 
@@ -84,8 +84,9 @@ def validate_config(config, num_devices_for_batch: int, process_count: int) -> N
     if config.train.steps < 1:
         raise ValueError(f'train.steps={config.train.steps} must be at least 1.')
     if config.optim.get('schedule_steps') is not None and config.optim.schedule_steps < 1:
-        raise ValueError(f'optim.schedule_steps={config.optim.schedule_steps} must be at least 1, or None to follow '
-                         'train.steps.')
+        raise ValueError(
+            f'optim.schedule_steps={config.optim.schedule_steps} must be at least 1, or None to follow train.steps.'
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,13 +161,24 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
     checkpoint.ensure_writable(workdir)
     checkpoint.check_compatible(workdir, config, allow_change=allow_config_change)
-    log.info('Devices: %d x %s on %d process(es); mesh %s', jax.device_count(), jax.devices()[0].device_kind,
-             jax.process_count(), dict(mesh.shape))
+    log.info(
+        'Devices: %d x %s on %d process(es); mesh %s',
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+        jax.process_count(),
+        dict(mesh.shape),
+    )
 
     # ----------------------------------------------------------------------------------------------------------
     # Input pipeline: the batch at step s is a pure function of (seed, s, host), so the data position is the step.
-    pipeline = functools.partial(data.make_pipeline, config.data, seed=config.seed,
-                                 process_index=jax.process_index(), process_count=jax.process_count(), uint8=True)
+    pipeline = functools.partial(
+        data.make_pipeline,
+        config.data,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        uint8=True,
+    )
     train_data = pipeline(split=config.data.split_train, global_batch=config.train.global_batch, train=True)
     eval_data = pipeline(split=config.data.split_eval, global_batch=config.train.eval_batch, train=False)
 
@@ -192,8 +204,9 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
         log.info('Resumed from step %d.', start_step)
 
     writer = metrics_lib.MetricWriter(workdir, total_steps, start_step=start_step)
-    throughput = metrics_lib.Throughput(config.train.global_batch, jax.device_count(), start_step=start_step,
-                                        core_hours=core_hours)
+    throughput = metrics_lib.Throughput(
+        config.train.global_batch, jax.device_count(), start_step=start_step, core_hours=core_hours
+    )
     train_flops = task.train_flops_per_image()
     train_flops = None if train_flops is None else train_flops * config.train.global_batch
     device_kind = jax.devices()[0].device_kind
@@ -215,8 +228,11 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
                 extra = task.pictures(step, state.params, local, batch, out, eval_data.info, writer, workdir)
         scalars = task.eval_scalars(sums)
         writer.write_scalars(step, {**extra, **scalars})
-        log.info('step %d: eval %s', step,
-                 ', '.join(f'{k.removeprefix("eval/").replace("_", " ")} {v:.4f}' for k, v in scalars.items()))
+        log.info(
+            'step %d: eval %s',
+            step,
+            ', '.join(f'{k.removeprefix("eval/").replace("_", " ")} {v:.4f}' for k, v in scalars.items()),
+        )
         return scalars
 
     def save(step, force=False):
@@ -226,8 +242,12 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
                 f'the newest checkpoint in {ckpt.directory} is the last good state. Lower optim.base_lr or set '
                 'optim.grad_clip, then rerun the same command to resume from it.'
             )
-        meta = {'data_step': step, 'seed': config.seed, 'core_hours': throughput.core_hours,
-                'config_hash': checkpoint.config_hash(config)}
+        meta = {
+            'data_step': step,
+            'seed': config.seed,
+            'core_hours': throughput.core_hours,
+            'config_hash': checkpoint.config_hash(config),
+        }
         return ckpt.save(step, state, meta, force=force)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -250,8 +270,9 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
                         save(done)  # raises NonFiniteLossError naming the step
                     last.update(throughput.measure(done))
                     if train_flops is not None:
-                        last['mfu'] = flops.mfu(train_flops, last.get('step_time_s', 0.0), device_kind,
-                                                jax.device_count())
+                        last['mfu'] = flops.mfu(
+                            train_flops, last.get('step_time_s', 0.0), device_kind, jax.device_count()
+                        )
                     writer.write_scalars(done, {k: v for k, v in last.items() if v is not None})
                 writer.update(done, **({'loss': last['loss']} if 'loss' in last else {}))
                 if done % config.train.eval_every == 0 or done == total_steps:

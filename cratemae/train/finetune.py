@@ -57,8 +57,13 @@ class Classifier(nn.Module):
 def build_classifier(config, num_classes):
     if config.finetune.pool not in POOLS:
         raise ValueError(f'finetune.pool={config.finetune.pool!r}; choose one of {POOLS}.')
-    return Classifier(models.build(config.model), num_classes, config.finetune.pool, config.finetune.head_norm,
-                      config.finetune.head_init_std)
+    return Classifier(
+        models.build(config.model),
+        num_classes,
+        config.finetune.pool,
+        config.finetune.head_norm,
+        config.finetune.head_init_std,
+    )
 
 
 class Finetune:
@@ -71,8 +76,9 @@ class Finetune:
 
     def __init__(self, config, data_info):
         if data_info is None or data_info.num_classes is None:
-            raise ValueError(f'Dataset {config.data.name!r} has no labels (num_classes is None); fine-tuning needs '
-                             'them.')
+            raise ValueError(
+                f'Dataset {config.data.name!r} has no labels (num_classes is None); fine-tuning needs them.'
+            )
         self.config = config
         self.num_classes = data_info.num_classes
         self.model = build_classifier(config, self.num_classes)
@@ -81,15 +87,25 @@ class Finetune:
         """The head initialised from config.seed; the backbone too, until warm_start puts the pretrained one in."""
         init_key, train_key = jax.random.split(jax.random.key(self.config.seed))
         params = self.model.init(init_key, images)['params']
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(train_key), nonfinite_step=jnp.full((), -1, jnp.int32))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(train_key),
+            nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
 
     def warm_start(self, state, tx, state_shardings):
         """The pretrained encoder params (checked against config.model) in place of the random backbone."""
         path = self.config.finetune.checkpoint  # checked to be set by finetune_and_evaluate
         ft = self.config.finetune
-        ckpt = checkpoints.load(path, step=ft.get('step'), model_config=self.config.model, encoder_only=True,
-                                trust_checkpoint=ft.get('trust_checkpoint', False))
+        ckpt = checkpoints.load(
+            path,
+            step=ft.get('step'),
+            model_config=self.config.model,
+            encoder_only=True,
+            trust_checkpoint=ft.get('trust_checkpoint', False),
+        )
         checkpoints.check_params(ckpt.params, self.config.model, what=f'checkpoint {path}')
         log.info('Encoder from %s (%s, step %s).', path, ckpt.source, ckpt.step)
 
@@ -97,8 +113,12 @@ class Finetune:
             params = dict(state.params, backbone=backbone)
             return state.replace(params=params, opt_state=tx.init(params))
 
-        return jax.jit(put, in_shardings=(state_shardings, state_shardings.params['backbone']),
-                       out_shardings=state_shardings, donate_argnums=0)(state, ckpt.params)
+        return jax.jit(
+            put,
+            in_shardings=(state_shardings, state_shardings.params['backbone']),
+            out_shardings=state_shardings,
+            donate_argnums=0,
+        )(state, ckpt.params)
 
     def train_step(self, tx, schedule):
         model, num_classes, smoothing = self.model, self.num_classes, self.config.finetune.label_smoothing
@@ -109,11 +129,16 @@ class Finetune:
             return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
         def train_step(state, batch):
-            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch['image'],
-                                                                               batch['label'])
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch['image'], batch['label']
+            )
             new_state, grad_norm = guarded_update(state, tx, loss, grads)
-            return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-                               'grad_norm': grad_norm, 'learning_rate': schedule(state.step)}
+            return new_state, {
+                'loss': loss,
+                'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+                'grad_norm': grad_norm,
+                'learning_rate': schedule(state.step),
+            }
 
         return train_step
 
@@ -135,8 +160,10 @@ class Finetune:
 
     def train_batch_shapes(self, global_batch):
         m = self.config.model
-        return {'image': jax.ShapeDtypeStruct((global_batch, m.image_size, m.image_size, m.channels), jnp.uint8),
-                'label': jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
+        return {
+            'image': jax.ShapeDtypeStruct((global_batch, m.image_size, m.image_size, m.channels), jnp.uint8),
+            'label': jax.ShapeDtypeStruct((global_batch,), jnp.int32),
+        }
 
     def pictures(self, step, params, local, batch, out, info, writer, workdir):
         del step, params, local, batch, out, info, writer, workdir  # no pictures for classification
@@ -148,11 +175,18 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
     if 'finetune' not in config:
         raise ValueError(f'{config.get("name")} is a pretraining config; fine-tuning needs a finetune_* entry.')
     if not config.finetune.checkpoint:
-        raise ValueError('config.finetune.checkpoint is not set: pass --checkpoint PATH (a training workdir, an '
-                         'export, or a reference-format file).')
+        raise ValueError(
+            'config.finetune.checkpoint is not set: pass --checkpoint PATH (a training workdir, an '
+            'export, or a reference-format file).'
+        )
     last = engine.run(config, workdir, Finetune)
     if 'eval/top1' in last and jax.process_index() == 0:
-        result = {'top1': last['eval/top1'], 'step': last['step'], 'checkpoint': config.finetune.checkpoint,
-                  'dataset': config.data.name, 'split': config.data.split_eval}
+        result = {
+            'top1': last['eval/top1'],
+            'step': last['step'],
+            'checkpoint': config.finetune.checkpoint,
+            'dataset': config.data.name,
+            'split': config.data.split_eval,
+        }
         (epath.Path(workdir) / RESULTS_FILE).write_text(json.dumps(result, indent=2))
     return last

@@ -73,15 +73,26 @@ class Pretrain:
             measures = diagnostics.whitebox_measures(self.model, params, images, batch['valid'])
         if jax.process_index() != 0:
             return {}
-        grid = visualize.reconstruction_grid(augment.normalize(local['image'][:n], info.mean, info.std), pred, mask, config.model.patch_size, info.mean,
-                                             info.std, config.model.norm_pix_loss)
+        grid = visualize.reconstruction_grid(
+            augment.normalize(local['image'][:n], info.mean, info.std),
+            pred,
+            mask,
+            config.model.patch_size,
+            info.mean,
+            info.std,
+            config.model.norm_pix_loss,
+        )
         writer.write_images(step, {'reconstructions': grid}, png=True)
         if measures is None:
             return {}
         runs = [(f'step {step}', measures)]
-        writer.write_images(step, {'whitebox_layerwise': visualize.layerwise(runs),
-                                   'whitebox_mssa_ista': visualize.mssa_ista(runs)}, png=True)
+        writer.write_images(
+            step,
+            {'whitebox_layerwise': visualize.layerwise(runs), 'whitebox_mssa_ista': visualize.mssa_ista(runs)},
+            png=True,
+        )
         return diagnostics.flatten_for_logging(measures)
+
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Runs (or resumes) the pretraining experiment in ``config`` into ``workdir``; returns the last logged metrics."""

@@ -18,8 +18,13 @@ def for_config(config, data_info=None):
     training split (the data must then be readable here)."""
     name = task_name(config)
     if name == 'finetune' and data_info is None:
-        data_info = data.make_pipeline(config.data, split=config.data.split_train,
-                                       global_batch=config.train.global_batch, seed=config.seed, train=True).info
+        data_info = data.make_pipeline(
+            config.data,
+            split=config.data.split_train,
+            global_batch=config.train.global_batch,
+            seed=config.seed,
+            train=True,
+        ).info
     return TASKS[name](config, data_info)
 
 
