@@ -26,7 +26,7 @@ from etils import epath
 from cratemae import models
 from cratemae.evaluate import checkpoints
 from cratemae.train import engine
-from cratemae.train.step import TrainState
+from cratemae.train.step import fresh_state
 from cratemae.train.step import guarded_update
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,7 @@ class Finetune:
     def init(self, tx, images):
         """The head initialised from config.seed; the backbone too, until warm_start puts the pretrained one in."""
         init_key, train_key = jax.random.split(jax.random.key(self.config.seed))
-        params = self.model.init(init_key, images)['params']
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(train_key),
-            nonfinite_step=jnp.full((), -1, jnp.int32),
-        )
+        return fresh_state(self.model.init(init_key, images)['params'], tx, train_key)
 
     def warm_start(self, state, tx, state_shardings):
         """The pretrained encoder params (checked against config.model) in place of the random backbone."""

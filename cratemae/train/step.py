@@ -27,6 +27,11 @@ def create_state(model, tx, images, seed: int) -> TrainState:
     """Initial state (call under jax.jit with out_shardings so parameters are created where they live)."""
     params = models.init_params(model, images, seed)
     train_key = jax.random.split(jax.random.key(seed), 3)[2]  # the key init_params leaves for training
+    return fresh_state(params, tx, train_key)
+
+
+def fresh_state(params, tx, train_key) -> TrainState:
+    """Step 0 of any task: these parameters, a new optimizer state, the training key, no non-finite step yet."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
