@@ -22,6 +22,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from cratemae.data import splits as split_lib
+
 log = logging.getLogger(__name__)
 
 _EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -44,7 +46,6 @@ def _list_files(folder):
 
 SPLIT_FOLDERS = ('train', 'validation', 'val', 'test')
 EVAL_SPLITS = ('validation', 'val', 'test')  # what split_eval='auto' looks for, in order
-_SPLIT_FLAGS = '--config.data.split_train / --config.data.split_eval'
 
 
 def split_folders(root):
@@ -63,20 +64,10 @@ def folder_for_split(root, split):
     """
     splits = split_folders(root)
     if splits:
+        chosen = split_lib.choose(f'image_folder {root!r}', splits, split, EVAL_SPLITS, kind='split folder')
         if split == 'auto':
-            found = [s for s in EVAL_SPLITS if s in splits]
-            if not found:
-                raise ValueError(
-                    f'image_folder {root!r} has split folders {splits} but no evaluation '
-                    f'split ({"/, ".join(EVAL_SPLITS)}/); choose one with {_SPLIT_FLAGS}'
-                )
-            split = found[0]
-            log.info('image_folder %s: evaluation split %r', root, split)
-        if split not in splits:
-            raise ValueError(
-                f'image_folder {root!r} has no split folder {split!r}; its splits are '
-                f'{splits}. Choose with {_SPLIT_FLAGS}'
-            )
+            log.info('image_folder %s: evaluation split %r', root, chosen)
+        split = chosen
         return os.path.join(root, split), split
     if split == 'auto':
         log.warning(
@@ -90,7 +81,7 @@ def folder_for_split(root, split):
         raise ValueError(
             f'image_folder {root!r} has no split folders ({"/, ".join(SPLIT_FOLDERS)}/), so '
             f'its one split is \'train\' (the folder itself), not {split!r}. Lay it out as '
-            f'{root}/train/<class>/ + {root}/validation/<class>/, or set {_SPLIT_FLAGS}=train'
+            f'{root}/train/<class>/ + {root}/validation/<class>/, or set {split_lib.SPLIT_FLAGS}=train'
         )
     return root, split
 

@@ -11,6 +11,7 @@ from typing import Tuple
 
 from cratemae.data import embedded
 from cratemae.data import folder as folder_lib
+from cratemae.data import splits as split_lib
 from cratemae.data import tfds_source
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,13 +98,7 @@ def resolve_split(cfg, split):
     split), checked against the splits it has; cheap (no image is opened)."""
     spec = get_spec(cfg.name)
     if spec.kind == 'embedded':
-        split = 'test' if split == 'auto' else split
-        if split not in spec.splits:
-            raise ValueError(
-                f'{spec.name} has no split {split!r}; its splits are {spec.splits}. '
-                'Choose with --config.data.split_train / --config.data.split_eval'
-            )
-        return split
+        return split_lib.choose(spec.name, spec.splits, split, ('test',))
     if spec.kind == 'tfds':
         b = tfds_source.builder(spec.name, cfg.get('data_dir'))
         return tfds_source.resolve_split(spec.name, b.info, split)

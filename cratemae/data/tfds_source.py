@@ -19,10 +19,11 @@ would retry a download for ~205 s offline before failing.
 import importlib.util
 import os
 
+from cratemae.data import splits as split_lib
+
 TFDS_NAMES = ('imagenet2012', 'cifar10', 'cifar100', 'oxford_flowers102', 'oxford_iiit_pet')
 PREFIX = 'tfds:'
 EVAL_SPLITS = ('validation', 'test')  # what split_eval='auto' looks for, in order
-_SPLIT_FLAGS = '--config.data.split_train / --config.data.split_eval'
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -114,21 +115,7 @@ def builder(name, data_dir=None):
 
 def resolve_split(name, info, split):
     """`split` checked against the prepared splits ('auto': validation, else test)."""
-    splits = list(info.splits)
-    if split == 'auto':
-        found = [s for s in EVAL_SPLITS if s in splits]
-        if not found:
-            raise ValueError(
-                f"tfds dataset '{tfds_name(name)}' has no validation or test "
-                f'split (splits: {splits}); choose one with {_SPLIT_FLAGS}'
-            )
-        return found[0]
-    if split.split('[')[0] not in splits:
-        raise ValueError(
-            f"tfds dataset '{tfds_name(name)}' has no split {split!r}; its "
-            f'splits are {splits}. Choose with {_SPLIT_FLAGS}'
-        )
-    return split
+    return split_lib.choose(f"tfds dataset '{tfds_name(name)}'", info.splits, split, EVAL_SPLITS, slices=True)
 
 
 def resolve_keys(name, info, image_key=None, label_key=None):
