@@ -2,6 +2,11 @@
 
 import setuptools
 
+# One jax range for the library and both accelerator extras, so they cannot drift apart. jax's own metadata pins the
+# rest to the jax that pip picks: jax[cuda12] X requires jaxlib == X and jax-cuda12-plugin[with-cuda] == X (which
+# requires jax-cuda12-pjrt == X); checked for 0.10.2 with `pip install --dry-run --report` (docs/scale_out.md).
+JAX_VERSIONS = '>=0.10.2,<0.11'
+
 setuptools.setup(
     name='cratemae',
     version='0.1.0',
@@ -11,7 +16,7 @@ setuptools.setup(
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['cratemae', 'cratemae.*', 'experiments', 'launch']),
     install_requires=[
-        'jax>=0.10.2,<0.11',
+        f'jax{JAX_VERSIONS}',
         'flax>=0.12.8,<0.13',
         'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.12.8,<0.13',
@@ -34,8 +39,8 @@ setuptools.setup(
         # torch: the tests write and read real .pth files the way the reference's training scripts write them
         # (tested with 2.13.0+cpu).
         'test': ['pytest>=9.2,<10', 'torch>=2.13,<2.14'],
-        'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
-        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+        'gpu': [f'jax[cuda12]{JAX_VERSIONS}'],
+        'tpu': [f'jax[tpu]{JAX_VERSIONS}'],
         'dev': ['ruff>=0.17.6,<0.18'],  # the formatter and import order (pyproject.toml)
     },
 )

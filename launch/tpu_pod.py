@@ -87,12 +87,7 @@ def run_commands(target, f):
             'run needs --bucket=gs://BUCKET (workdir gs://BUCKET/NAME) or --workdir: every host must '
             'write the checkpoints to the same place, so a local path will not do on a pod.'
         )
-    import experiments  # pylint: disable=import-outside-toplevel  (jax: only for `run`)
-    from cratemae import train  # pylint: disable=import-outside-toplevel
-
-    if config.name not in experiments.names():  # the hosts run the registry's entry of that name
-        raise ValueError(f'run takes a registered experiment (--config=NAME); {config.name!r} is not one.')
-    train.validate_config(config, 1, 1)
+    cli.check_registered_run(config)
     workdir = f.workdir or f'{f.bucket.rstrip("/")}/{config.name}'
     overrides = cli.override_args(FLAGS) + (['--allow_config_change'] if f.allow_config_change else [])
     if f.data:  # mounted again (a no-op when it is), e.g. after a host restart; then read from there

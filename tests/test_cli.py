@@ -87,6 +87,7 @@ def test_every_command_parses_with_absl_on_its_own_flags_and_has_help():
         'list',
         'prepare_data',
         'probe',
+        'slurm',
         'sweep',
         'tpu_pod',
         'train',
