@@ -39,12 +39,10 @@ FSDP_LARGEST = 'fsdp_largest'
 FSDP_RULES = [('.*', FSDP_LARGEST)]
 
 
-def make_mesh(mesh_config=None, devices=None) -> Mesh:
-    """Mesh ('data','fsdp','model'); one axis may be -1 (the devices left over; data=-1 by default, data=1
-    fsdp=-1 is FSDP over everything); the product must equal #devices."""
-    cfg = dict(mesh_config or {})
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, model) sizes of the mesh over ``num_devices``; one axis may be -1 (the devices left over; data=-1
+    by default, data=1 fsdp=-1 is FSDP over everything); the product must equal the device count."""
+    cfg, n = dict(mesh_config or {}), num_devices
     sizes = {a: int(cfg.get(a, -1 if a == 'data' else 1)) for a in AXES}
     rest = [a for a, v in sizes.items() if v == -1]
     if len(rest) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
@@ -62,7 +60,14 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
             f'mesh data*fsdp*model = {data}*{fsdp}*{model} = {data * fsdp * model} '
             f'but there are {n} devices; set one axis (e.g. mesh.data) to -1 to use all of them.'
         )
-    return jax.make_mesh((data, fsdp, model), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return data, fsdp, model
+
+
+def make_mesh(mesh_config=None, devices=None) -> Mesh:
+    """Mesh ('data','fsdp','model') over ``devices`` (default: all), sized by ``mesh_shape``."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def path_to_str(path) -> str:

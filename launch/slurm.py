@@ -80,15 +80,9 @@ flags.DEFINE_bool(
 def script_and_command(f):
     """The script text and the sbatch argv, after checking the experiment and the job here."""
     config = f.config
-    cli.check_registered_run(config)
-    workdir = f.workdir or os.path.join(f.code_dir, 'runs', config.name)
-    if '://' not in workdir:
-        workdir = os.path.abspath(workdir)
-    overrides = [f'--config.data.data_dir={f.data_dir}'] if f.data_dir else []
-    overrides += cli.override_args(FLAGS) + (['--allow_config_change'] if f.allow_config_change else [])
     try:
         job = slurm.Job(
-            name=f.job_name or config.name,
+            name=f.job_name or (config.name if config else 'cratemae'),
             nodes=f.nodes,
             gpus_per_node=f.gpus_per_node,
             code_dir=os.path.abspath(f.code_dir),
@@ -103,6 +97,12 @@ def script_and_command(f):
         )
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
+    cli.check_registered_run(config, job.nodes * job.gpus_per_node, job.nodes)
+    workdir = f.workdir or os.path.join(f.code_dir, 'runs', config.name)
+    if '://' not in workdir:
+        workdir = os.path.abspath(workdir)
+    overrides = [f'--config.data.data_dir={f.data_dir}'] if f.data_dir else []
+    overrides += cli.override_args(FLAGS) + (['--allow_config_change'] if f.allow_config_change else [])
     argv = slurm.train_argv(f.python, config.name, workdir, overrides)
     script = slurm.batch_script(job, argv)
     return job, script, slurm.sbatch_command(f.out)

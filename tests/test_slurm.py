@@ -266,6 +266,18 @@ def test_submit_runs_sbatch_on_the_written_script_or_on_stdin(tmp_path, monkeypa
         (['--config=crate_mae_base', '--config.model.heads=5'], 'heads'),
         (['--config=crate_mae_base', '--config.train.global_batch=100', '--config.optim.accum_steps=3'], 'accum_steps'),
         (['--nodes=2'], '--config=NAME is required'),
+        # 2 nodes x 8 GPUs = 16 data-parallel devices: a batch of 100 does not split over them
+        (['--config=crate_mae_base', '--nodes=2', '--config.train.global_batch=100'], 'over the 16 devices'),
+        (
+            [
+                '--config=crate_mae_base',
+                '--nodes=3',
+                '--gpus_per_node=1',
+                '--config.train.global_batch=3072',
+                '--config.train.eval_batch=64',
+            ],
+            'eval_batch=64',
+        ),
         (['--config=crate_mae_base', '--nodes=0'], '--nodes=0'),
         (['--config=crate_mae_base', '--time=1 day'], "--time='1 day' is not a Slurm time limit"),
         (['--config=crate_mae_base', '--time=2', '--signal_seconds=120'], 'leaves no time to train'),

@@ -217,4 +217,9 @@ __all__ = [
     'MaskedAutoencoder',
     'PLATFORM_DEFAULTS',
     'apply_platform_defaults',
-    'build', 'count_params', 'default_model_config', 'validate_model_config', 'ops']
+    'build',
+    'count_params',
+    'default_model_config',
+    'validate_model_config',
+    'ops',
+]

@@ -161,7 +161,9 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
     chosen = models.apply_platform_defaults(config.model, mesh.devices.flat[0].platform)
     if chosen:
-        log.info('Options chosen for %s: %s (set them in the config to override)', mesh.devices.flat[0].platform, chosen)
+        log.info(
+            'Options chosen for %s: %s (set them in the config to override)', mesh.devices.flat[0].platform, chosen
+        )
     checkpoint.ensure_writable(workdir)
     checkpoint.check_compatible(workdir, config, allow_change=allow_config_change)
     log.info(
