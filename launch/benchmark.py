@@ -15,6 +15,11 @@ process). XLA_FLAGS act on the whole process: set them in the environment (they 
 JAX_PLATFORMS=cpu where libtpu is installed but no TPU.
 """
 
+if __name__ == '__main__':  # before jax is imported: glibc reads its tunables at start-up (cratemae/platform.py)
+    from cratemae import platform as _platform
+
+    _platform.reexec_with_cpu_tunables()
+
 import gc
 import itertools
 import json

@@ -9,6 +9,11 @@ the newest good checkpoint in the workdir. Reports top-1 accuracy on the eval sp
 DIR/finetune_results.json).
 """
 
+if __name__ == '__main__':  # before jax is imported: glibc reads its tunables at start-up (cratemae/platform.py)
+    from cratemae import platform as _platform
+
+    _platform.reexec_with_cpu_tunables()
+
 import json
 import logging
 import os

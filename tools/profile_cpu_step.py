@@ -159,6 +159,10 @@ rec = {
     'cpu_s_per_step': cpu,
     'thunk_s_per_step': total,
     'loadavg': os.getloadavg(),
+    'command': 'JAX_PLATFORMS=cpu python tools/profile_cpu_step.py ' + ' '.join(sys.argv[1:]),
+    'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+    'cpu_model': next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if 'model name' in line), None),
+    'jax': jax.__version__,
     'categories': {
         c: {
             's': round(v[0], 4),
