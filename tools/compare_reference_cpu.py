@@ -1,7 +1,10 @@
-"""Our CPU train step against the reference PyTorch CRATE-MAE, measured in one process, alternating.
+"""Our CPU train step against the reference PyTorch CRATE-MAE, or options against each other, in one process,
+alternating.
 
   python tools/compare_reference_cpu.py --reference_dir PATH/TO/CRATE [--model tiny] [--batch 16] [--rounds 3]
-      [--steps 1] [--modes jax_f32,torch_f32,torch_bf16] [--output FILE]
+      [--steps 1] [--modes jax_f32,torch_f32,torch_bf16] [--variant NAME=KEY=VALUE[,...] ...] [--output FILE]
+  python tools/compare_reference_cpu.py --config=crate_mae_mnist --batch 128 --modes jax_f32 \
+      --variant unfused=model.fused_ista=False --variant bf16=model.dtype=bfloat16     # options only, no torch
 
 PATH/TO/CRATE is a checkout of Ma-Lab-Berkeley/CRATE (its model/crate_ae package is imported from there; nothing of
 it is copied here). It needs torch, timm and einops. Modes:
@@ -9,7 +12,11 @@ it is copied here). It needs torch, timm and einops. Modes:
 - jax_f32: this framework's jitted train step (cratemae.train.tasks.build_program, crate_mae_<model>, float32);
 - jax_bf16: the same with model.dtype=bfloat16 (parameters stay float32);
 - torch_f32: the reference's mae_crate_<model> in eager PyTorch, AdamW, float32;
-- torch_bf16: the same under torch.autocast('cpu', bfloat16) (oneDNN's bf16 kernels).
+- torch_bf16: the same under torch.autocast('cpu', bfloat16) (oneDNN's bf16 kernels);
+- jax:NAME: from ``--variant NAME=KEY=VALUE,...``, our step with those config values (any config path).
+
+The jax modes take the config's platform choices for options it leaves unset (``models.apply_platform_defaults``),
+as a run does; each record lists its overrides.
 
 Every mode is built and warmed up first; then each round runs ``--steps`` steps of every mode in turn (ABAB...), so
 drift from a shared machine hits all modes alike. One JSON line per mode: images/s (median and best round), process
@@ -31,6 +38,7 @@ if __name__ == '__main__':  # the same process settings as launch/train.py (crat
     _platform.reexec_with_cpu_tunables()
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -52,21 +60,47 @@ def _load():
     return {'loadavg': [round(x, 2) for x in os.getloadavg()], 'top': [line[:110] for line in ps.splitlines()[1:6]]}
 
 
-def _jax_mode(model, batch, dtype):
+def _parse_variant(text):
+    """'NAME=KEY=VALUE[,KEY=VALUE...]' -> (NAME, {KEY: VALUE}); values as Python literals, else strings."""
+    name, _, rest = text.partition('=')
+    overrides = {}
+    for item in filter(None, rest.split(',')):
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ValueError(f'--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]')
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    if not name or not overrides:
+        raise ValueError(f'--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]')
+    return name, overrides
+
+
+def _jax_mode(config_name, batch, overrides):
     import jax
 
     from cratemae import benchmark
+    from cratemae import models
     from cratemae import sharding
     from cratemae import train
     from cratemae.train import tasks
     from experiments import registry
 
-    config = registry.get_config(f'crate_mae_{model}').copy_and_resolve_references()
+    config = registry.get_config(config_name).copy_and_resolve_references()
     config.unlock()
     config.train.global_batch = batch
-    config.model.dtype = dtype
+    for key, value in overrides.items():  # e.g. model.fused_ista=True; a misspelt key is a KeyError here
+        *parents, leaf = key.split('.')
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f'--variant key {key!r} is not in the config {config_name}.')
+        node[leaf] = value
     mesh = sharding.make_mesh(config.mesh)
     train.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
+    models.apply_platform_defaults(config.model, mesh.devices.flat[0].platform)  # as the engine does
     program = tasks.build_program(config, mesh)
     state = program.init()
     data = benchmark.synthetic_batch(config, batch, sharding.batch_sharding(mesh))  # uint8, as the engine feeds it
@@ -148,8 +182,15 @@ def _install_torchvision_placeholder():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--reference_dir', required=True, help='a checkout of Ma-Lab-Berkeley/CRATE')
+    p.add_argument('--reference_dir', help='a checkout of Ma-Lab-Berkeley/CRATE (needed by the torch modes)')
     p.add_argument('--model', default='tiny', choices=['tiny', 'small', 'base'])
+    p.add_argument('--config', default=None, help='registry name of the jax modes (default crate_mae_MODEL)')
+    p.add_argument(
+        '--variant',
+        action='append',
+        default=[],
+        help="an extra jax mode, NAME=KEY=VALUE[,KEY=VALUE...], e.g. fused=model.fused_ista=True (repeatable)",
+    )
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--steps', type=int, default=1, help='steps per mode per round')
@@ -162,26 +203,38 @@ def main(argv=None):
     unknown = set(modes) - {'jax_f32', 'jax_bf16', 'torch_f32', 'torch_bf16'}
     if unknown:
         p.error(f'unknown modes {sorted(unknown)}; choose from jax_f32, jax_bf16, torch_f32, torch_bf16.')
-    if not os.path.isdir(os.path.join(args.reference_dir, 'model', 'crate_ae')):
-        p.error(f'--reference_dir {args.reference_dir!r} has no model/crate_ae: pass a Ma-Lab-Berkeley/CRATE checkout.')
+    overrides = {'jax_f32': {'model.dtype': 'float32'}, 'jax_bf16': {'model.dtype': 'bfloat16'}}
+    for text in args.variant:
+        try:
+            name, variant = _parse_variant(text)
+        except ValueError as e:
+            p.error(str(e))
+        modes.append(f'jax:{name}')
+        overrides[f'jax:{name}'] = variant
+    config_name = args.config or f'crate_mae_{args.model}'
+    torch_modes = [m for m in modes if m.startswith('torch')]
+    if torch_modes and not (
+        args.reference_dir and os.path.isdir(os.path.join(args.reference_dir, 'model', 'crate_ae'))
+    ):
+        p.error(
+            f'--reference_dir {args.reference_dir!r} has no model/crate_ae: the modes {torch_modes} need a '
+            'Ma-Lab-Berkeley/CRATE checkout (or leave them out with --modes).'
+        )
 
     from cratemae import flops
 
-    steps, model_config = {}, None
+    from experiments import registry
+
+    steps, train_flops = {}, {}
     for mode in modes:
         if mode.startswith('jax'):
-            steps[mode], model_config = _jax_mode(
-                args.model, args.batch, mode[4:].replace('bf16', 'bfloat16').replace('f32', 'float32')
-            )
+            steps[mode], model_config = _jax_mode(config_name, args.batch, overrides[mode])
         else:
             steps[mode] = _torch_mode(
                 args.model, args.batch, args.reference_dir, mode == 'torch_bf16', args.stub_torchvision
             )
-    if model_config is None:
-        from experiments import registry
-
-        model_config = registry.get_config(f'crate_mae_{args.model}').model
-    train_flops = flops.train_flops(model_config, args.batch) * args.batch
+            model_config = registry.get_config(f'crate_mae_{args.model}').model  # unset fused_ista counts 3 matmuls
+        train_flops[mode] = flops.train_flops(model_config, args.batch) * args.batch
     for mode in modes:
         for _ in range(args.warmup):
             steps[mode]()
@@ -198,14 +251,14 @@ def main(argv=None):
     load_after = _load()
 
     import jax
-    import torch
 
+    torch = sys.modules.get('torch')
     env = {
         'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
         'cpu_count': os.cpu_count(),
         'jax': jax.__version__,
-        'torch': torch.__version__,
-        'torch_threads': torch.get_num_threads(),
+        'torch': torch.__version__ if torch else None,
+        'torch_threads': torch.get_num_threads() if torch else None,
         'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
         'xla_flags': os.environ.get('XLA_FLAGS', ''),
         'torchvision_placeholder': args.stub_torchvision,
@@ -223,7 +276,8 @@ def main(argv=None):
         record = {
             'benchmark': 'compare_reference_cpu',
             'mode': mode,
-            'model': f'crate_mae_{args.model}',
+            'model': config_name if mode.startswith('jax') else f'mae_crate_{args.model} (reference)',
+            'overrides': overrides.get(mode, {}),
             'batch': args.batch,
             'rounds': args.rounds,
             'steps_per_round': args.steps,
@@ -232,7 +286,7 @@ def main(argv=None):
             's_per_step': [round(x, 3) for x in wall[mode]],
             'cpu_s_per_step': [round(x, 3) for x in cpu[mode]],
             'images_per_cpu_s': args.batch / statistics.median(cpu[mode]),
-            'achieved_gflop_per_s': train_flops / statistics.median(wall[mode]) / 1e9,
+            'achieved_gflop_per_s': train_flops[mode] / statistics.median(wall[mode]) / 1e9,
             'ratio_to_best_torch_mode': None if best_torch is None else ips / best_torch,
             **env,
         }
