@@ -222,7 +222,6 @@ def main(argv=None):
         )
 
     from cratemae import flops
-
     from experiments import registry
 
     steps, train_flops = {}, {}
