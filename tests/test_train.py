@@ -363,6 +363,37 @@ def test_relative_workdir_trains_and_checkpoints(tmp_path, monkeypatch):
     }
 
 
+def test_no_batch_is_copied_to_the_devices_past_the_last_step(tmp_path, monkeypatch):
+    copied = []
+    real = engine.device.sharding.host_local_to_global
+
+    def host_local_to_global(batch, mesh):
+        copied.append(batch['image'].shape)
+        return real(batch, mesh)
+
+    monkeypatch.setattr(engine.device.sharding, 'host_local_to_global', host_local_to_global)
+    config = _config(steps=4)
+    config.train.update(eval_every=100, eval_batch=8)  # the final evaluation copies its own batches of 8
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    train_copies = [s for s in copied if s[0] == config.train.global_batch]
+    assert len(train_copies) == 4  # steps 0..3, not a fifth batch prefetched past the end
+
+
+def test_unset_performance_options_are_chosen_for_the_platform_and_saved(tmp_path):
+    config = _config(steps=1)
+    assert config.model.fused_ista is None  # the registry leaves it to the platform
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert saved['model']['fused_ista'] is models.PLATFORM_DEFAULTS['cpu']['fused_ista']
+    chosen = experiments.get_config('crate_mae_test').model
+    assert models.apply_platform_defaults(chosen, 'tpu') == {'fused_ista': False}  # the reference path elsewhere
+    explicit = experiments.get_config('crate_mae_test').model
+    with pytest.raises(TypeError, match='fused_ista'):  # typed even while unset: a bad value fails at config time
+        explicit.fused_ista = 'yes'
+    explicit.fused_ista = False
+    assert models.apply_platform_defaults(explicit, 'cpu') == {} and explicit.fused_ista is False
+
+
 def test_random_params_are_a_runs_own_step_zero():
     config = _config()
     config.seed = 3

@@ -26,6 +26,7 @@ tasks get all of it. ``STEP_HOOKS`` lets tests inject faults after a step withou
 
 import dataclasses
 import functools
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -261,11 +262,11 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     last = {}
     try:
         with train_data.iterate(start_step) as batches:
-            # Two batches in flight on the devices: the copy of the next overlaps the running step.
+            # Two batches in flight on the devices: the copy of the next overlaps the running step. Batches stop at
+            # the last step, so none is copied to the devices that no step will read.
             batches = ((s, {k: b[k] for k in task.train_keys}) for s, b in batches)
+            batches = itertools.takewhile(lambda item: item[0] < total_steps, batches)
             for step, batch in device.prefetch(batches, mesh, size=2):
-                if step >= total_steps:
-                    break
                 state, step_metrics = train_step(state, batch)
                 done = step + 1
                 log_step = done % config.train.log_every == 0 or done == total_steps
