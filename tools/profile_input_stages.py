@@ -14,12 +14,20 @@ fastest of `reps` passes, the stages run in a shuffled order in every pass so sl
   decode_simplejpeg(_fast)   simplejpeg (if installed), default / fastdct + fastupsample; +simplejpeg_to_pil: the
                     Image.fromarray copy that resizing with PIL would add
   resize_bicubic    PIL bicubic (antialiased) resize of a RandomResizedCrop box of the decoded image to size
+  resize_bicubic_gap1   the same with reducing_gap=1: PIL first box-averages by the integer factor int(crop / size)
+                    when that is >= 2 (Image.reduce), then resamples bicubic
   to_array, hflip   np.asarray of the size x size result; augment.hflip of it (half of the images pay it)
   normalize         augment.normalize per image of a 64-image uint8 batch (float32 batches only)
   decode_crop       decode.decode_crop: open + decode + crop/resize + to array (the stages above, as the pipeline runs them)
   transform         the pipeline's train transform on encoded bytes (decode_crop + the flip)
   example_tfds      pipe.example(g) on the tfds dataset: read + grain + transform (the decode + augment figure)
   batch_tfds        pipe.batch(step) per image: + stacking and float32 normalisation
+  decode_pil_256, decode_crop_256   the same images stored pre-resized to a 256 px short side (bicubic, quality 95):
+                    what storing smaller images at prepare time would cost instead (not something the pipeline does)
+
+`differences` gives, over the same crops at `size`, the mean and largest |difference| (grey levels) from the pipeline's
+result of reducing_gap=1 (and the share of crops >= 2x size, the only ones it changes) and of simplejpeg's fastdct +
+fastupsample decode.
 """
 
 import argparse
@@ -67,6 +75,15 @@ def _cpu_model():
         return platform.processor() or platform.machine()
 
 
+def _shrunk(payload, short_side):
+    """The JPEG resized (bicubic) to `short_side` px on its short side, re-encoded at quality 95."""
+    im = Image.open(io.BytesIO(payload))
+    s = short_side / min(im.size)
+    buf = io.BytesIO()
+    im.resize((round(im.size[0] * s), round(im.size[1] * s)), Image.BICUBIC).save(buf, 'JPEG', quality=95)
+    return buf.getvalue()
+
+
 def stages(images, size, root):
     """name -> callable(i) doing one image's work of that stage."""
     import grain  # pylint: disable=import-outside-toplevel
@@ -90,6 +107,11 @@ def stages(images, size, root):
     source = pipe._batcher.source  # pylint: disable=protected-access
     transform = pipe._batcher.transform  # pylint: disable=protected-access
     examples = [(i, *source[i]) for i in range(images)]
+    small = [_shrunk(b, 256) for b in payloads]
+    small_boxes = []
+    for b in small:
+        w, h = Image.open(io.BytesIO(b)).size
+        small_boxes.append(augment.random_resized_crop_box(rng, h, w))
     null = grain.MapDataset.source(_NullSource()).shuffle(seed=1).random_map(lambda x, r: x, seed=2)
 
     def decode_scaled(i):
@@ -107,6 +129,9 @@ def stages(images, size, root):
         'decode_pil': lambda i: Image.open(io.BytesIO(payloads[i])).load(),
         'decode_pil_1_8': decode_scaled,
         'resize_bicubic': lambda i: decoded[i].resize((size, size), Image.BICUBIC, box=pil_boxes[i]),
+        'resize_bicubic_gap1': lambda i: decoded[i].resize(
+            (size, size), Image.BICUBIC, box=pil_boxes[i], reducing_gap=1.0
+        ),
         'to_array': lambda i: np.asarray(resized[i]),
         'hflip': lambda i: augment.hflip(outputs[i]),
         'normalize': lambda i: augment.normalize(batch, MEAN, STD) if i % 64 == 0 else None,
@@ -114,6 +139,8 @@ def stages(images, size, root):
         'transform': lambda i: transform.train(examples[i], np.random.default_rng(i)),
         'example_tfds': lambda i: pipe.example(i),
         'batch_tfds': lambda i: pipe.batch(i // 64) if i % 64 == 0 else None,
+        'decode_pil_256': lambda i: Image.open(io.BytesIO(small[i])).load(),
+        'decode_crop_256': lambda i: decode.decode_crop(small[i], lambda h, w, b=small_boxes[i]: b, size, 3),
     }
     if simplejpeg is not None:
         arrays = [simplejpeg.decode_jpeg(b, 'RGB') for b in payloads]
@@ -122,13 +149,37 @@ def stages(images, size, root):
             payloads[i], 'RGB', fastdct=True, fastupsample=True
         )
         out['simplejpeg_to_pil'] = lambda i: Image.fromarray(arrays[i])
+    return out, differences(decoded, pil_boxes, payloads, outputs, size)
+
+
+def _abs_diff(got, want):
+    d = [np.abs(np.asarray(g, np.float64) - w) for g, w in zip(got, want)]
+    return {'mean': round(float(np.mean([x.mean() for x in d])), 3), 'max': int(max(x.max() for x in d))}
+
+
+def differences(decoded, pil_boxes, payloads, outputs, size):
+    """|alternative - pipeline| over the crops, in grey levels."""
+    out = {}
+    big = [i for i, (l, t, r, b) in enumerate(pil_boxes) if min(r - l, b - t) >= 2 * size]
+    out['reducing_gap_1'] = {'crops_at_least_2x': round(len(big) / len(pil_boxes), 3)}
+    if big:
+        gap = [decoded[i].resize((size, size), Image.BICUBIC, box=pil_boxes[i], reducing_gap=1.0) for i in big]
+        out['reducing_gap_1'].update(_abs_diff(gap, [outputs[i] for i in big]))
+    if simplejpeg is not None:
+        fast = [
+            Image.fromarray(simplejpeg.decode_jpeg(b, 'RGB', fastdct=True, fastupsample=True)).resize(
+                (size, size), Image.BICUBIC, box=box
+            )
+            for b, box in zip(payloads, pil_boxes)
+        ]
+        out['simplejpeg_fast'] = _abs_diff(fast, outputs)
     return out
 
 
 def measure(images=64, reps=11, size=224):
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as root:
-        fns = stages(images, size, root)
+        fns, diffs = stages(images, size, root)
         best = {k: float('inf') for k in fns}
         order = list(fns)
         for _ in range(reps):
@@ -150,6 +201,7 @@ def measure(images=64, reps=11, size=224):
         'reps': reps,
         'size': size,
         'cpu_ms_per_image': {k: round(v, 3) for k, v in best.items()},
+        'differences': diffs,
         'example_per_cpu_second': round(1e3 / best['example_tfds'], 1),
         'batch_per_cpu_second': round(1e3 / best['batch_tfds'], 1),
         'load_before': [round(x, 2) for x in load_before],
