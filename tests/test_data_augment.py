@@ -97,6 +97,41 @@ def test_hflip_known_array():
     np.testing.assert_array_equal(augment.hflip(f), a)
 
 
+@pytest.mark.parametrize('shape', [(5, 7, 3), (5, 7, 1), (2, 5, 7, 3), (4, 6, 4)])
+@pytest.mark.parametrize('dtype', [np.uint8, np.float32])
+def test_hflip_moves_whole_pixels(shape, dtype):
+    """Any channel count and item size (the whole pixel moves as one item), and strided input."""
+    a = np.random.default_rng(0).integers(0, 256, shape).astype(dtype)
+    np.testing.assert_array_equal(augment.hflip(a), a[:, ::-1])
+    strided = a[:, 1::2]  # not contiguous
+    got = augment.hflip(strided)
+    np.testing.assert_array_equal(got, strided[:, ::-1])
+    assert got.flags.c_contiguous and got.dtype == dtype
+
+
+def test_normalize_is_the_per_channel_formula_bit_for_bit():
+    """Tiling the constants along the row gives exactly x * scale + bias per channel, each rounded to float32
+    (what the devices compute from uint8 batches); also for one image, a grey image, a strided batch and one
+    (mean, std) shared by 3 channels."""
+    rng = np.random.default_rng(1)
+    m, s = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for x, mean, std in (
+        (rng.integers(0, 256, (3, 9, 11, 3), dtype=np.uint8), m, s),
+        (rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), m, s),
+        (rng.integers(0, 256, (2, 9, 11, 1), dtype=np.uint8), (0.1307,), (0.3081,)),
+        (rng.integers(0, 256, (2, 9, 22, 3), dtype=np.uint8)[:, :, ::2], m, s),
+        (rng.integers(0, 256, (2, 9, 11, 3), dtype=np.uint8), (0.5,), (0.25,)),
+    ):
+        scale, bias = augment.normalize_constants(mean, std)
+        want = (x.astype(np.float32) * np.broadcast_to(scale, (x.shape[-1],))).astype(np.float32)
+        want += np.broadcast_to(bias, (x.shape[-1],))
+        got = augment.normalize(x, mean, std)
+        assert got.shape == x.shape and got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+        ref = (x / 255.0 - np.array(mean, np.float64)) / np.array(std, np.float64)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
 def test_normalize_known_values():
     img = np.array([[[0, 255, 51]]], np.uint8)
     out = augment.normalize(img, (0.5, 0.5, 0.2), (0.25, 0.25, 0.1))

@@ -102,8 +102,17 @@ def resized_crop(image, box, size, resample=Image.BICUBIC):
 
 
 def hflip(image):
-    """Mirror left-right: out[:, j] = image[:, W - 1 - j]."""
-    return np.ascontiguousarray(image[:, ::-1])
+    """Mirror left-right: out[:, j] = image[:, W - 1 - j].
+
+    Each pixel's C values are moved as one item (a void view): NumPy copies a reversed (H, W, C) array C values at
+    a time otherwise, which took twice as long for a 224 x 224 x 3 crop (docs/data.md).
+    """
+    image = np.ascontiguousarray(image)
+    if image.ndim != 3 or image.size == 0:
+        return np.ascontiguousarray(image[:, ::-1])
+    h, w, c = image.shape
+    pixels = image.view(np.dtype((np.void, c * image.itemsize))).reshape(h, w)
+    return np.ascontiguousarray(pixels[:, ::-1]).view(image.dtype).reshape(h, w, c)
 
 
 def normalize_constants(mean, std):
@@ -120,11 +129,21 @@ def normalize(image, mean, std):
     Works on one image or a whole uint8 batch (channels last); computed as
     x * (1 / (255 std)) - mean / std, two passes over the float output.
     The devices compute the same from uint8 batches (`device.normalize`).
+    The constants are tiled along each row (W * C values) rather than broadcast
+    along the channel axis: the same products and sums, but NumPy then runs one
+    long loop per row instead of one of C values per pixel (~3x faster).
     """
     scale, bias = normalize_constants(mean, std)
-    out = np.multiply(image, scale, dtype=np.float32)
-    out += bias
-    return out
+    image = np.asarray(image)
+    if image.ndim < 2:
+        out = np.multiply(image, scale, dtype=np.float32)
+        out += bias
+        return out
+    width, channels = image.shape[-2:]
+    rows = image.reshape(image.shape[:-2] + (width * channels,))
+    out = np.multiply(rows, np.tile(np.broadcast_to(scale, (channels,)), width), dtype=np.float32)
+    out += np.tile(np.broadcast_to(bias, (channels,)), width)
+    return out.reshape(image.shape)
 
 
 def mae_train(image, rng, size, scale=(0.2, 1.0), flip=True):
