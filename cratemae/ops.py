@@ -233,8 +233,9 @@ def ista(v: jax.Array, dictionary: jax.Array, step: float, lam: float, fused: bo
     ``fn.weight``.
 
     With ``fused``, the linear part is applied as one matrix M = I + eta (D - D^T D): Z = ReLU(V M - eta lambda).
-    That is the same map but it rounds differently (about 1e-6 relative in float32), so the three-matmul form is the
-    default for parity with the reference.
+    That is the same map but it rounds differently (about 1e-6 relative in float32). The three-matmul form is the
+    reference's; a config that leaves ``model.fused_ista`` unset gets its platform's choice (fused on a CPU, where it
+    is faster; ``models.PLATFORM_DEFAULTS``).
     """
     if fused:
         d = dictionary.shape[0]

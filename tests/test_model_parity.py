@@ -154,8 +154,17 @@ def shrink_stream(params, factor=1e-3):
 def small_config(**overrides):
     cfg = experiments.get_config('crate_mae_base').model
     cfg.unlock()
+    # The reference path (three-matmul ISTA) unless a test asks for an option; the platform's choice is not tested here.
     base = dict(
-        image_size=32, patch_size=8, width=64, heads=4, depth=2, decoder_width=64, decoder_heads=4, decoder_depth=2
+        image_size=32,
+        patch_size=8,
+        width=64,
+        heads=4,
+        depth=2,
+        decoder_width=64,
+        decoder_heads=4,
+        decoder_depth=2,
+        fused_ista=False,
     )
     base.update(overrides)
     cfg.update(base)
