@@ -214,7 +214,7 @@ def compile_report(config, tpu_slice: Slice, devices=None) -> Report:
         dict(mesh.shape),
         batch,
         fits=True,
-        analytic_flops=flops.train_flops(config.model) * batch / len(devices),
+        analytic_flops=flops.train_flops(config.model, batch) * batch / len(devices),
     )
     t0 = time.perf_counter()
     lowered = train_step.lower(*args)

@@ -63,8 +63,10 @@ _DEFAULTS = {
 
 
 def _config(model_config) -> dict:
+    """The keys counted here; an option still unset (None, chosen per platform when a run compiles) counts as the
+    reference form. Callers that time a compiled step resolve it first (``models.apply_platform_defaults``)."""
     cfg = dict(_DEFAULTS)
-    cfg.update({k: v for k, v in dict(model_config).items() if k in _DEFAULTS})
+    cfg.update({k: v for k, v in dict(model_config).items() if k in _DEFAULTS and v is not None})
     return cfg
 
 

@@ -50,7 +50,7 @@ class Pretrain:
         return {'eval/reconstruction_loss': sums['loss_sum'] / max(sums['count'], 1.0)}
 
     def train_flops_per_image(self):
-        return flops.train_flops(self.config.model)
+        return flops.train_flops(self.config.model, self.config.train.global_batch)
 
     def train_batch_shapes(self, global_batch):
         return {'image': jax.ShapeDtypeStruct((global_batch,) + self.image_shape, jnp.uint8)}
