@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cratemae import flops
-from cratemae import models
 from cratemae import sharding
 from cratemae.train import engine
 from cratemae.train import tasks
@@ -159,8 +158,7 @@ def build_train_step(config, devices):
     """
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     process_count = len({d.process_index for d in devices})
-    engine.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], process_count)
-    models.apply_platform_defaults(config.model, mesh.devices.flat[0].platform)
+    engine.settle_config(config, mesh, process_count)
     program = tasks.build_program(config, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {

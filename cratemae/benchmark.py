@@ -27,7 +27,6 @@ from cratemae import aot
 from cratemae import distributed
 from cratemae import flops
 from cratemae import metrics as metrics_lib
-from cratemae import models
 from cratemae import sharding
 from cratemae.train import engine
 from cratemae.train import tasks
@@ -104,8 +103,7 @@ def run_point(config, steps, warmup, donate=True, compiler_options=None, profile
     mesh = sharding.make_mesh(config.mesh)
     batch = config.train.global_batch
     config = copy.deepcopy(config)
-    engine.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
-    models.apply_platform_defaults(config.model, mesh.devices.flat[0].platform)
+    engine.settle_config(config, mesh, jax.process_count())
     state, train_step, batch_sharding = build(config, mesh, donate)
     data = synthetic_batch(config, batch, batch_sharding)
 

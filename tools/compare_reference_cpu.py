@@ -38,7 +38,6 @@ if __name__ == '__main__':  # the same process settings as launch/train.py (crat
     _platform.reexec_with_cpu_tunables()
 
 import argparse
-import ast
 import datetime
 import json
 import os
@@ -61,18 +60,11 @@ def _load():
 
 
 def _parse_variant(text):
-    """'NAME=KEY=VALUE[,KEY=VALUE...]' -> (NAME, {KEY: VALUE}); values as Python literals, else strings."""
+    """'NAME=KEY=VALUE[,KEY=VALUE...]' -> (NAME, ['KEY=VALUE', ...]); the values are parsed later as --config.KEY=VALUE
+    command-line overrides are (launch/cli.py), so types, misspelt keys and bad values fail the same way."""
     name, _, rest = text.partition('=')
-    overrides = {}
-    for item in filter(None, rest.split(',')):
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]')
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-    if not name or not overrides:
+    overrides = [item for item in rest.split(',') if item]
+    if not name or not overrides or any(not item.partition('=')[0] or '=' not in item for item in overrides):
         raise ValueError(f'--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]')
     return name, overrides
 
@@ -81,26 +73,18 @@ def _jax_mode(config_name, batch, overrides):
     import jax
 
     from cratemae import benchmark
-    from cratemae import models
     from cratemae import sharding
-    from cratemae import train
+    from cratemae.train import engine
     from cratemae.train import tasks
-    from experiments import registry
+    from launch import cli
 
-    config = registry.get_config(config_name).copy_and_resolve_references()
-    config.unlock()
-    config.train.global_batch = batch
-    for key, value in overrides.items():  # e.g. model.fused_ista=True; a misspelt key is a KeyError here
-        *parents, leaf = key.split('.')
-        node = config
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f'--variant key {key!r} is not in the config {config_name}.')
-        node[leaf] = value
+    flag_values = cli.flag_values()
+    config_flag = cli.define_config(flag_values)
+    argv = [f'--config={config_name}', f'--config.train.global_batch={batch}'] + [f'--config.{o}' for o in overrides]
+    cli.parse(flag_values, ['compare_reference_cpu'] + argv)  # UsageError for a misspelt key or a bad value
+    config = config_flag.value
     mesh = sharding.make_mesh(config.mesh)
-    train.validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
-    models.apply_platform_defaults(config.model, mesh.devices.flat[0].platform)  # as the engine does
+    engine.settle_config(config, mesh, jax.process_count())  # as the engine does
     program = tasks.build_program(config, mesh)
     state = program.init()
     data = benchmark.synthetic_batch(config, batch, sharding.batch_sharding(mesh))  # uint8, as the engine feeds it
@@ -203,7 +187,7 @@ def main(argv=None):
     unknown = set(modes) - {'jax_f32', 'jax_bf16', 'torch_f32', 'torch_bf16'}
     if unknown:
         p.error(f'unknown modes {sorted(unknown)}; choose from jax_f32, jax_bf16, torch_f32, torch_bf16.')
-    overrides = {'jax_f32': {'model.dtype': 'float32'}, 'jax_bf16': {'model.dtype': 'bfloat16'}}
+    overrides = {'jax_f32': ['model.dtype=float32'], 'jax_bf16': ['model.dtype=bfloat16']}
     for text in args.variant:
         try:
             name, variant = _parse_variant(text)
@@ -223,11 +207,15 @@ def main(argv=None):
 
     from cratemae import flops
     from experiments import registry
+    from launch import cli
 
     steps, train_flops = {}, {}
     for mode in modes:
         if mode.startswith('jax'):
-            steps[mode], model_config = _jax_mode(config_name, args.batch, overrides[mode])
+            try:
+                steps[mode], model_config = _jax_mode(config_name, args.batch, overrides[mode])
+            except cli.UsageError as e:  # a misspelt key, a bad value, an unknown experiment
+                p.error(f'{mode}: {e}')
         else:
             steps[mode] = _torch_mode(
                 args.model, args.batch, args.reference_dir, mode == 'torch_bf16', args.stub_torchvision
@@ -276,7 +264,7 @@ def main(argv=None):
             'benchmark': 'compare_reference_cpu',
             'mode': mode,
             'model': config_name if mode.startswith('jax') else f'mae_crate_{args.model} (reference)',
-            'overrides': overrides.get(mode, {}),
+            'overrides': overrides.get(mode, []),
             'batch': args.batch,
             'rounds': args.rounds,
             'steps_per_round': args.steps,

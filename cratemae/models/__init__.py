@@ -47,12 +47,19 @@ def apply_platform_defaults(cfg, platform: str) -> dict:
     AOT compile for a TPU from a CPU host gets the TPU's choice). The engine applies it before saving config.json, so
     each run records the values it trained with.
     """
-    chosen = {}
-    for key, reference in _REFERENCE_PATH.items():
-        if cfg.get(key) is None:
-            chosen[key] = PLATFORM_DEFAULTS.get(platform, {}).get(key, reference)
-            cfg[key] = chosen[key]
+    chosen = _platform_choices(cfg, platform)
+    for key, value in chosen.items():
+        cfg[key] = value
     return chosen
+
+
+def _platform_choices(cfg, platform: str) -> dict:
+    """{option: platform's choice} for each option ``cfg`` leaves unset (None)."""
+    return {
+        key: PLATFORM_DEFAULTS.get(platform, {}).get(key, reference)
+        for key, reference in _REFERENCE_PATH.items()
+        if cfg.get(key) is None
+    }
 
 
 def validate_model_config(cfg) -> None:
@@ -151,9 +158,7 @@ def build(cfg) -> MaskedAutoencoder:
     """The Flax module for ``config.model`` (validated first)."""
     validate_model_config(cfg)
     fields = dict(cfg)
-    for key, reference in _REFERENCE_PATH.items():  # still unset: the choice for the default backend
-        if fields.get(key) is None:
-            fields[key] = PLATFORM_DEFAULTS.get(jax.default_backend(), {}).get(key, reference)
+    fields.update(_platform_choices(cfg, jax.default_backend()))  # still unset: the default backend's choice
     fields['dtype'] = _DTYPES[cfg.dtype]
     fields['param_dtype'] = _DTYPES[cfg.param_dtype]
     for key in ('mask_ratio', 'ista_step', 'ista_lambda', 'mlp_ratio', 'block_norm_eps', 'final_norm_eps'):

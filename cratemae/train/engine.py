@@ -90,6 +90,13 @@ def validate_config(config, num_devices_for_batch: int, process_count: int) -> N
         )
 
 
+def settle_config(config, mesh, process_count: int) -> dict:
+    """Before compiling for ``mesh``: every check of ``validate_config`` for its data axes, then the platform's choices
+    for the options the config leaves unset (``models.apply_platform_defaults``, the mesh's platform). Returns them."""
+    validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], process_count)
+    return models.apply_platform_defaults(config.model, mesh.devices.flat[0].platform)
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     """What the engine runs on a mesh; launch.aot_compile and launch.benchmark lower the same train_step."""
@@ -159,8 +166,7 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     # Set up. Everything that can be wrong with the config or the workdir fails here, before any compile.
     distributed.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
-    validate_config(config, mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
-    chosen = models.apply_platform_defaults(config.model, mesh.devices.flat[0].platform)
+    chosen = settle_config(config, mesh, jax.process_count())
     if chosen:
         log.info(
             'Options chosen for %s: %s (set them in the config to override)', mesh.devices.flat[0].platform, chosen
