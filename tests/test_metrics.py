@@ -74,14 +74,22 @@ def test_read_scalars_keeps_the_last_row_of_a_step_written_twice(tmp_path):
 def test_progress_off_a_terminal_is_one_line_per_write_not_bar_redraws(tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.setattr(sys.stderr, 'isatty', lambda: False, raising=False)
     caplog.set_level(logging.INFO, logger='cratemae.metrics')
+    clock = iter([1000.0, 1000.0 + 25 * 0.5])  # 25 steps in 12.5 s after the first line
+    monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
     w = metrics.MetricWriter(tmp_path, total_steps=100, enabled=True, progress=True)
     for step in range(1, 51):
         w.update(step, loss=1.0 / step)
         if step % 25 == 0:
             w.write_scalars(step, {'loss': 1.0 / step})
+    w.write_scalars(50, {'eval/loss': 0.5})  # an evaluation at a step already shown repeats its ETA
     w.write_scalars(50, {'whitebox/sparsity/layer_00': 0.5})  # per-layer series: in the files, not in the log
     w.close()
-    assert [r.getMessage() for r in caplog.records] == ['step 25/100: loss=0.04', 'step 50/100: loss=0.02']
+    # The ETA counts from the first logged line (which holds start-up and compiling): 50 steps left at 0.5 s each.
+    assert [r.getMessage() for r in caplog.records] == [
+        'step 25/100: loss=0.04',
+        'step 50/100 (ETA 0m25s): loss=0.02',
+        'step 50/100 (ETA 0m25s): eval/loss=0.5',
+    ]
     assert '\r' not in capsys.readouterr().err
 
 
