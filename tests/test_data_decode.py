@@ -106,6 +106,29 @@ def test_fast_path_matches_full_decode_of_the_same_crop(photo_jpeg, monkeypatch)
     assert all(seen[r] >= 10 for r in (1, 2, 4, 8)), seen
 
 
+def test_flip_in_the_decoder_equals_flipping_the_array(photo_jpeg):
+    """The flip runs on the PIL result (cheaper than on the array): the same pixels, mirrored, and flip_fn is
+    called after the box, as the rng draws them."""
+    calls = []
+    box = (40, 60, 200, 260)
+
+    def box_fn(h, w):
+        calls.append('box')
+        return box
+
+    def flip_fn():
+        calls.append('flip')
+        return True
+
+    for channels in (1, 3):
+        plain = decode.decode_crop(photo_jpeg, lambda h, w: box, 64, channels)
+        flipped = decode.decode_crop(photo_jpeg, box_fn, 64, channels, flip_fn=flip_fn)
+        np.testing.assert_array_equal(flipped, augment.hflip(plain))
+        assert calls[-2:] == ['box', 'flip']
+    kept = decode.decode_crop(photo_jpeg, lambda h, w: box, 64, 3, flip_fn=lambda: False)
+    np.testing.assert_array_equal(kept, decode.decode_crop(photo_jpeg, lambda h, w: box, 64, 3))
+
+
 def test_pipeline_crops_are_random_resized_crops_of_the_full_image(photo_jpeg, tmp_path):
     """The window is sampled on the full-size image with the same rng draws as the array path
     (torchvision's RandomResizedCrop), whatever scale the decoder then runs at: for every

@@ -13,10 +13,12 @@ fastest of `reps` passes, the stages run in a shuffled order in every pass so sl
   decode_pil_1_8    the same at 1/8 scale (Image.draft): almost only the entropy decoding, which every decode pays
   decode_simplejpeg(_fast)   simplejpeg (if installed), default / fastdct + fastupsample; +simplejpeg_to_pil: the
                     Image.fromarray copy that resizing with PIL would add
+  decode_simplejpeg_M_8   simplejpeg's scaled decode at M/8 (M = 7, 6, 5, 4, 3): libjpeg-turbo's other IDCT sizes
   resize_bicubic    PIL bicubic (antialiased) resize of a RandomResizedCrop box of the decoded image to size
   resize_bicubic_gap1   the same with reducing_gap=1: PIL first box-averages by the integer factor int(crop / size)
                     when that is >= 2 (Image.reduce), then resamples bicubic
   to_array, hflip   np.asarray of the size x size result; augment.hflip of it (half of the images pay it)
+  hflip_pil         the flip as the decoder does it: PIL transpose of the size x size result, then np.asarray
   normalize         augment.normalize per image of a 64-image uint8 batch (float32 batches only)
   decode_crop       decode.decode_crop: open + decode + crop/resize + to array (the stages above, as the pipeline runs them)
   transform         the pipeline's train transform on encoded bytes (decode_crop + the flip)
@@ -84,6 +86,11 @@ def _shrunk(payload, short_side):
     return buf.getvalue()
 
 
+def _simplejpeg_scaled(payload, m):
+    height, width, _, _ = simplejpeg.decode_jpeg_header(payload)
+    return simplejpeg.decode_jpeg(payload, 'RGB', min_height=height * m // 8, min_width=width * m // 8)
+
+
 def stages(images, size, root):
     """name -> callable(i) doing one image's work of that stage."""
     import grain  # pylint: disable=import-outside-toplevel
@@ -133,6 +140,7 @@ def stages(images, size, root):
             (size, size), Image.BICUBIC, box=pil_boxes[i], reducing_gap=1.0
         ),
         'to_array': lambda i: np.asarray(resized[i]),
+        'hflip_pil': lambda i: np.asarray(resized[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
         'hflip': lambda i: augment.hflip(outputs[i]),
         'normalize': lambda i: augment.normalize(batch, MEAN, STD) if i % 64 == 0 else None,
         'decode_crop': lambda i: decode.decode_crop(payloads[i], lambda h, w, b=boxes[i]: b, size, 3),
@@ -149,6 +157,8 @@ def stages(images, size, root):
             payloads[i], 'RGB', fastdct=True, fastupsample=True
         )
         out['simplejpeg_to_pil'] = lambda i: Image.fromarray(arrays[i])
+        for m in (7, 6, 5, 4, 3):
+            out[f'decode_simplejpeg_{m}_8'] = lambda i, m=m: _simplejpeg_scaled(payloads[i], m)
     return out, differences(decoded, pil_boxes, payloads, outputs, size)
 
 

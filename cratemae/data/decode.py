@@ -17,7 +17,14 @@ less work. Given the crop box (sampled on the full-size image, so the crop
 distribution is unchanged), the largest factor r in {1, 2, 4, 8} with
 r <= min(box h, box w) / size is used: the crop, scaled down by r, still has
 at least `size` pixels on each side, so the final bicubic resize still only
-shrinks. Only the crop is resampled (PIL `resize(box=...)`).
+shrinks. Only the crop is resampled (PIL `resize(box=...)`), and a horizontal
+flip is PIL's `transpose` of the small result, before it becomes an array (the
+same pixels as flipping the array, for a third of the time: docs/data.md).
+
+Not done, measured (docs/data.md): other M/8 factors of libjpeg-turbo's scaled
+IDCT (simplejpeg exposes them) are slower than a full-size decode at 3/8, 5/8,
+6/8 and 7/8, having no SIMD code, and decoding only the crop's rows and columns
+needs libjpeg-turbo calls no pip-installable wheel exposes.
 """
 
 import io
@@ -118,9 +125,11 @@ def reduction(box, size):
     return 1
 
 
-def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=True):
+def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=True, flip_fn=None):
     """Decodes `payload`, crops box_fn(H, W) = (top, left, h, w) and resizes
     it to uint8 (size, size, channels); H, W are the full displayed size.
+    If flip_fn() (called once, after box_fn) is true, the result is mirrored
+    left-right: out[:, j] = crop[:, size - 1 - j].
 
     fast=True uses libjpeg's scaled IDCT when the crop allows it (module
     docstring); fast=False always decodes at full size (the reference).
@@ -136,4 +145,6 @@ def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=Tr
         out = im.crop((int(left), int(top), int(left) + size, int(top) + size))
     else:
         out = im.resize((size, size), resample=resample, box=box)
+    if flip_fn is not None and flip_fn():
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _as_array(out)
