@@ -187,7 +187,10 @@ def test_prepare_data_reencode_flags(split_folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert json.loads(printed.splitlines()[0])['quality'] == 80
     assert f'--config.data.folder={out}' in printed
-    assert cli.run(prepare_data.main, prepare_data.FLAGS, argv[:2] + [f'--reencode_to={tmp_path / "o"}', '--workers=0']) == 0
+    assert (
+        cli.run(prepare_data.main, prepare_data.FLAGS, argv[:2] + [f'--reencode_to={tmp_path / "o"}', '--workers=0'])
+        == 0
+    )
     assert cli.run(prepare_data.main, prepare_data.FLAGS, argv[:1] + [f'--reencode_to={tmp_path / "x"}']) == 2
     assert '--folder' in capsys.readouterr().err
     missing = ['tfds:nothing_here', f'--data_dir={tmp_path}', f'--reencode_to={tmp_path / "y"}']
