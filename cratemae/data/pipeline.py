@@ -79,8 +79,22 @@ class _Transform:
     (deterministically) and logged. Normalisation happens once per batch
     (`_Batcher`): vectorised, on a quarter of the bytes."""
 
-    def __init__(self, source, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment_spec=None):
+    def __init__(
+        self,
+        source,
+        size,
+        channels,
+        mean,
+        std,
+        scale,
+        flip,
+        crop_pct,
+        mae_crop=True,
+        randaugment_spec=None,
+        resize='pil',
+    ):
         self.source = source
+        self.resize = resize
         self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
@@ -95,7 +109,9 @@ class _Transform:
         for k in range(_MAX_FALLBACK):
             try:
                 if decode.is_encoded(payload):
-                    return decode.decode_crop(payload, box_fn, self.size, self.channels, flip_fn=flip_fn), label
+                    return decode.decode_crop(
+                        payload, box_fn, self.size, self.channels, flip_fn=flip_fn, resize=self.resize
+                    ), label
                 image = augment.to_channels(payload, self.channels)
                 image = augment.resized_crop(image, box_fn(*image.shape[:2]), self.size)
                 if flip_fn is not None and flip_fn():
@@ -256,6 +272,7 @@ class Pipeline:
             crop_pct,
             mae_crop=cfg.augment == 'mae',
             randaugment_spec=rand_aug,
+            resize=cfg.get('resize', 'pil'),
         )
         self.info = DataInfo(
             name=spec.name,
