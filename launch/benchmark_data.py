@@ -1,7 +1,7 @@
 """Input-pipeline throughput, one JSON line per dataset form (cratemae/data/throughput.py).
 
   python -m launch.benchmark_data [--images=256] [--batch=64] [--steps=12] [--workers=0,1,2] [--size=224]
-                                  [--modes=folder,tfds_jpeg] [--reencode=320:90,256:90] [--nouint8]
+                                  [--modes=folder,tfds_jpeg] [--reencode=320:90,256:90] [--nouint8] [--resize=torch]
   python -m launch.benchmark_data --dataset=tfds:NAME [--data_dir=D] ...      # a prepared dataset of yours
   python -m launch.benchmark_data --dataset=image_folder --folder=DIR ...     # or an image folder
 
@@ -35,6 +35,7 @@ flags.DEFINE_string(
 flags.DEFINE_string('data_dir', None, 'tfds data dir of --dataset.', flag_values=FLAGS)
 flags.DEFINE_string('folder', None, 'The folder of --dataset=image_folder.', flag_values=FLAGS)
 flags.DEFINE_string('split', 'train', 'The split of --dataset to read.', flag_values=FLAGS)
+flags.DEFINE_enum('resize', 'pil', ['pil', 'torch'], 'data.resize: the bicubic resize used.', flag_values=FLAGS)
 
 
 def main(argv):
@@ -55,6 +56,7 @@ def main(argv):
             uint8=f.uint8,
             forms=throughput.parse_forms(f.reencode),
             dataset=dataset,
+            resize=f.resize,
         )
         for record in records:
             print(json.dumps(record), flush=True)

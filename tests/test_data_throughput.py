@@ -22,7 +22,7 @@ def test_jpegs_look_like_imagenet_files():
 
 
 def test_one_json_line_per_mode_with_rates_and_cores_needed(capsys):
-    args = ['--images=8', '--batch=4', '--steps=1', '--size=32', '--workers=0', '--reencode=64:80']
+    args = ['--images=8', '--batch=4', '--steps=1', '--size=32', '--workers=0', '--reencode=64:80', '--resize=torch']
     assert cli.run(benchmark_data.main, benchmark_data.FLAGS, args) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r['mode'] for r in records] == ['folder', 'tfds_jpeg', 'folder_s64_q80']
@@ -30,6 +30,7 @@ def test_one_json_line_per_mode_with_rates_and_cores_needed(capsys):
         per_core = r['images_per_cpu_second']
         assert per_core > 0 and r['decode_augment_per_cpu_second'] > 0 and r['images_per_s']['0'] > 0
         assert r['uint8_batches'] is True and r['workers'] == [0]  # what training reads, by default
+        assert r['resize'] == 'torch'
         assert r['cores_needed']['H100/H200 GPU'] == math.ceil(4600 / per_core)
         assert set(r['cores_needed']) == set(throughput.TARGETS)
         assert r['images'] == 8 and r['size'] == 32 and len(r['load_before']) == 3

@@ -7,7 +7,8 @@
    and re-encodes that folder once per SHORT_SIDE:QUALITY of `--forms` (`reencode.reencode`, as `python -m
    launch.prepare_data --reencode_to` does): one `prepare` record per form with the stored bytes per image and the
    CPU-seconds per image (this process and its worker processes together).
-2. `--rounds` times, for every form (the originals first) and every code (`--old`, then this checkout): a fresh
+2. `--rounds` times, for every form (the originals first) and every code (`--old`, then this checkout with
+   data.resize='pil' and with 'torch'): a fresh
    Python process (PYTHONPATH = that code) reads the form as an image folder through `data.make_pipeline(...,
    uint8=True)` at 224 px with MAE augmentation, and times `pipe.batch(step)` for `--steps` batches of `--batch`
    after one warm-up: one `speed` record with images per CPU-second of that process. The codes alternate within
@@ -38,10 +39,12 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SPEED = r"""
 import json, sys, time
 from cratemae import data
-folder, size, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+folder, size, batch, steps, resize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 cfg = data.default_data_config()
 cfg.update(name='image_folder', folder=folder, image_size=size, channels=3, augment='mae', hflip=True,
            num_workers=0, prefetch=0)
+if resize != 'default':
+    cfg.resize = resize
 pipe = data.make_pipeline(cfg, 'train', batch, seed=0, uint8=True)
 pipe.batch(0)
 c0 = time.process_time()
@@ -102,11 +105,11 @@ def _prepare(src, out, bound, workers):
     }
 
 
-def _speed(code, folder, size, batch, steps):
+def _speed(code, folder, size, batch, steps, resize):
     load = [round(x, 2) for x in os.getloadavg()]
     env = dict(os.environ, PYTHONPATH=code, JAX_PLATFORMS='cpu')
     out = subprocess.run(
-        [sys.executable, '-c', _SPEED, folder, str(size), str(batch), str(steps)],
+        [sys.executable, '-c', _SPEED, folder, str(size), str(batch), str(steps), resize],
         env=env,
         check=True,
         capture_output=True,
@@ -138,7 +141,8 @@ def main():
             with open(args.out, 'a') as f:
                 f.write(line + '\n')
 
-    codes = ([('old', os.path.abspath(args.old))] if args.old else []) + [('new', HERE)]
+    codes = [('old', os.path.abspath(args.old), 'default')] if args.old else []
+    codes += [('new', HERE, 'pil'), ('new_torch_resize', HERE, 'torch')]
     with tempfile.TemporaryDirectory() as root:
         src = os.path.join(root, 'original')
         jpegs = throughput.imagenet_like_jpegs(args.images)
@@ -159,8 +163,8 @@ def main():
             emit({'kind': 'prepare', 'form': name, **_prepare(src, folders[name], bound, args.prepare_workers)})
         for r in range(args.rounds):
             for name, folder in folders.items():
-                for code_name, code in codes:
-                    rec = _speed(code, folder, args.size, args.batch, args.steps)
+                for code_name, code, resize in codes:
+                    rec = _speed(code, folder, args.size, args.batch, args.steps, resize)
                     emit({'kind': 'speed', 'round': r, 'form': name, 'code': code_name, **rec})
         if args.prepare_images:
             big = os.path.join(root, 'big')

@@ -82,9 +82,10 @@ def imagenet_like_jpegs(count, seed=0, detail=3.0, quality=95):
     return out
 
 
-def _config(mode, root, size, num_workers):
+def _config(mode, root, size, num_workers, resize='pil'):
     cfg = data.default_data_config()
     cfg.update(image_size=size, channels=3, augment='mae', hflip=True, num_workers=num_workers, prefetch=4)
+    cfg.resize = resize
     if mode == 'tfds_jpeg':
         cfg.update(name='tfds:bench_jpegs', data_dir=os.path.join(root, 'tfds'))
     else:  # 'folder', or a re-encoded copy 'folder_s<short side>_q<quality>'
@@ -208,9 +209,10 @@ def measure_config(cfg_for, mode, size, batch, steps, worker_counts, uint8=True)
     }
 
 
-def measure(mode, root, size, batch, steps, worker_counts, uint8=True):
+def measure(mode, root, size, batch, steps, worker_counts, uint8=True, resize='pil'):
     """The record of one mode of the generated set under root ('folder', 'tfds_jpeg' or a re-encoded form)."""
-    return measure_config(lambda w: _config(mode, root, size, w), mode, size, batch, steps, worker_counts, uint8)
+    cfg_for = lambda w: _config(mode, root, size, w, resize)  # noqa: E731
+    return {**measure_config(cfg_for, mode, size, batch, steps, worker_counts, uint8), 'resize': resize}
 
 
 MODES = ('folder', 'tfds_jpeg')
@@ -236,11 +238,13 @@ def run(
     uint8=True,
     forms=(),
     dataset=None,
+    resize='pil',
 ):
     """Yields one record per mode. With `dataset` (a data config: a named tfds dataset or an image folder) it
     measures that, as mode 'dataset'; otherwise it writes `images` ImageNet-like JPEGs under root (a temporary
     folder if None) and measures each of `modes` and each re-encoded form (short side, quality) of `forms`.
-    uint8=False measures float32 batches normalised on the host instead of the uint8 ones training reads."""
+    uint8=False measures float32 batches normalised on the host instead of the uint8 ones training reads; resize is
+    data.resize ('pil' or 'torch')."""
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ValueError(f'unknown modes {unknown}; choose from {", ".join(MODES)}')
@@ -249,6 +253,7 @@ def run(
         def cfg_for(w):
             cfg = data.data_config_from(dataset.to_dict() if hasattr(dataset, 'to_dict') else dataset)
             cfg.update(image_size=size, augment='mae', num_workers=w, prefetch=4)
+            cfg.resize = resize
             return cfg
 
         data.validate_data_config(cfg_for(0))
@@ -270,4 +275,4 @@ def run(
             }
         )
         for mode in list(modes) + [form_name(*f) for f in forms]:
-            yield {**measure(mode, root, size, batch, steps, worker_counts, uint8), **common}
+            yield {**measure(mode, root, size, batch, steps, worker_counts, uint8, resize), **common}
