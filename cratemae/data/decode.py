@@ -186,14 +186,18 @@ def _resize_torch(pixels, box, size, flip):
     """uint8 HWC pixels, whole-pixel box (left, top, right, bottom) -> uint8 (size, size, C), antialiased bicubic."""
     torch = _torch()
     left, top, right, bottom = (int(v) for v in box)
-    if not pixels.flags.writeable:
-        pixels = pixels.copy()  # torch warns on read-only arrays (it never writes here)
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, top:bottom, left:right]  # channels-last: the SIMD path
+    # A contiguous crop seen as channels-last NCHW takes torch's SIMD uint8 path (a strided view of the whole image
+    # took twice as long); its output is planar, and stacking the planes back is the cheapest way to HWC (0.06 ms for
+    # 224 px, against 0.2-0.4 ms for a transposing copy).
+    crop = np.ascontiguousarray(pixels[top:bottom, left:right])
+    if not crop.flags.writeable:
+        crop = crop.copy()  # torch warns on read-only arrays (it never writes here)
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None]
     if x.shape[-2:] != (size, size):
         x = torch.nn.functional.interpolate(x, size=(size, size), mode='bicubic', antialias=True)
     if flip:
         x = x.flip(-1)
-    return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())
+    return np.stack(list(x[0].numpy()), axis=-1)
 
 
 RESIZERS = ('pil', 'torch')
