@@ -13,10 +13,10 @@ it was stored. Colour rules, applied in this order:
 
 Fast path (`decode_crop`). The crop box is sampled on the full-size image
 (from the header alone), so the crop distribution is RandomResizedCrop's
-whatever happens next. A JPEG stored upright in L or RGB is then decoded by
-simplejpeg (libjpeg-turbo, straight into a NumPy array: the same pixels as
-PIL's decoder, ~0.3 ms less per ImageNet-sized file, docs/data.md), any other
-image by PIL. libjpeg-turbo can run its inverse DCT at 1/2, 1/4 or 1/8 scale,
+whatever happens next. With resize='torch', a JPEG stored upright in L or RGB
+is decoded by simplejpeg (libjpeg-turbo straight into a NumPy array: the same
+pixels as PIL's decoder, ~0.3 ms less per ImageNet-sized file, docs/data.md);
+otherwise, and for every other image, PIL decodes. libjpeg-turbo can run its inverse DCT at 1/2, 1/4 or 1/8 scale,
 producing a smaller image for less work: the largest factor r in {1, 2, 4, 8}
 with r <= min(box h, box w) / size is used, so the crop, scaled down by r,
 still has at least `size` pixels on each side and the final bicubic resize
@@ -218,7 +218,9 @@ def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=Tr
     height, width = _displayed_size(im)
     top, left, h, w = box_fn(height, width)
     r = reduction((top, left, h, w), size) if fast else 1
-    pixels = _decode_jpeg(payload, im, channels, r)
+    # simplejpeg's array pays off only where the resize takes arrays: handing it to PIL costs what its decode saves
+    # (measured slower end to end with resize='pil', docs/data.md), so PIL decodes for PIL's resize.
+    pixels = _decode_jpeg(payload, im, channels, r) if resize == 'torch' else None
     if pixels is not None:
         scale = 1.0 / r  # libjpeg's output is ceil(W / r) wide, its last column covering the image's last W mod r
     else:
