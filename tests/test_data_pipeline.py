@@ -53,6 +53,7 @@ def test_default_config_keys_and_validation():
         'num_workers',
         'prefetch',
         'eval_crop_pct',
+        'resize',
     ):
         assert key in cfg, key
     data.validate_data_config(cfg)
@@ -67,6 +68,7 @@ def test_default_config_keys_and_validation():
         ('channels', 2, 'channels'),
         ('image_size', 0, 'image_size'),
         ('eval_crop_pct', 1.5, 'eval_crop_pct'),
+        ('resize', 'cv2', "data.resize='cv2' must be one of"),
         ('split_train', 'validation', "splits ('train', 'test')"),
     ],
 )

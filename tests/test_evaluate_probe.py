@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from cratemae import data
 from cratemae.evaluate import features
 from cratemae.evaluate import knn
 from cratemae.evaluate import probe
@@ -79,3 +80,13 @@ def test_bad_probe_arguments_are_named():
         probe.run_probes(train, train, methods=('svm',))
     with pytest.raises(ValueError, match='vote'):
         knn.knn_predict(train.x, train.y, train.x, NUM_CLASSES, vote='soft')
+
+
+def test_feature_cache_key_follows_the_resize():
+    cfg = data.default_data_config()
+    before = dict(cfg.to_dict())
+    before.pop('resize')  # a config from before data.resize existed
+    key = features.cache_key(None, cfg, 'test', 'pixels')
+    assert key == features.cache_key(None, before, 'test', 'pixels')
+    cfg.resize = 'torch'
+    assert features.cache_key(None, cfg, 'test', 'pixels') != key

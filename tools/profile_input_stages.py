@@ -13,12 +13,16 @@ fastest of `reps` passes, the stages run in a shuffled order in every pass so sl
   decode_pil_1_8    the same at 1/8 scale (Image.draft): almost only the entropy decoding, which every decode pays
   decode_simplejpeg(_fast)   simplejpeg (if installed), default / fastdct + fastupsample; +simplejpeg_to_pil: the
                     Image.fromarray copy that resizing with PIL would add
+  decode_simplejpeg_M_8   simplejpeg's scaled decode at M/8 (M = 7, 6, 5, 4, 3): libjpeg-turbo's other IDCT sizes
   resize_bicubic    PIL bicubic (antialiased) resize of a RandomResizedCrop box of the decoded image to size
+  resize_torch      the same box resized by PyTorch's uint8 antialiased bicubic (decode.py's resize='torch')
   resize_bicubic_gap1   the same with reducing_gap=1: PIL first box-averages by the integer factor int(crop / size)
                     when that is >= 2 (Image.reduce), then resamples bicubic
   to_array, hflip   np.asarray of the size x size result; augment.hflip of it (half of the images pay it)
+  hflip_pil         the flip as the decoder does it: PIL transpose of the size x size result, then np.asarray
   normalize         augment.normalize per image of a 64-image uint8 batch (float32 batches only)
   decode_crop       decode.decode_crop: open + decode + crop/resize + to array (the stages above, as the pipeline runs them)
+  decode_crop_torch the same with resize='torch' (and decode_crop_256_torch on the 256 px images)
   transform         the pipeline's train transform on encoded bytes (decode_crop + the flip)
   example_tfds      pipe.example(g) on the tfds dataset: read + grain + transform (the decode + augment figure)
   batch_tfds        pipe.batch(step) per image: + stacking and float32 normalisation
@@ -84,6 +88,11 @@ def _shrunk(payload, short_side):
     return buf.getvalue()
 
 
+def _simplejpeg_scaled(payload, m):
+    height, width, _, _ = simplejpeg.decode_jpeg_header(payload)
+    return simplejpeg.decode_jpeg(payload, 'RGB', min_height=height * m // 8, min_width=width * m // 8)
+
+
 def stages(images, size, root):
     """name -> callable(i) doing one image's work of that stage."""
     import grain  # pylint: disable=import-outside-toplevel
@@ -101,6 +110,7 @@ def stages(images, size, root):
     for im in decoded:
         im.load()
     resized = [im.resize((size, size), Image.BICUBIC, box=b) for im, b in zip(decoded, pil_boxes)]
+    arrays_full = [np.array(im) for im in decoded]
     outputs = [np.asarray(im) for im in resized]
     batch = np.stack([outputs[i % images] for i in range(64)])
     pipe = data.make_pipeline(throughput._config('tfds_jpeg', root, size, 0), 'train', 64, seed=0)  # pylint: disable=protected-access
@@ -133,6 +143,7 @@ def stages(images, size, root):
             (size, size), Image.BICUBIC, box=pil_boxes[i], reducing_gap=1.0
         ),
         'to_array': lambda i: np.asarray(resized[i]),
+        'hflip_pil': lambda i: np.asarray(resized[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
         'hflip': lambda i: augment.hflip(outputs[i]),
         'normalize': lambda i: augment.normalize(batch, MEAN, STD) if i % 64 == 0 else None,
         'decode_crop': lambda i: decode.decode_crop(payloads[i], lambda h, w, b=boxes[i]: b, size, 3),
@@ -141,7 +152,17 @@ def stages(images, size, root):
         'batch_tfds': lambda i: pipe.batch(i // 64) if i % 64 == 0 else None,
         'decode_pil_256': lambda i: Image.open(io.BytesIO(small[i])).load(),
         'decode_crop_256': lambda i: decode.decode_crop(small[i], lambda h, w, b=small_boxes[i]: b, size, 3),
+        'decode_crop_torch': lambda i: decode.decode_crop(
+            payloads[i], lambda h, w, b=boxes[i]: b, size, 3, resize='torch'
+        ),
+        'decode_crop_256_torch': lambda i: decode.decode_crop(
+            small[i], lambda h, w, b=small_boxes[i]: b, size, 3, resize='torch'
+        ),
+        'resize_torch': lambda i: decode._resize_torch(arrays_full[i], pil_boxes[i], size, False),  # pylint: disable=protected-access
     }
+    if not decode.torch_available():
+        for name in ('decode_crop_torch', 'decode_crop_256_torch', 'resize_torch'):
+            del out[name]
     if simplejpeg is not None:
         arrays = [simplejpeg.decode_jpeg(b, 'RGB') for b in payloads]
         out['decode_simplejpeg'] = lambda i: simplejpeg.decode_jpeg(payloads[i], 'RGB')
@@ -149,6 +170,8 @@ def stages(images, size, root):
             payloads[i], 'RGB', fastdct=True, fastupsample=True
         )
         out['simplejpeg_to_pil'] = lambda i: Image.fromarray(arrays[i])
+        for m in (7, 6, 5, 4, 3):
+            out[f'decode_simplejpeg_{m}_8'] = lambda i, m=m: _simplejpeg_scaled(payloads[i], m)
     return out, differences(decoded, pil_boxes, payloads, outputs, size)
 
 

@@ -6,6 +6,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from cratemae.data import decode
 from cratemae.data import randaugment
 from cratemae.data import registry
 from cratemae.data import tfds_source
@@ -27,7 +28,9 @@ def default_data_config():
     and flip; also with augment='none'), normalize ('dataset'|'none'), num_workers
     ('auto': the cores of this process's CPU affinity less one for the trainer, 0 for the
     in-memory embedded datasets; 0 = in process; see workers.py), prefetch (batches made ahead by a background thread),
-    eval_crop_pct (None -> the dataset's default: 1.0 small, 0.875 photos).
+    eval_crop_pct (None -> the dataset's default: 1.0 small, 0.875 photos),
+    resize ('pil' | 'torch': which implementation of the bicubic resize crops
+    encoded images, decode.py; 'torch' needs PyTorch, `pip install cratemae[torch-resize]`).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -48,6 +51,7 @@ def default_data_config():
             num_workers=config_dict.FieldReference('auto', field_type=object),  # 'auto' or an int
             prefetch=2,
             eval_crop_pct=config_dict.placeholder(float),
+            resize='pil',
         )
     )
 
@@ -104,6 +108,14 @@ def validate_data_config(cfg):
         errors.append(f'data.num_workers={cfg.get("num_workers")!r} must be \'auto\' or an int >= 0')
     if not _is_int(cfg.get('prefetch')) or cfg.get('prefetch') < 0:
         errors.append(f'data.prefetch={cfg.get("prefetch")!r} must be an int >= 0')
+    resize = cfg.get('resize', 'pil')
+    if resize not in decode.RESIZERS:
+        errors.append(f'data.resize={resize!r} must be one of {decode.RESIZERS}')
+    elif resize == 'torch' and not decode.torch_available():
+        errors.append(
+            "data.resize='torch' needs PyTorch (its CPU build is enough): pip install 'cratemae[torch-resize]', "
+            "or keep --config.data.resize=pil"
+        )
     pct = cfg.get('eval_crop_pct')
     if pct is not None and not (isinstance(pct, numbers.Real) and 0 < pct <= 1):
         errors.append(f'data.eval_crop_pct={pct!r} must be None or in (0, 1]')

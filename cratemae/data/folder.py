@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
-def _list_files(folder):
+def list_files(folder):
     """([(path, class_index)], class_names or None)."""
     entries = sorted(os.scandir(folder), key=lambda e: e.name)
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith('.')]
@@ -92,7 +92,7 @@ class FolderSource:
     def __init__(self, folder, channels=3, image_size=None):
         if not folder or not os.path.isdir(folder):
             raise FileNotFoundError(f'image_folder: config.data.folder={folder!r} is not a directory')
-        files, classes = _list_files(folder)
+        files, classes = list_files(folder)
         paths, labels, bad, small = [], [], [], 0
         for path, label in files:
             try:

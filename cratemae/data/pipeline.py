@@ -79,25 +79,44 @@ class _Transform:
     (deterministically) and logged. Normalisation happens once per batch
     (`_Batcher`): vectorised, on a quarter of the bytes."""
 
-    def __init__(self, source, size, channels, mean, std, scale, flip, crop_pct, mae_crop=True, randaugment_spec=None):
+    def __init__(
+        self,
+        source,
+        size,
+        channels,
+        mean,
+        std,
+        scale,
+        flip,
+        crop_pct,
+        mae_crop=True,
+        randaugment_spec=None,
+        resize='pil',
+    ):
         self.source = source
+        self.resize = resize
         self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.scale, self.flip, self.crop_pct = tuple(scale), flip, crop_pct
         self.mae_crop, self.randaugment_spec = mae_crop, randaugment_spec
 
-    def _crop(self, example, box_fn):
-        """(cropped uint8 image, label) of example = (index, payload, label);
-        a replacement record brings its own label."""
+    def _crop(self, example, box_fn, flip_fn=None):
+        """(cropped uint8 image, flipped if flip_fn() says so, label) of example = (index, payload, label);
+        a replacement record brings its own label. flip_fn is called once, after box_fn, as the rng draws."""
         index, payload, label = example
         n = len(self.source)
         for k in range(_MAX_FALLBACK):
             try:
                 if decode.is_encoded(payload):
-                    return decode.decode_crop(payload, box_fn, self.size, self.channels), label
+                    return decode.decode_crop(
+                        payload, box_fn, self.size, self.channels, flip_fn=flip_fn, resize=self.resize
+                    ), label
                 image = augment.to_channels(payload, self.channels)
-                return augment.resized_crop(image, box_fn(*image.shape[:2]), self.size), label
+                image = augment.resized_crop(image, box_fn(*image.shape[:2]), self.size)
+                if flip_fn is not None and flip_fn():
+                    image = augment.hflip(image)
+                return image, label
             except decode.UndecodableImage as e:
                 j = (int(index) + k + 1) % n
                 log.warning(
@@ -115,9 +134,8 @@ class _Transform:
             box_fn = lambda h, w: augment.random_resized_crop_box(rng, h, w, self.scale)
         else:
             box_fn = lambda h, w: augment.center_box(h, w, self.crop_pct)
-        image, label = self._crop(example, box_fn)
-        if self.mae_crop and self.flip and rng.random() < 0.5:
-            image = augment.hflip(image)
+        flip_fn = (lambda: rng.random() < 0.5) if self.mae_crop and self.flip else None
+        image, label = self._crop(example, box_fn, flip_fn)
         if self.randaugment_spec is not None:  # after crop and flip, as torchvision's Compose in the reference
             image = randaugment.rand_augment(image, rng, *self.randaugment_spec)
         return image, label
@@ -254,6 +272,7 @@ class Pipeline:
             crop_pct,
             mae_crop=cfg.augment == 'mae',
             randaugment_spec=rand_aug,
+            resize=cfg.get('resize', 'pil'),
         )
         self.info = DataInfo(
             name=spec.name,

@@ -133,6 +133,8 @@ def cache_key(ckpt, data_cfg, split, feature) -> str:
         'feature': feature,
         'embedded': embedded._CACHE_VERSION,
     }  # embedded arrays change with their version
+    if data_cfg.get('resize', 'pil') != 'pil':  # another resize, other pixels (keys made before it stay valid)
+        what['resize'] = data_cfg.get('resize')
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
