@@ -185,3 +185,41 @@ def test_invalid_operator_options_are_rejected_at_config_time(overrides, message
     with pytest.raises(ValueError, match='Invalid model config') as err:
         models.validate_model_config(cfg)
     assert message in str(err.value)
+
+
+def test_reference_export_refuses_the_new_operators_and_orbax_round_trips(tmp_path):
+    from cratemae import export
+    from cratemae.evaluate import checkpoints
+
+    cfg = _config('tssa', 'crate_alpha')
+    params = models.random_params(cfg, seed=3)
+    with pytest.raises(ValueError, match="attention_operator='tssa', sparse_block='crate_alpha'.*--format=orbax"):
+        export.to_reference_state_dict(params, cfg)
+    ckpt = checkpoints.Checkpoint(params, cfg, 'random', 'random-init')
+    loaded = checkpoints.load(export.export_checkpoint(ckpt, 'orbax', tmp_path / 'params'), encoder_only=False)
+    assert loaded.model_config.attention_operator == 'tssa' and loaded.model_config.sparse_block == 'crate_alpha'
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(checkpoints.CheckpointError, match="model.attention_operator: checkpoint 'tssa', config 'mssa'"):
+        checkpoints.check_architecture(cfg, _config('mssa', 'crate_alpha'))
+
+
+def test_whitebox_measures_of_the_new_operators():
+    """Coding rate and sparsity apply unchanged (sparsity of CRATE-alpha's code); TSSA adds its own objective."""
+    from cratemae import diagnostics
+
+    cfg = _config('tssa', 'crate_alpha')
+    params = models.random_params(cfg, seed=4)
+    model = models.build(cfg)
+    images = _f32(np.random.default_rng(1).uniform(size=(3, 28, 28, 1)))
+    measures = diagnostics.whitebox_measures(model, params, images)
+    assert set(diagnostics.TSSA_MEASURES) <= set(measures)
+    inter = diagnostics.unmasked_intermediates(model, params, images)
+    code = np.asarray(inter['sparse_code'])
+    assert code.shape == (2, 3, 17, 4 * cfg.width)
+    np.testing.assert_allclose(measures['sparsity_zeros'], (code == 0).mean(axis=(1, 2, 3)), rtol=1e-6)
+    want = [
+        ref.tssa_objective(inter['projection'][layer], inter['membership'][layer], cfg.heads).mean()
+        for layer in range(2)
+    ]
+    ref.assert_close(measures['tssa_objective_input'], want, 1e-5, 'R_var at the TSSA input')
