@@ -223,3 +223,15 @@ def test_whitebox_measures_of_the_new_operators():
         for layer in range(2)
     ]
     ref.assert_close(measures['tssa_objective_input'], want, 1e-5, 'R_var at the TSSA input')
+
+
+def test_flops_of_the_new_operators():
+    from cratemae import flops
+
+    base = flops.forward_breakdown(_config('mssa', 'ista'))
+    both = flops.forward_breakdown(_config('tssa', 'crate_alpha'))
+    n, d = 17, 32  # crate_mae_test: 4 x 4 patches + cls, width 32, depth 2 on each side
+    assert base['encoder/attention'] == 2 * 2.0 * 2 * n * n * d and both['encoder/attention'] == 2 * 2.0 * n * d
+    assert both['encoder/sparse_coding'] == 2 * 2.0 * (2 * 2 * n * d * 4 * d) and 'encoder/ista' not in both
+    assert both['decoder/sparse_coding'] == both['encoder/sparse_coding'] and 'decoder/unsparsify' not in both
+    assert both['encoder/qkv'] == base['encoder/qkv']
