@@ -235,3 +235,40 @@ def test_flops_of_the_new_operators():
     assert both['encoder/sparse_coding'] == 2 * 2.0 * (2 * 2 * n * d * 4 * d) and 'encoder/ista' not in both
     assert both['decoder/sparse_coding'] == both['encoder/sparse_coding'] and 'decoder/unsparsify' not in both
     assert both['encoder/qkv'] == base['encoder/qkv']
+
+
+FAMILY_ENTRIES = {  # reference counting (frozen position tables included); the docstrings quote these
+    'crate_alpha_mae_tiny': 36_327_936,
+    'crate_alpha_mae_small': 81_144_192,
+    'crate_alpha_mae_base': 143_728_896,
+    'tost_mae_tiny': 11_555_472,
+    'tost_mae_small': 25_406_112,
+    'tost_mae_base': 44_638_752,
+}
+
+
+@pytest.mark.parametrize('name', sorted(FAMILY_ENTRIES))
+def test_registry_entries_of_the_family(name):
+    cfg = experiments.get_config(name).model
+    assert models.count_params(cfg) == FAMILY_ENTRIES[name]
+    assert f'{FAMILY_ENTRIES[name]:,} parameters' in experiments.describe(name)
+    model = models.build(cfg)
+    images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+    shapes = jax.eval_shape(lambda x: models.init_params(model, x, seed=0), images)  # nothing allocated
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == models.count_params(cfg, include_unused=False)
+    base = experiments.get_config(name.replace('crate_alpha_mae', 'crate_mae').replace('tost_mae', 'crate_mae')).model
+    changed = {k for k in cfg if cfg[k] != base[k]}
+    want = {'attention_operator'} if name.startswith('tost') else {'sparse_block', 'ista_lambda'}
+    assert changed == want
+
+
+def test_mnist_entries_change_only_the_operator_keys():
+    base = experiments.get_config('crate_mae_mnist')
+    for name, want in (
+        ('tost_mae_mnist', {'attention_operator'}),
+        ('crate_alpha_mae_mnist', {'sparse_block', 'ista_lambda'}),
+    ):
+        cfg = experiments.get_config(name)
+        assert {f'model.{k}' for k in cfg.model if cfg.model[k] != base.model[k]} == {f'model.{k}' for k in want}
+        for section in ('data', 'optim', 'train'):
+            assert cfg[section].to_dict() == base[section].to_dict()
