@@ -16,6 +16,14 @@ Encoder layer l (numbered from 0) maps Z^l -> Z^{l+1/2} = Z^l + MSSA(LN1(Z^l)) -
   inversion_error[l]     ||Y^{L-l} - Z^l|| / ||Z^l||: decoder layer L-1-l's output against encoder layer l's input
   inversion_cosine[l]    mean per-token cosine between the same two token sets (scale-free)
 
+With the successors' operators (docs/model.md §7) the same measures apply unchanged, with TSSA's U_l in MSSA's
+place; for CRATE-alpha's sparse coding the sparsity measures are those of its code z_K (width 4d), since the layer
+output Z^{l+1} = Z^{l+1/2} + D_1 z_K is not sparse. A TSSA encoder adds ToST's own objective
+(``ops.tssa_objective``, Pi of the layer's input held fixed):
+
+  tssa_objective_input[l]  R_var(LN1(Z^l) U_l^T, Pi_l)       tssa_objective_mid[l]  R_var(LN1(Z^{l+1/2}) U_l^T, Pi_l)
+  tssa_effect[l]           mid - input (negative = the TSSA step lowered the objective it descends)
+
 and with ``paper=True`` also ``compression_paper_{input,mid,output}`` and ``{mssa,ista}_effect_paper``: the same
 three points without the per-token normalisation and with each U_k replaced by an orthonormal basis of its span
 (``coding_rate_in_subspaces``), which separates U's conditioning from compression. Each has a ``_std`` over the batch:
@@ -52,6 +60,7 @@ PAPER_MEASURES = (
     'mssa_effect_paper',
     'ista_effect_paper',
 )
+TSSA_MEASURES = ('tssa_objective_input', 'tssa_objective_mid', 'tssa_effect')
 POPULATION_STD = ('sparsity_zeros', 'sparsity_l0')  # the reference's cal_sparsity uses np.std
 _TINY = 1e-12
 _LOGDET_BLOCK = 8
@@ -275,6 +284,11 @@ def measures_inversion(model, params):
     )
 
 
+def attention_module(model):
+    """The name of the encoder layers' compression module: 'mssa' or 'tssa' (``model.attention_operator``)."""
+    return 'tssa' if getattr(model, 'attention_operator', 'mssa') == 'tssa' else 'mssa'
+
+
 def _unmasked_pass(module, images, with_decoder):
     """Flax method: encoder (and decoder) on all N tokens, no masking, as the reference's ``forward_encoder(x, 0)``.
 
@@ -309,12 +323,17 @@ def unmasked_intermediates(model, params, images, with_decoder=None):
     enc = state['intermediates']['encoder']['layers']
     f32 = lambda x: jnp.asarray(x[0], jnp.float32)  # sow stores a 1-tuple
     ista_out = f32(enc['ista_out'])
+    attention = enc[attention_module(model)]
     out = {
         'encoder_inputs': jnp.concatenate([jnp.asarray(z0, jnp.float32)[None], ista_out[:-1]], axis=0),
-        'projection': f32(enc['mssa']['projection']),
+        'projection': f32(attention['projection']),
         'mssa_out': f32(enc['mssa_out']),
         'ista_out': ista_out,
     }
+    if 'membership' in attention:
+        out['membership'] = f32(attention['membership'])  # (L, B, N, K)
+    if 'sparse_coding' in enc:
+        out['sparse_code'] = f32(enc['sparse_coding']['code'])  # (L, B, N, m)
     if with_decoder:
         out['decoder_tokens'] = f32(state['intermediates']['decoder']['layers']['tokens'])
     return out
@@ -323,7 +342,7 @@ def unmasked_intermediates(model, params, images, with_decoder=None):
 def _per_sample_measures(model, params, inter, paper=False):
     """(L, B) arrays of every measure from the intermediates."""
     layers = params['encoder']['layers']
-    kernels = layers['mssa']['qkv']['kernel']  # (L, d, d): U_l^T of each layer
+    kernels = layers[attention_module(model)]['qkv']['kernel']  # (L, d, d): U_l^T of each layer
     project = jax.vmap(subspace_projection, in_axes=(0, 0, 0, 0, None))  # over layers, each with its own LN1 and U
     projections = {
         # The input point is exactly what layer l's MSSA attends with: the projection it sows.
@@ -347,7 +366,12 @@ def _per_sample_measures(model, params, inter, paper=False):
         out.update({f'compression_paper_{p}': rate for p, rate in zip(POINTS, rates)})
         out['mssa_effect_paper'] = out['compression_paper_mid'] - out['compression_paper_input']
         out['ista_effect_paper'] = out['compression_paper_output'] - out['compression_paper_mid']
-    out['sparsity_zeros'], out['sparsity_l1_l2'] = sparsity(inter['ista_out'])
+    if 'membership' in inter:
+        objective = jax.vmap(ops.tssa_objective, in_axes=(0, 0, None))  # over layers
+        out['tssa_objective_input'] = objective(projections['input'], inter['membership'], model.heads)
+        out['tssa_objective_mid'] = objective(projections['mid'], inter['membership'], model.heads)
+        out['tssa_effect'] = out['tssa_objective_mid'] - out['tssa_objective_input']
+    out['sparsity_zeros'], out['sparsity_l1_l2'] = sparsity(inter.get('sparse_code', inter['ista_out']))
     out['sparsity_l0'] = 1.0 - out['sparsity_zeros']
     if 'decoder_tokens' in inter:
         out['inversion_error'], out['inversion_cosine'] = inversion(inter['encoder_inputs'], inter['decoder_tokens'])

@@ -78,6 +78,13 @@ def _arch(model_config):
             'blocks, mask tokens in the encoder and decoder_width == width has one (%s).'
             % (enc, dec, sees_mask, d, dd, LAYOUT)
         )
+    operator, sparse = _get(model_config, 'attention_operator', 'mssa'), _get(model_config, 'sparse_block', 'ista')
+    if operator != 'mssa' or sparse != 'ista':
+        raise ValueError(
+            f'No reference state-dict layout exists for attention_operator={operator!r}, sparse_block={sparse!r}: '
+            'the reference CRATE-MAE has MSSA and ISTA only, and neither CRATE-alpha nor ToST released an MAE. '
+            'Export these models with --format=orbax (the Flax parameter tree under our names; docs/model.md §7).'
+        )
     image, p = int(_get(model_config, 'image_size', 224)), int(_get(model_config, 'patch_size', 16))
     if image % p:
         raise ValueError(f'image_size {image} is not divisible by patch_size {p}.')

@@ -16,6 +16,10 @@ Multiply-adds per image:
                    M = I + eta (D - D^T D) once per layer and step (d^3) and applies V M (N d^2);
                    the d^3 is amortised over `batch_size` images when given, else left out.
   CRATE decoder    unsparsify N d'^2 + qkv N d'^2 + attention 2 N^2 d' + out N d'^2
+  with attention_operator='tssa' (ToST): attention N d (the membership-weighted second moments; the rest is
+                   elementwise) instead of 2 N^2 d
+  with sparse_block='crate_alpha': the ISTA step (or the decoder's unsparsify) becomes 2 S N d m, m = expansion * d,
+                   S steps (the first step's x D, then z D^T and (z D^T - x) D per further step, and the decoding z D_1^T)
   ViT block        qkv 3 N w^2 + attention 2 N^2 w + proj N w^2 + MLP 2 N w (mlp_ratio w)
   decoder_embed    N_e * d * d'   (visible-only encoder only; applied before the decoder's mask
                    tokens are inserted, so to the N_e encoder rows)
@@ -59,6 +63,10 @@ _DEFAULTS = {
     'encoder_sees_mask_tokens': True,
     'mask_ratio': 0.75,
     'fused_ista': False,
+    'attention_operator': 'mssa',
+    'sparse_block': 'ista',
+    'sparse_expansion': 4,
+    'sparse_steps': 2,
 }
 
 
@@ -113,6 +121,13 @@ def forward_breakdown(model_config, batch_size=None, mask_ratio=None) -> dict:
     def add(prefix, kind, n, w, depth):
         for name, f in block_flops(kind, n, w, c['mlp_ratio'], c['fused_ista'], batch_size).items():
             out[f'{prefix}/{name}'] = depth * f
+        if kind.startswith('crate'):  # the successors' operators (docs/model.md §7) in place of MSSA / ISTA
+            if c['attention_operator'] == 'tssa':
+                out[f'{prefix}/attention'] = depth * 2.0 * n * w
+            if c['sparse_block'] == 'crate_alpha':
+                sparse = depth * 2.0 * 2 * c['sparse_steps'] * n * w * c['sparse_expansion'] * w
+                out.pop(f'{prefix}/ista' if kind == 'crate_encoder' else f'{prefix}/unsparsify')
+                out[f'{prefix}/sparse_coding'] = sparse
 
     add('encoder', 'crate_encoder' if c['encoder_block'] == 'crate' else 'vit', n_enc, d, c['depth'])
     if not c['encoder_sees_mask_tokens']:

@@ -250,3 +250,90 @@ def ista(v: jax.Array, dictionary: jax.Array, step: float, lam: float, fused: bo
 def unsparsify(y: jax.Array, kernel: jax.Array) -> jax.Array:
     """The decoder's linear inverse of ISTA: G = Y A^T (``kernel`` = A^T; column form g = A y)."""
     return y @ kernel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The successors' operators: CRATE-alpha's overcomplete sparse coding and ToST's token-statistics attention.
+# Row form as above; the MAE variants that use them are ours (docs/model.md §7).
+
+
+def overcomplete_sparse_code(x: jax.Array, dictionary: jax.Array, step: float, lam: float, steps: int) -> jax.Array:
+    """The non-negative sparse code of x in an overcomplete dictionary by ``steps`` unrolled ISTA steps from zero.
+
+    D is (d, m) with m = expansion * d (CRATE-alpha: m = 4d), stored as their ``D``. Row form, z_0 = 0:
+
+        z_{k+1} = ReLU(z_k - eta (z_k D^T - x) D - eta lambda),   k = 0 .. steps - 1
+
+    (column form z <- ReLU(z + eta D^T (x - D z) - eta lambda): proximal gradient on 1/2 ||x - D z||^2 + lambda ||z||_1,
+    z >= 0). The first step from zero is ReLU(eta x D - eta lambda). x is (..., n, d), one row per token (n is whatever
+    token count the caller passes; tokens are coded independently); returns (..., n, m).
+    """
+    z = jax.nn.relu(step * (x @ dictionary) - step * lam)
+    for _ in range(steps - 1):
+        z = jax.nn.relu(z - step * ((z @ dictionary.T - x) @ dictionary) - step * lam)
+    return z
+
+
+def overcomplete_sparse_coding(
+    x: jax.Array, dictionary: jax.Array, decoding_dictionary: jax.Array, step: float, lam: float, steps: int
+) -> jax.Array:
+    """CRATE-alpha's sparse-coding block (without its residual): x_hat = z_K(x) D_1^T, D_1 (d, m) its own dictionary.
+
+    z_K is ``overcomplete_sparse_code``; decoding with a separate D_1 instead of D is CRATE-alpha's "decoupled
+    dictionary". In the encoder Z^{l+1} = Z^{l+1/2} + x_hat(LN(Z^{l+1/2})). Returns (..., n, d).
+    """
+    return overcomplete_sparse_code(x, dictionary, step, lam, steps) @ decoding_dictionary.T
+
+
+def token_statistics_attention(w: jax.Array, temperature: jax.Array, heads: int):
+    """Token statistics self-attention (ToST's TSSA, as their ``AttentionTSSA``) on the projection W = Y U^T.
+
+    Split W (B, n, d) into K heads W_k (n, h), h = d / K; n is the number of tokens passed in (all 1 + L tokens with
+    mask tokens in the encoder, 1 + keep in the visible-only encoder). Per head k, token i, coordinate j:
+
+        W~_k[:, j] = W_k[:, j] / max(||W_k[:, j]||_2, 1e-12)               (each coordinate over the n tokens)
+        Pi[i, k]   = softmax_k(tau_k * sum_j W~_k[i, j]^2)                   (soft membership of token i over heads)
+        s_k[j]     = sum_i Pi[i, k] W_k[i, j]^2 / (sum_i Pi[i, k] + 1e-8)   (membership-weighted second moment)
+        O_k[i, j]  = -Pi[i, k] W_k[i, j] / (1 + s_k[j])
+
+    O = concat_k(O_k). This is n times the negative gradient in W of ``tssa_objective`` with Pi held fixed. Time and
+    memory are linear in n (no n x n matrix). Statistics in float32.
+
+    Returns:
+      O (B, n, d) in w's dtype, and Pi (B, n, K) float32.
+    """
+    b, n, d = w.shape
+    wh = w.reshape(b, n, heads, d // heads).astype(jnp.float32)
+    norms = jnp.sqrt(jnp.sum(jnp.square(wh), axis=1, keepdims=True))
+    energy = jnp.sum(jnp.square(wh / jnp.maximum(norms, 1e-12)), axis=-1)  # (B, n, K)
+    membership = jax.nn.softmax(energy * temperature.astype(jnp.float32), axis=-1)
+    weights = membership / (jnp.sum(membership, axis=1, keepdims=True) + 1e-8)
+    second_moment = jnp.einsum('bnk,bnkh->bkh', weights, jnp.square(wh))
+    out = -wh * membership[..., None] / (1.0 + second_moment[:, None])
+    return out.reshape(b, n, d).astype(w.dtype), membership
+
+
+def tssa(
+    y: jax.Array, qkv_kernel: jax.Array, temperature: jax.Array, out_kernel: jax.Array, out_bias: jax.Array, heads: int
+) -> jax.Array:
+    """The TSSA compression step (without its residual): TSSA(Y) = O(Y U^T) W_o^T + b_o, O of
+    ``token_statistics_attention``, U bias-free (``qkv_kernel`` = U^T), tau (K,) the per-head temperature. In the
+    encoder Z^{l+1/2} = Z + TSSA(LN(Z)); in the decoder it is subtracted, as MSSA is."""
+    out, _ = token_statistics_attention(y @ qkv_kernel, temperature, heads)
+    return out @ out_kernel + out_bias
+
+
+def tssa_objective(w: jax.Array, membership: jax.Array, heads: int) -> jax.Array:
+    """ToST's variational compression term with f(x) = log(1 + x), the function ToST's code differentiates:
+
+        R_var(W, Pi) = 1/2 sum_k (n_k / n) sum_j log(1 + sum_i Pi[i, k] W_k[i, j]^2 / n_k),   n_k = sum_i Pi[i, k]
+
+    over the n tokens of W (B, n, d) with memberships Pi (B, n, K); returns (B,). A TSSA step with the output projection
+    tied to U descends it (``token_statistics_attention``).
+    """
+    b, n, d = w.shape
+    wh = w.reshape(b, n, heads, d // heads).astype(jnp.float32)
+    pi = membership.astype(jnp.float32)
+    counts = jnp.sum(pi, axis=1)  # (B, K)
+    moments = jnp.einsum('bnk,bnkh->bkh', pi, jnp.square(wh)) / counts[..., None]
+    return 0.5 * jnp.sum(counts / n * jnp.sum(jnp.log1p(moments), axis=-1), axis=-1)

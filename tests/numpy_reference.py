@@ -478,6 +478,107 @@ def reference_param_count(cfg):
 
 
 # --------------------------------------------------------------------------------------------------
+# The successors' operators (docs/model.md §7), written from CRATE-alpha's and ToST's equations in column form,
+# per token and per head with explicit loops where that keeps the equation visible. Their layers take the Flax
+# parameter tree of one layer (kernels [in, out]), since no reference state dict exists for them.
+
+
+def overcomplete_sparse_code(x, dictionary, step, lambd, steps):
+    """z_0 = 0; z <- max(z + eta D^T (x - D z) - eta lambda, 0), ``steps`` times, per token x (column), D (d, m)."""
+    x = _f64(x)
+    dic = _f64(dictionary)
+    flat = x.reshape(-1, x.shape[-1])
+    codes = np.zeros((flat.shape[0], dic.shape[1]))
+    for t, column in enumerate(flat):
+        z = np.zeros(dic.shape[1])
+        for _ in range(steps):
+            z = np.maximum(z + step * dic.T @ (column - dic @ z) - step * lambd, 0.0)
+        codes[t] = z
+    return codes.reshape(x.shape[:-1] + (dic.shape[1],))
+
+
+def overcomplete_sparse_coding(x, dictionary, decoding_dictionary, step, lambd, steps):
+    """x_hat = D_1 z_K(x) per token."""
+    return overcomplete_sparse_code(x, dictionary, step, lambd, steps) @ _f64(decoding_dictionary).T
+
+
+def token_statistics_attention(w, temperature, heads):
+    """TSSA on W (B, n, d): per head k, Pi = softmax over heads of tau_k ||column-normalised row||^2, weighted second
+    moments s_k[j] = sum_i Pi_ik W_kij^2 / (sum_i Pi_ik + 1e-8), O_k = -Pi_k W_k / (1 + s_k). Returns (O, Pi)."""
+    w = _f64(w)
+    b, n, d = w.shape
+    h = d // heads
+    out = np.zeros_like(w)
+    pi = np.zeros((b, n, heads))
+    for s in range(b):
+        blocks = [w[s, :, k * h : (k + 1) * h] for k in range(heads)]
+        energy = np.stack([((blk / np.maximum(np.sqrt((blk**2).sum(0)), 1e-12)) ** 2).sum(1) for blk in blocks], axis=1)
+        pi[s] = softmax(energy * _f64(temperature)[None, :], axis=1)
+        for k, blk in enumerate(blocks):
+            moment = (pi[s, :, k : k + 1] * blk**2).sum(0) / (pi[s, :, k].sum() + 1e-8)
+            out[s, :, k * h : (k + 1) * h] = -pi[s, :, k : k + 1] * blk / (1.0 + moment)
+    return out, pi
+
+
+def tssa_objective(w, pi, heads):
+    """R_var = 1/2 sum_k (n_k / n) sum_j log(1 + sum_i Pi_ik W_kij^2 / n_k), n_k = sum_i Pi_ik; per sample (B,)."""
+    w = _f64(w)
+    pi = _f64(pi)
+    b, n, d = w.shape
+    h = d // heads
+    total = np.zeros(b)
+    for k in range(heads):
+        blk = w[:, :, k * h : (k + 1) * h]
+        counts = pi[:, :, k].sum(1)
+        moments = (pi[:, :, k : k + 1] * blk**2).sum(1) / counts[:, None]
+        total += 0.5 * counts / n * np.log1p(moments).sum(1)
+    return total
+
+
+def _flax_compress(y, layer, operator, heads):
+    """MSSA or TSSA (without residual) from one layer's Flax params."""
+    p = layer[operator]
+    u = _f64(p['qkv']['kernel']).T
+    if operator == 'mssa':
+        return mssa(y, u, _f64(p['out']['kernel']).T, p['out']['bias'], heads)[0]
+    o, _ = token_statistics_attention(linear(y, u), p['temperature'], heads)
+    return linear(o, _f64(p['out']['kernel']).T, p['out']['bias'])
+
+
+def _flax_norm(x, layer, name, eps):
+    return layer_norm(x, layer[name]['scale'], layer[name]['bias'], eps)
+
+
+def crate_encoder_layer_options(z, layer, cfg):
+    """One encoder layer with the operator options: Z+1/2 = Z + C(LN1 Z); Z+1 = ISTA(LN2 Z+1/2) or, for
+    crate_alpha, Z+1/2 + D_1 z_K(LN2 Z+1/2). ``layer``: the Flax params of that layer."""
+    eps, step, lambd = _cfg(cfg, 'block_norm_eps'), _cfg(cfg, 'ista_step'), _cfg(cfg, 'ista_lambda')
+    half = _f64(z) + _flax_compress(_flax_norm(z, layer, 'norm1', eps), layer, cfg['attention_operator'], cfg['heads'])
+    v = _flax_norm(half, layer, 'norm2', eps)
+    if cfg['sparse_block'] == 'crate_alpha':
+        sc = layer['sparse_coding']
+        return half + overcomplete_sparse_coding(
+            v, sc['dictionary'], sc['decoding_dictionary'], step, lambd, cfg['sparse_steps']
+        )
+    return ista(v, layer['ista']['dictionary'], step, lambd)
+
+
+def crate_decoder_layer_options(y, layer, cfg):
+    """G = LN1(Y) A^T, or Y + D_1 z_K(LN1 Y) for crate_alpha; Y+ = G - C(LN2 G)."""
+    eps, step, lambd = _cfg(cfg, 'block_norm_eps'), _cfg(cfg, 'ista_step'), _cfg(cfg, 'ista_lambda')
+    v = _flax_norm(y, layer, 'norm1', eps)
+    if cfg['sparse_block'] == 'crate_alpha':
+        sc = layer['sparse_coding']
+        g = _f64(y) + overcomplete_sparse_coding(
+            v, sc['dictionary'], sc['decoding_dictionary'], step, lambd, cfg['sparse_steps']
+        )
+    else:
+        g = v @ _f64(layer['unsparsify']['kernel'])
+    operator = cfg['attention_operator']
+    return g - _flax_compress(_flax_norm(g, layer, 'norm2', eps), layer, operator, cfg['decoder_heads'])
+
+
+# --------------------------------------------------------------------------------------------------
 # Test helper.
 
 

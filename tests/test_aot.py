@@ -183,3 +183,33 @@ def test_a_fine_tuning_entry_compiles_the_fine_tuning_program():
     assert batch['label'].shape == (16,) and batch['label'].dtype == 'int32' and dict(mesh.shape)['data'] == 8
     compiled = train_step.lower(state, batch).compile()  # the engine's fine-tuning step, as a pod would run it
     assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def _whitebox_family_config():
+    """The test model with both successor operators (TSSA and CRATE-alpha's sparse coding, docs/model.md §7)."""
+    from experiments import base
+
+    config = base.crate_alpha(base.tost(base.crate_mae_test()))
+    config.train.global_batch = 16
+    return config
+
+
+@pytest.mark.slow  # one compile of the whole step, as the fine-tuning test; tens of seconds on a loaded machine
+def test_the_successor_operators_compile_the_pretraining_step_over_devices():
+    train_step, (state, batch), mesh = aot.build_train_step(_whitebox_family_config(), jax.devices())
+    layers = state.params['encoder']['layers']
+    assert {'tssa', 'sparse_coding'} <= set(layers) and layers['sparse_coding']['dictionary'].shape == (2, 32, 128)
+    compiled = train_step.lower(state, batch).compile()
+    assert compiled.memory_analysis().argument_size_in_bytes > 0 and dict(mesh.shape)['data'] == len(jax.devices())
+
+
+@needs_libtpu
+def test_compiles_the_successor_operators_for_a_v5e_2x2_slice():
+    result = _aot(
+        '--config=experiments/registry.py:crate_mae_test',
+        '--topology=v5e:2x2',
+        '--config.model.attention_operator=tssa',
+        '--config.model.sparse_block=crate_alpha',
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'FITS' in result.stdout, result.stdout

@@ -54,7 +54,18 @@ ARCHITECTURE_KEYS = (
     'encoder_sees_mask_tokens',
     'block_norm_eps',
     'final_norm_eps',
+    'attention_operator',
+    'sparse_block',
+    'sparse_expansion',
+    'sparse_steps',
 )
+# What a config saved before a key existed meant by leaving it out.
+_ARCHITECTURE_DEFAULTS = {
+    'attention_operator': 'mssa',
+    'sparse_block': 'ista',
+    'sparse_expansion': 4,
+    'sparse_steps': 2,
+}
 
 
 @dataclasses.dataclass
@@ -127,9 +138,10 @@ def normalize_model_config(stored) -> ml_collections.ConfigDict:
 def check_architecture(checkpoint_config, config_model, what='checkpoint'):
     """Raises CheckpointError listing the architecture keys on which the checkpoint and the config disagree."""
     diffs = [
-        f'model.{k}: {what} {checkpoint_config.get(k)!r}, config {config_model.get(k)!r}'
+        f'model.{k}: {what} {checkpoint_config.get(k, default)!r}, config {config_model.get(k, default)!r}'
         for k in ARCHITECTURE_KEYS
-        if checkpoint_config.get(k) != config_model.get(k)
+        for default in [_ARCHITECTURE_DEFAULTS.get(k)]
+        if checkpoint_config.get(k, default) != config_model.get(k, default)
     ]
     if diffs:
         raise CheckpointError(

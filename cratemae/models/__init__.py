@@ -13,6 +13,8 @@ from cratemae.models.mae import check_mask_ratio
 
 _BLOCKS = ('crate', 'vit')
 _ATTENTION = ops.ATTENTION_IMPLEMENTATIONS  # ('einsum', 'dot_product_attention', 'cudnn')
+ATTENTION_OPERATORS = ('mssa', 'tssa')  # CRATE-MAE's MSSA, ToST's token-statistics attention
+SPARSE_BLOCKS = ('ista', 'crate_alpha')  # CRATE-MAE's ISTA step, CRATE-alpha's overcomplete sparse coding
 _REMAT = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -74,6 +76,7 @@ def validate_model_config(cfg) -> None:
     need(cfg.attention in _ATTENTION, f'model.attention={cfg.attention!r}; choose one of {_ATTENTION}.')
     need(cfg.remat in _REMAT, f'model.remat={cfg.remat!r}; choose one of {_REMAT}.')
     _validate_attention_options(cfg, need)
+    _validate_operator_options(cfg, need)
     for key in ('dtype', 'param_dtype'):
         need(cfg[key] in _DTYPES, f'model.{key}={cfg[key]!r}; choose one of {tuple(_DTYPES)}.')
     for key in (
@@ -144,6 +147,32 @@ def _validate_attention_options(cfg, need):
             )
 
 
+def _validate_operator_options(cfg, need):
+    """The white-box operator keys (configs saved before they existed lack them and get the defaults)."""
+    operator = cfg.get('attention_operator', 'mssa')
+    sparse = cfg.get('sparse_block', 'ista')
+    need(
+        operator in ATTENTION_OPERATORS,
+        f'model.attention_operator={operator!r}; choose one of {ATTENTION_OPERATORS}.',
+    )
+    need(sparse in SPARSE_BLOCKS, f'model.sparse_block={sparse!r}; choose one of {SPARSE_BLOCKS}.')
+    for key in ('sparse_expansion', 'sparse_steps'):
+        value = cfg.get(key, 1)
+        need(int(value) == value and value >= 1, f'model.{key}={value} must be a positive integer.')
+    if operator == 'tssa':
+        need(
+            cfg.attention == 'einsum' and cfg.get('attention_pad', 0) <= 1,
+            f"model.attention={cfg.attention!r} (attention_pad={cfg.get('attention_pad', 0)}) chooses MSSA's softmax "
+            "kernel; TSSA has no n x n attention to hand to a kernel: leave model.attention='einsum' and attention_pad=0.",
+        )
+    if operator != 'mssa' or sparse != 'ista':
+        need(
+            'crate' in (cfg.encoder_block, cfg.decoder_block),
+            f'model.attention_operator={operator!r} / sparse_block={sparse!r} change CRATE blocks, but both '
+            "encoder_block and decoder_block are 'vit'; set one to 'crate'.",
+        )
+
+
 # The top-level params that ``MaskedAutoencoder.encode`` reads: what probes and fine-tuning load and exports of the
 # encoder hold.
 ENCODER_KEYS = ('patch_embed', 'cls_token', 'mask_token', 'encoder', 'encoder_norm')
@@ -161,6 +190,9 @@ def build(cfg) -> MaskedAutoencoder:
     fields.update(_platform_choices(cfg, jax.default_backend()))  # still unset: the default backend's choice
     fields['dtype'] = _DTYPES[cfg.dtype]
     fields['param_dtype'] = _DTYPES[cfg.param_dtype]
+    for key in ('sparse_expansion', 'sparse_steps'):
+        if key in fields:  # configs saved before these keys existed take the module's defaults
+            fields[key] = int(fields[key])
     for key in ('mask_ratio', 'ista_step', 'ista_lambda', 'mlp_ratio', 'block_norm_eps', 'final_norm_eps'):
         fields[key] = float(fields[key])
     return MaskedAutoencoder(**fields)
@@ -184,10 +216,15 @@ def random_params(cfg, seed: int = 0) -> dict:
     return jax.tree.map(np.asarray, jax.jit(lambda x: init_params(model, x, seed))(images))
 
 
-def _block_params(block, d, heads, mlp_ratio, qkv_bias):
-    del heads
-    if block == 'crate':  # U, W_o + b_o, D (or A), two LayerNorms
-        return 3 * d * d + 5 * d
+def _block_params(block, d, heads, mlp_ratio, qkv_bias, cfg=None):
+    if block == 'crate':  # U, W_o + b_o (+ TSSA's tau), D (or A) or D and D_1, two LayerNorms
+        cfg = cfg or {}
+        attention = 2 * d * d + d + (heads if cfg.get('attention_operator', 'mssa') == 'tssa' else 0)
+        if cfg.get('sparse_block', 'ista') == 'crate_alpha':
+            sparse = 2 * d * cfg.get('sparse_expansion', 4) * d
+        else:
+            sparse = d * d
+        return attention + sparse + 4 * d
     hidden = int(d * mlp_ratio)
     return 4 * d + (3 * d * d + (3 * d if qkv_bias else 0)) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
 
@@ -204,8 +241,10 @@ def count_params(cfg, include_unused: bool = True) -> int:
     patch_dim = cfg.patch_size**2 * cfg.channels
     tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
     used = (patch_dim * d + d) + d + (d if cfg.encoder_sees_mask_tokens else dd)  # patch embed, cls, mask token
-    used += cfg.depth * _block_params(cfg.encoder_block, d, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) + 2 * d
-    used += cfg.decoder_depth * _block_params(cfg.decoder_block, dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.qkv_bias)
+    used += cfg.depth * _block_params(cfg.encoder_block, d, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, cfg) + 2 * d
+    used += cfg.decoder_depth * _block_params(
+        cfg.decoder_block, dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg
+    )
     used += 2 * dd + (dd * patch_dim + patch_dim)
     decoder_embed = d * dd + dd
     if not cfg.encoder_sees_mask_tokens:
@@ -219,8 +258,10 @@ def count_params(cfg, include_unused: bool = True) -> int:
 
 
 __all__ = [
+    'ATTENTION_OPERATORS',
     'MaskedAutoencoder',
     'PLATFORM_DEFAULTS',
+    'SPARSE_BLOCKS',
     'apply_platform_defaults',
     'build',
     'count_params',

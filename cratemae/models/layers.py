@@ -73,6 +73,48 @@ class ISTA(nn.Module):
         return ops.ista(v.astype(self.dtype), dictionary.astype(self.dtype), self.step, self.lam, self.fused)
 
 
+class TSSA(nn.Module):
+    """Token statistics self-attention (ToST): O(Y U^T) W_o^T + b_o with the per-head temperature tau (K,) (ops.tssa)."""
+
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y):
+        width = y.shape[-1]
+        w = nn.Dense(
+            width, use_bias=False, kernel_init=xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='qkv'
+        )(y)
+        self.sow('intermediates', 'projection', w)
+        # ToST starts tau at 1 and keeps it out of weight decay; 1-dim, so our optimizer's rule (>= 2 dims) does too.
+        temperature = self.param('temperature', nn.initializers.ones, (self.heads,), self.param_dtype)
+        out, membership = ops.token_statistics_attention(w, temperature, self.heads)
+        self.sow('intermediates', 'membership', membership)
+        return nn.Dense(width, kernel_init=xavier, dtype=self.dtype, param_dtype=self.param_dtype, name='out')(out)
+
+
+class OvercompleteSparseCoding(nn.Module):
+    """CRATE-alpha's block z_K(x) D_1^T: ``steps`` ISTA steps from zero in D (d, expansion*d), decoded by D_1."""
+
+    expansion: int = 4
+    steps: int = 2
+    step: float = 0.1
+    lam: float = 0.1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (x.shape[-1], self.expansion * x.shape[-1])
+        # CRATE-alpha's Flax model: kaiming_uniform on (d, m), fan_in = d: U(-sqrt(6/d), sqrt(6/d)).
+        dictionary = self.param('dictionary', _kaiming_uniform, shape, self.param_dtype).astype(self.dtype)
+        decoding = self.param('decoding_dictionary', _kaiming_uniform, shape, self.param_dtype).astype(self.dtype)
+        code = ops.overcomplete_sparse_code(x.astype(self.dtype), dictionary, self.step, self.lam, self.steps)
+        self.sow('intermediates', 'code', code)
+        return code @ decoding.T
+
+
 class _Layer(nn.Module):
     """Common fields of the scanned layers; ``__call__(x, _) -> (x, None)`` is the nn.scan signature."""
 
@@ -85,6 +127,10 @@ class _Layer(nn.Module):
     qkv_bias: bool = False
     attention: str = 'einsum'
     attention_pad: int = 0
+    attention_operator: str = 'mssa'  # or 'tssa' (CRATE blocks only)
+    sparse_block: str = 'ista'  # or 'crate_alpha' (CRATE blocks only)
+    sparse_expansion: int = 4
+    sparse_steps: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -96,26 +142,61 @@ class _Layer(nn.Module):
     def mssa(self, name='mssa'):
         return MSSA(self.heads, self.attention, self.dtype, self.param_dtype, self.attention_pad, name=name)
 
+    def compress(self):
+        """The compression operator: MSSA (module 'mssa') or TSSA (module 'tssa')."""
+        if self.attention_operator == 'tssa':
+            return TSSA(self.heads, self.dtype, self.param_dtype, name='tssa')
+        return self.mssa()
+
+    def overcomplete(self):
+        return OvercompleteSparseCoding(
+            self.sparse_expansion,
+            self.sparse_steps,
+            self.ista_step,
+            self.ista_lambda,
+            self.dtype,
+            self.param_dtype,
+            name='sparse_coding',
+        )
+
 
 class CrateEncoderLayer(_Layer):
-    """Z^{l+1/2} = Z + MSSA(LN1(Z));  Z^{l+1} = ISTA(LN2(Z^{l+1/2})) (no residual around ISTA)."""
+    """Z^{l+1/2} = Z + MSSA(LN1(Z));  Z^{l+1} = ISTA(LN2(Z^{l+1/2})) (no residual around ISTA).
+
+    attention_operator='tssa' puts TSSA in MSSA's place; sparse_block='crate_alpha' makes the second half
+    Z^{l+1} = Z^{l+1/2} + z_K(LN2(Z^{l+1/2})) D_1^T (with its residual, as CRATE-alpha). The sown names stay
+    'mssa_out' and 'ista_out' (the half-step and the layer output) whichever operators fill them.
+    """
 
     @nn.compact
     def __call__(self, z, _=None):
-        z = z + self.mssa()(self.norm('norm1')(z))
+        z = z + self.compress()(self.norm('norm1')(z))
         self.sow('intermediates', 'mssa_out', z)
-        z = ISTA(self.ista_step, self.ista_lambda, self.fused_ista, self.dtype, self.param_dtype, name='ista')(
-            self.norm('norm2')(z)
-        )
+        if self.sparse_block == 'crate_alpha':
+            z = z + self.overcomplete()(self.norm('norm2')(z))
+        else:
+            z = ISTA(self.ista_step, self.ista_lambda, self.fused_ista, self.dtype, self.param_dtype, name='ista')(
+                self.norm('norm2')(z)
+            )
         self.sow('intermediates', 'ista_out', z)
         return z, None
 
 
 class CrateDecoderLayer(_Layer):
-    """Approximate inverse of an encoder layer: G = LN1(Y) A^T;  Y+ = G - MSSA(LN2(G)) (note the minus sign)."""
+    """Approximate inverse of an encoder layer: G = LN1(Y) A^T;  Y+ = G - MSSA(LN2(G)) (note the minus sign).
+
+    Ours for the successors' operators (docs/model.md §7): attention_operator='tssa' subtracts TSSA in MSSA's place;
+    sparse_block='crate_alpha' replaces the linear A by the decoder's own overcomplete block with its residual,
+    G = Y + z_K(LN1(Y)) D_1^T.
+    """
 
     @nn.compact
     def __call__(self, y, _=None):
+        if self.sparse_block == 'crate_alpha':
+            g = y + self.overcomplete()(self.norm('norm1')(y))
+            y = g - self.compress()(self.norm('norm2')(g))
+            self.sow('intermediates', 'tokens', y)
+            return y, None
         g = nn.Dense(
             y.shape[-1],
             use_bias=False,
@@ -124,7 +205,7 @@ class CrateDecoderLayer(_Layer):
             param_dtype=self.param_dtype,
             name='unsparsify',
         )(self.norm('norm1')(y))
-        y = g - self.mssa()(self.norm('norm2')(g))
+        y = g - self.compress()(self.norm('norm2')(g))
         self.sow('intermediates', 'tokens', y)
         return y, None
 

@@ -49,6 +49,10 @@ class MaskedAutoencoder(nn.Module):
     final_norm_eps: float = 1e-6
     attention: str = 'einsum'  # or 'dot_product_attention', 'cudnn' (GPU, bf16): see ops.subspace_attention
     attention_pad: int = 0  # dot_product_attention/cudnn: pad tokens to a multiple of this inside attention, 0 = none
+    attention_operator: str = 'mssa'  # CRATE blocks' compression: 'mssa' or 'tssa' (ToST), both sides
+    sparse_block: str = 'ista'  # CRATE blocks' sparse step: 'ista' or 'crate_alpha' (overcomplete), both sides
+    sparse_expansion: int = 4  # crate_alpha: dictionary d x (sparse_expansion * d)
+    sparse_steps: int = 2  # crate_alpha: unrolled ISTA steps from a zero code
     remat: str = 'none'  # 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'
     scan_unroll: int = 1
     dtype: Any = jnp.float32
@@ -73,6 +77,10 @@ class MaskedAutoencoder(nn.Module):
             qkv_bias=self.qkv_bias,
             attention=self.attention,
             attention_pad=self.attention_pad,
+            attention_operator=self.attention_operator,
+            sparse_block=self.sparse_block,
+            sparse_expansion=self.sparse_expansion,
+            sparse_steps=self.sparse_steps,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
