@@ -325,7 +325,10 @@ class DeviceRun:
             )
         finally:
             for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         for r in results:
             fields = {
                 k: r[k]
