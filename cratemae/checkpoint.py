@@ -42,6 +42,8 @@ DEFAULT_IGNORE = (
     'train.eval_batches',
     'train.eval_batch',
     'train.eval_mask_ratio',
+    'train.profile_start',
+    'train.profile_steps',
     'eval.*',
     # How the same maths is computed (kernels, recomputation, unrolling), not what is trained:
     'model.attention',

@@ -54,6 +54,11 @@ def base_config():
     c.train.eval_batches = 8
     c.train.eval_batch = 256  # divides over pod slices of up to 256 chips
     c.train.eval_mask_ratio = ml_collections.config_dict.placeholder(float)  # None: the model's ratio
+    # A jax.profiler trace of train.profile_steps steps from step profile_start (None: no trace) into
+    # <workdir>/profile (TensorBoard's profile plugin, or Perfetto: perfetto_trace.json.gz). Start after the first
+    # step so that compiling stays out of it.
+    c.train.profile_start = ml_collections.config_dict.placeholder(int)
+    c.train.profile_steps = 3
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 2000

@@ -1,5 +1,6 @@
 """The training engine: sharded step, accumulation, exact resume after SIGKILL, preemption, NaN, bad configs."""
 
+import gzip
 import json
 import os
 import pathlib
@@ -436,3 +437,30 @@ def test_reconstruction_grid_of_a_uint8_eval_batch_shows_its_pixels():
         top = pad + row * (size + pad)
         original = grid[top : top + size, pad : pad + size].astype(int)
         np.testing.assert_allclose(original, local['image'][row].astype(int), atol=1)
+
+
+# The engine's profile window (train.profile_start / profile_steps).
+
+
+@pytest.mark.parametrize(
+    'start,count,message',
+    [(-1, 3, 'inside the run'), (19, 2, r'steps 19\.\.20'), (2, 0, 'at least one step')],
+)
+def test_profile_window_outside_the_run_is_rejected_at_config_time(start, count, message):
+    config = _config(profile_start=start, profile_steps=count)
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(config, 8, 1)
+
+
+@pytest.mark.slow  # a 4-step run with a trace (~10 s)
+def test_profile_window_leaves_a_trace_of_the_chosen_steps_in_the_workdir(tmp_path):
+    config = _config(steps=4, profile_start=1, profile_steps=2)
+    config.eval.whitebox = False  # its measures compile for seconds and have nothing to do with the trace
+    train.train_and_evaluate(config, str(tmp_path))
+    (run,) = (tmp_path / 'profile' / 'plugins' / 'profile').iterdir()
+    assert list(run.glob('*.xplane.pb')), 'no TensorBoard trace'
+    with gzip.open(run / 'perfetto_trace.json.gz') as f:
+        events = json.load(f)
+    events = events['traceEvents'] if isinstance(events, dict) else events
+    steps = sorted(int(e['args']['step_num']) for e in events if e.get('name') == 'train' and 'args' in e)
+    assert steps == [1, 2]

@@ -1,6 +1,9 @@
 """One-shot train-step sweep for a session that has one H100 or H200: inside 8 minutes, JSON lines to --out.
 
   python -m tools.gpu_sweep --out "$OUT" [--budget_s 450] [--steps 10] [--warmup 3] [--dry_run] [--smoke]
+      [--stages attention,remat,knobs,profile,models,extras]
+
+tools/device_run.py runs it as its stage 4 (``run_sweep``), after the correctness checks and the headline.
 
 Every point is ``python -m launch.benchmark`` in its own process, so ``peak_bytes_in_use`` is the point's own peak
 and an out-of-memory or an unsupported kernel costs only that point. Points run in priority order and the later
@@ -10,14 +13,15 @@ stages use the winners of the earlier ones (CRATE-MAE-Base, reference architectu
   1 attention  einsum | cudnn | cudnn + tokens padded to a multiple of 64 (197 -> 256) | dot_product_attention (XLA)
   2 remat      full | dots_saveable | dots_with_no_batch_dims_saveable, with the fastest attention
   3 knobs      fused_ista | scan_unroll=2, with the fastest attention + remat
-  4 models     visible-only encoder (the ablation) | crate_mae_small | crate_mae_large (remat falls back on OOM)
-  5 extras     a profiled run of the fastest (jax.profiler trace) | batch 512 | scan_unroll=12 |
-               einsum + dots_with_no_batch_dims_saveable | plain fp32 einsum
+  4 profile    the fastest so far again, with a jax.profiler trace, summarised as a top-ops table
+               (tools/device_checks/top_ops.py) in its record and in the summary
+  5 models     visible-only encoder (the ablation) | crate_mae_small | crate_mae_large (remat falls back on OOM)
+  6 extras     batch 512 | scan_unroll=12 | einsum + dots_with_no_batch_dims_saveable | plain fp32 einsum
 
 Before each point the sweep checks that the time left covers 1.25x the slowest point so far, else it records the
 point as skipped, so the whole run ends inside --budget_s plus 30 s. Files in --out:
-gpu_sweep.jsonl (the benchmark records plus 'sweep': stage, name, wall_s), gpu_sweep_summary.md (a table and the
-winners), gpu_sweep.log (each point's command and the tail of its stderr), gpu_sweep_profile.tgz (the trace; open
+gpu_sweep.jsonl (the benchmark records plus 'sweep': stage, name, wall_s; the profiled point's also 'top_ops'),
+gpu_sweep_summary.md (a table, the winners and the top ops), gpu_sweep.log (each point's command and the tail of its stderr), gpu_sweep_profile.tgz (the trace; open
 it with TensorBoard's profile plugin or xprof).
 """
 
@@ -29,6 +33,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from tools.device_checks import top_ops
 
 _BASE = {'config': 'crate_mae_base', 'batch': 256, 'overrides': {'model.dtype': 'bfloat16'}}
 BASE = dict(_BASE)  # main() resets it; --smoke moves every point onto crate_mae_test
@@ -86,6 +92,15 @@ def stages():
     def best(results):
         return _settings(_fastest(results, ('attention', 'remat')))
 
+    def profile(results):
+        fastest = _fastest(results, ('attention', 'remat', 'knobs'))
+        overrides = best(results)
+        if fastest is not None and fastest['sweep']['stage'] == 'knobs':
+            overrides.update({f'model.{k}': fastest['options'][k] for k in ('fused_ista', 'scan_unroll')})
+        point = _point('profile_fastest', 'profile', overrides)
+        point['profile'] = True
+        return [point]
+
     def knobs(results):
         return [
             _point('fused_ista', 'knobs', {**best(results), 'model.fused_ista': True}),
@@ -102,10 +117,7 @@ def stages():
         ]
 
     def extras(results):
-        profiled = _point('profile_best', 'extras', best(results))
-        profiled['profile'] = True
         return [
-            profiled,
             _point('batch512', 'extras', best(results), batch=512),
             _point('scan_unroll12', 'extras', {**best(results), 'model.scan_unroll': 12}),
             _point(
@@ -118,7 +130,14 @@ def stages():
             ),
         ]
 
-    return [('attention', attention), ('remat', remat), ('knobs', knobs), ('models', models), ('extras', extras)]
+    return [
+        ('attention', attention),
+        ('remat', remat),
+        ('knobs', knobs),
+        ('profile', profile),
+        ('models', models),
+        ('extras', extras),
+    ]
 
 
 _TRACE = '/tmp/gpu_sweep_trace'
@@ -201,6 +220,10 @@ class Sweep:
             subprocess.run(
                 ['tar', 'czf', os.path.join(self.out, 'gpu_sweep_profile.tgz'), '-C', _TRACE, '.'], check=False
             )
+            try:
+                record['top_ops'] = top_ops.top_ops(_TRACE)
+            except (OSError, ValueError, KeyError) as e:
+                record['top_ops'] = {'error': f'{type(e).__name__}: {e}'}
         if 'error' in record and point.get('fallback') and any(s in record['error'] for s in _OOM):
             retry = {k: v for k, v in point.items() if k != 'fallback'}
             retry.update(name=point['name'] + '_fallback', overrides={**point['overrides'], **point['fallback']})
@@ -235,6 +258,9 @@ class Sweep:
                     f"- {label}: {r['sweep']['name']} {json.dumps(_settings(r))}: {r['images_per_s']:.0f} "
                     f"img/s, {r.get('peak_memory_gib') or 0:.1f} GiB"
                 )
+        for r in self.results:
+            if 'rows' in r.get('top_ops', {}):
+                lines += ['', f"## Top ops of {r['sweep']['name']}", '', top_ops.markdown(r['top_ops'])]
         with open(os.path.join(self.out, 'gpu_sweep_summary.md'), 'w') as f:
             f.write('\n'.join(lines) + '\n')
         print('\n'.join(lines), flush=True)
@@ -258,6 +284,26 @@ def _environment(out):
     print(text.strip(), flush=True)
 
 
+def run_sweep(out, budget_s, steps=10, warmup=3, smoke=False, dry_run=False, stage_names=None) -> list[dict]:
+    """The smoke point, then the stages (all, or those named), then the summary; returns the records."""
+    BASE.clear()
+    BASE.update(_BASE)
+    if smoke:
+        BASE.update(config='crate_mae_test', batch=16, smoke=True)
+    sweep = Sweep(out, budget_s, steps, warmup, dry_run)
+    _environment(out)
+    first = sweep.run(_point('smoke', 'smoke', {'model.dtype': 'float32'}, 'crate_mae_test', 16), steps=2, warmup=1)
+    if 'error' in first and not dry_run:
+        print('The smoke point failed; see gpu_sweep.log. Stopping.', flush=True)
+        return [first]
+    for name, make in stages():
+        if stage_names is None or name in stage_names:
+            for point in make(sweep.results):
+                sweep.results.append(sweep.run(point))
+    sweep.summary()
+    return [first, *sweep.results]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog='python -m tools.gpu_sweep')
     p.add_argument('--out', default=os.environ.get('OUT', 'gpu_sweep_out'))
@@ -266,22 +312,14 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--dry_run', action='store_true', help='Write the plan of the first stages, run nothing.')
     p.add_argument('--smoke', action='store_true', help='Every point on crate_mae_test, batch 16 (a CPU check).')
+    p.add_argument('--stages', default=None, help='Comma-separated stage names to run (default: all).')
     args = p.parse_args(argv)
-    BASE.clear()
-    BASE.update(_BASE)
-    if args.smoke:
-        BASE.update(config='crate_mae_test', batch=16, smoke=True)
-    sweep = Sweep(args.out, args.budget_s, args.steps, args.warmup, args.dry_run)
-    _environment(args.out)
-    smoke = sweep.run(_point('smoke', 'smoke', {'model.dtype': 'float32'}, 'crate_mae_test', 16), steps=2, warmup=1)
-    if 'error' in smoke and not args.dry_run:
-        print('The smoke point failed; see gpu_sweep.log. Stopping.', flush=True)
-        return 1
-    for _, make in stages():
-        for point in make(sweep.results):
-            sweep.results.append(sweep.run(point))
-    sweep.summary()
-    return 0
+    names = None if args.stages is None else args.stages.split(',')
+    unknown = set(names or ()) - {name for name, _ in stages()}
+    if unknown:
+        p.error(f'unknown --stages {sorted(unknown)}; choose from {[name for name, _ in stages()]}.')
+    records = run_sweep(args.out, args.budget_s, args.steps, args.warmup, args.smoke, args.dry_run, names)
+    return 1 if len(records) == 1 and 'error' in records[0] and not args.dry_run else 0
 
 
 if __name__ == '__main__':

@@ -20,14 +20,17 @@ The steps receive uint8 images and the engine normalises them on the devices fir
 tasks' steps see float32 normalised images.
 
 Everything else (mesh, state shardings, restore of the newest good checkpoint, async Orbax saves, exact resume,
-SIGTERM / multi-host preemption, the NaN guard, metrics, throughput and the progress line) is the engine's, so both
+SIGTERM / multi-host preemption, the NaN guard, metrics, throughput, the progress line and a jax.profiler trace of
+chosen steps, ``train.profile_start``) is the engine's, so both
 tasks get all of it. ``STEP_HOOKS`` lets tests inject faults after a step without a library argument.
 """
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -84,10 +87,58 @@ def validate_config(config, num_devices_for_batch: int, process_count: int) -> N
         )
     if config.train.steps < 1:
         raise ValueError(f'train.steps={config.train.steps} must be at least 1.')
+    validate_profile(config.train)
     if config.optim.get('schedule_steps') is not None and config.optim.schedule_steps < 1:
         raise ValueError(
             f'optim.schedule_steps={config.optim.schedule_steps} must be at least 1, or None to follow train.steps.'
         )
+
+
+def validate_profile(train_config) -> None:
+    """train.profile_start / profile_steps: a window of whole steps inside the run (or no window)."""
+    start, count = train_config.get('profile_start'), train_config.get('profile_steps', 3)
+    if start is None:
+        return
+    if start < 0 or count < 1 or start + count > train_config.steps:
+        raise ValueError(
+            f'train.profile_start={start} with train.profile_steps={count} traces steps {start}..{start + count - 1}, '
+            f'which must lie inside the run\'s steps 0..{train_config.steps - 1}; choose a start >= 0 (1 or later '
+            'keeps compiling out of the trace) and at least one step, or profile_start=None for no trace.'
+        )
+
+
+class StepProfiler:
+    """A jax.profiler trace of steps [start, start + count) into <workdir>/profile, with each traced step marked
+    (StepTraceAnnotation) so TensorBoard's profile plugin shows per-step times; Perfetto reads the
+    perfetto_trace.json.gz written beside the TensorBoard files. A resumed run past the window traces nothing."""
+
+    DIR = 'profile'
+
+    def __init__(self, train_config, workdir: str):
+        self.start, self.count = train_config.get('profile_start'), train_config.get('profile_steps', 3)
+        self.directory = os.path.join(workdir, self.DIR)
+        self.active = False
+
+    def step(self, step: int):
+        """The context to run step ``step`` in: starts the trace at the window's first step, marks traced steps."""
+        if self.start is not None and step == self.start and not self.active:
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active = True
+            log.info('Profiling steps %d..%d into %s', self.start, self.start + self.count - 1, self.directory)
+        if self.active:
+            return jax.profiler.StepTraceAnnotation('train', step_num=step)
+        return contextlib.nullcontext()
+
+    def after(self, step: int, outputs):
+        """Stops the trace once the window's last step has finished on the devices (``outputs`` waited on)."""
+        if self.active and step + 1 >= self.start + self.count:
+            self.stop(outputs)
+
+    def stop(self, outputs=None):
+        if self.active:
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def settle_config(config, mesh, process_count: int) -> dict:
@@ -265,6 +316,7 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     # ----------------------------------------------------------------------------------------------------------
     # The loop: plain Python around the jitted step. The host reads device values at log steps only.
     ckpt.install_preemption_handler()
+    profiler = StepProfiler(config.train, workdir)
     last = {}
     try:
         with train_data.iterate(start_step) as batches:
@@ -273,7 +325,9 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
             batches = ((s, {k: b[k] for k in task.train_keys}) for s, b in batches)
             batches = itertools.takewhile(lambda item: item[0] < total_steps, batches)
             for step, batch in device.prefetch(batches, mesh, size=2):
-                state, step_metrics = train_step(state, batch)
+                with profiler.step(step):
+                    state, step_metrics = train_step(state, batch)
+                profiler.after(step, (state, step_metrics))
                 done = step + 1
                 log_step = done % config.train.log_every == 0 or done == total_steps
                 if log_step:
@@ -306,6 +360,7 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
             last.update(evaluate(start_step))
         ckpt.wait_until_finished()
     finally:
+        profiler.stop()
         ckpt.uninstall_preemption_handler()
         ckpt.close()
         writer.close()
