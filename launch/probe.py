@@ -48,6 +48,19 @@ flags.DEFINE_string(
     "Split it is tested on (default: the checkpoint's, else auto: validation, val or test).",
     flag_values=FLAGS,
 )
+flags.DEFINE_integer(
+    'holdout',
+    None,
+    'Hold out the last PCT%% of the train split (a fixed shuffle of an image folder) and test on it: '
+    'split_train=S[:100-PCT%%], split_eval=S[100-PCT%%:]. For data without a held-out split.',
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    'eval_on_train',
+    False,
+    'Report the accuracy even when the test split shares images with the train split (named as such).',
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum('feature', 'cls', list(features.FEATURES), 'What to probe.', flag_values=FLAGS)
 flags.DEFINE_list('methods', ['linear', 'ridge', 'knn'], f'Subset of {probe.METHODS}.', flag_values=FLAGS)
 flags.DEFINE_string('out', None, 'Results folder (default: beside the checkpoint).', flag_values=FLAGS)
@@ -100,7 +113,10 @@ def run(f):
     )
     if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
         ckpt = dataclasses.replace(ckpt, data_config=config.data)
-    data_cfg = features.probe_data_config(ckpt, f.dataset, f.data_dir, f.split_train, f.split_eval)
+    data_cfg, splits_note = features.probe_data_config(
+        ckpt, f.dataset, f.data_dir, f.split_train, f.split_eval, holdout=f.holdout, eval_on_train=f.eval_on_train
+    )
+    print(f'Probe splits: {splits_note}.', flush=True)
     weights = ckpt
     if f.random_init:
         weights = dataclasses.replace(checkpoints.random_init(ckpt.model_config, f.seed), data_config=ckpt.data_config)
@@ -122,11 +138,13 @@ def run(f):
         'weights': 'random_init' if f.random_init else 'checkpoint',
         'dataset': data_cfg.name,
         'splits': [data_cfg.split_train, data_cfg.split_eval],
+        'splits_note': splits_note,
         'feature': f.feature,
         'num_train': len(train.y),
         'num_test': len(test.y),
         'feature_dim': int(train.x.shape[1]),
         'features_cached': bool(train.cached and test.cached),
+        'features_computed_at': [train.computed_at, test.computed_at],
         'feature_seconds': round(t_features, 2),
         'results': results,
         'date': datetime.datetime.now().isoformat(timespec='seconds'),
@@ -149,7 +167,7 @@ def main(argv):
     name = f'probe_{record["dataset"]}_{record["feature"]}{"_random" if FLAGS.random_init else ""}.json'
     with open(os.path.join(out, name), 'w') as f:
         json.dump(record, f, indent=2)
-    cached = ', cached features' if record['features_cached'] else ''
+    cached = f', cached features computed {min(record["features_computed_at"])}' if record['features_cached'] else ''
     header = (
         f'{record["weights"]} of {FLAGS.checkpoint} (step {record["step"]}), {record["dataset"]} '
         f'{"/".join(record["splits"])}, feature {record["feature"]} ({record["feature_dim"]}-d, '

@@ -47,7 +47,7 @@ def scores(tmp_path_factory):
     assert pretrained.step == STEPS
     random = checkpoints.random_init(pretrained.model_config, seed=0)
     random.data_config = pretrained.data_config
-    data_cfg = features.probe_data_config(pretrained)
+    data_cfg, _ = features.probe_data_config(pretrained)
 
     def probe_all(ckpt, feature):
         tr, te = (

@@ -43,7 +43,7 @@ def last_layer_measures(model, params, batch):
 def evaluate_run(workdir) -> dict:
     """The MEASURES of one finished run (its newest checkpoint that restores, on its own data)."""
     ckpt = checkpoints.load(workdir, encoder_only=False)
-    data_cfg = features.probe_data_config(ckpt)
+    data_cfg, _ = features.probe_data_config(ckpt)
     train_feats = features.split_features(ckpt, data_cfg, data_cfg.split_train, 'cls')
     test_feats = features.split_features(ckpt, data_cfg, data_cfg.split_eval, 'cls')
     probes = probe.run_probes(train_feats, test_feats, methods=('ridge', 'knn'))

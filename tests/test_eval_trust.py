@@ -1,0 +1,167 @@
+"""No silent wrong results (issue 22): features that know their data, accuracies only on held-out images, one decoder
+for every image file, evaluation through the worker pipeline."""
+
+import dataclasses
+import io
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import experiments
+from cratemae import data
+from cratemae.data import splits
+from cratemae.data import tfds_writer
+from cratemae.evaluate import checkpoints
+from cratemae.evaluate import features
+from launch import cli
+from launch import probe as probe_cli
+
+
+def _png(value, size=(28, 28), mode='L'):
+    rng = np.random.default_rng(value)
+    pixels = np.clip(value + rng.integers(0, 20, size[::-1]), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def _labelled_folder(root, per_class=6, classes=('a', 'b')):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / name / f'{i}.png').write_bytes(_png(40 + 120 * c + i))
+    return root
+
+
+@pytest.fixture(scope='module')
+def model_config():
+    return experiments.get_config('crate_mae_test').model
+
+
+def _folder_cfg(folder, **kw):
+    cfg = data.default_data_config()
+    cfg.update(name='image_folder', folder=str(folder), image_size=28, channels=1, augment='none', num_workers=0)
+    cfg.update(kw)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. The feature cache knows everything that determines the features.
+
+
+def test_every_input_of_the_features_changes_the_cache(tmp_path, model_config, monkeypatch):
+    """Each change below is a cache miss (the encoder runs again); repeating a probe is a hit that says when its
+    features were computed. Today's key missed the folder's contents, the tfds version and the label key."""
+    computed = []
+    real = features.extract
+    monkeypatch.setattr(features, 'extract', lambda *a, **k: computed.append(1) or real(*a, **k))
+    folder = _labelled_folder(tmp_path / 'images')
+    weights = checkpoints.random_init(model_config, seed=0)
+    cache = tmp_path / 'cache'
+
+    def probe(ckpt=weights, cfg=None, split='train', feature='pixels'):  # pixels: no encoder to compile
+        before = len(computed)
+        feats = features.split_features(ckpt, cfg or _folder_cfg(folder), split, feature, cache_dir=cache)
+        return feats, len(computed) > before
+
+    first, ran = probe()
+    assert ran and not first.cached and first.computed_at
+    again, ran = probe()
+    assert not ran and again.cached and again.computed_at == first.computed_at
+    np.testing.assert_array_equal(again.x, first.x)
+
+    os.remove(folder / 'a' / '0.png')  # an image removed: 11 examples, not the cached 12
+    feats, ran = probe()
+    assert ran and len(feats.y) == 11
+    (folder / 'a' / '1.png').rename(folder / 'b' / 'moved.png')  # relabelled
+    feats, ran = probe()
+    assert ran and (feats.y == 1).sum() == 7
+    (folder / 'a' / '9.png').write_bytes(_png(3))  # added
+    assert probe()[1]
+    later = time.time() + 5  # rewritten in place, same name and size: the modification time tells
+    os.utime(folder / 'a' / '9.png', (later, later))
+    assert probe()[1]
+    assert probe(cfg=_folder_cfg(folder, eval_crop_pct=0.5))[1]  # preprocessing
+    assert probe(cfg=_folder_cfg(folder, normalize='none'))[1]
+    assert probe(split='train[:50%]')[1]  # split
+    assert probe(feature='cls')[1]  # feature type
+    assert not probe(feature='cls')[1]
+    assert probe(ckpt=checkpoints.random_init(model_config, seed=1), feature='cls')[1]  # other weights
+    leaves, tree = jax.tree.flatten(weights.params)  # same architecture, path and seed; one weight changed
+    leaves[0] = np.asarray(leaves[0]) + 1.0
+    assert probe(ckpt=dataclasses.replace(weights, params=jax.tree.unflatten(tree, leaves)), feature='cls')[1]
+
+
+def test_tfds_version_and_keys_are_part_of_the_cache_key(tmp_path, model_config):
+    payloads = [(_png(10 * i), i % 2) for i in range(4)]
+    tfds_writer.write_dataset(tmp_path, 'trust_images', {'train': payloads}, 2, version='1.0.0')
+    cfg = data.default_data_config()
+    cfg.update(name='tfds:trust_images', data_dir=str(tmp_path), image_size=28, channels=1, augment='none')
+    weights = checkpoints.random_init(model_config, seed=0)
+    key = features.cache_key(weights, cfg, 'train', 'cls')
+    assert features.cache_key(weights, cfg, 'train', 'cls') == key
+    other_label = data.data_config_from(cfg.to_dict())
+    other_label.label_key = 'image'  # any other feature names other labels
+    assert features.cache_key(weights, other_label, 'train', 'cls') != key
+    tfds_writer.write_dataset(tmp_path, 'trust_images', {'train': payloads[:3]}, 2, version='1.0.1')
+    assert features.cache_key(weights, cfg, 'train', 'cls') != key  # tfds:NAME resolves to the newest version
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Held-out data for every accuracy; tfds slices on every source.
+
+
+def test_slices_select_the_same_examples_on_every_source(tmp_path):
+    """train[:90%] / train[90%:] are disjoint and cover the split, on embedded, folder and tfds sources alike, with
+    tfds's own bounds."""
+    mnist = data.default_data_config()
+    mnist.update(image_size=28, augment='none')
+    folder_cfg = _folder_cfg(_labelled_folder(tmp_path / 'f', per_class=10))
+    payloads = [(_png(3 * i), i % 2) for i in range(30)]
+    tfds_writer.write_dataset(tmp_path / 'tfds', 'sliced_images', {'train': payloads}, 2)
+    tfds_cfg = data.default_data_config()
+    tfds_cfg.update(name='tfds:sliced_images', data_dir=str(tmp_path / 'tfds'), image_size=28, channels=1)
+    for cfg, n in ((mnist, 4500), (folder_cfg, 20), (tfds_cfg, 30)):
+        head, _ = data.registry.open_source(cfg, 'train[:90%]')
+        tail, _ = data.registry.open_source(cfg, 'train[90%:]')
+        first, _ = data.registry.open_source(cfg, 'train[:7]')
+        assert (len(head), len(tail), len(first)) == (round(0.9 * n), n - round(0.9 * n), 7), cfg.name
+        whole, _ = data.registry.open_source(cfg, 'train')
+        keys = lambda src: [bytes(np.asarray(src[i][0]).tobytes()) for i in range(len(src))]  # noqa: E731
+        assert sorted(keys(head) + keys(tail)) == sorted(keys(whole))
+        assert not set(keys(head)) & set(keys(tail))
+    folder_tail = data.registry.open_source(folder_cfg, 'train[90%:]')[0]
+    assert set(folder_tail.labels.tolist()) == {0, 1}  # a fixed shuffle: the tail of a class-sorted folder mixes both
+    assert splits.disjoint('train[:90%]', 'train[90%:]') and not splits.disjoint('train', 'train[90%:]')
+    assert not splits.disjoint('train[:50]', 'train[40%:]')  # other units: not provably disjoint, refused
+    with pytest.raises(ValueError, match='not a split name with an optional tfds slice'):
+        data.registry.open_source(mnist, 'train[:x]')
+
+
+def test_probe_of_a_flat_folder_refuses_to_test_on_its_training_images(tmp_path, model_config, capsys):
+    """The reported case: a flat labelled folder probed without split flags printed '160 train / 160 test'."""
+    folder = _labelled_folder(tmp_path / 'flat', per_class=10)
+    export_dir = tmp_path / 'weights'
+    from cratemae import export  # pylint: disable=import-outside-toplevel
+
+    ckpt = dataclasses.replace(checkpoints.random_init(model_config), data_config=_folder_cfg(folder))
+    path = export.export_checkpoint(ckpt, 'safetensors', export_dir / 'enc.safetensors', encoder_only=True)
+    args = [f'--checkpoint={path}', f'--out={tmp_path / "out"}', f'--cache_dir={tmp_path / "c"}', '--methods=knn']
+    args.append('--feature=pixels')  # no encoder to compile: the splits are what is tested
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args) == 2
+    err = capsys.readouterr().err
+    assert 'training images' in err and '--holdout' in err and '--split_eval' in err
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args + ['--holdout=25']) == 0
+    out = capsys.readouterr().out
+    assert 'held out the last 25% of train' in out and '15 train / 5 test' in out
+    record = json.loads((tmp_path / 'out' / 'probe_image_folder_pixels.json').read_text())
+    assert record['splits'] == ['train[:75%]', 'train[75%:]']
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args + ['--holdout=25']) == 0
+    assert 'cached features computed' in capsys.readouterr().out
+    assert cli.run(probe_cli.main, probe_cli.FLAGS, args + ['--eval_on_train']) == 0
+    assert 'overlaps the training split' in capsys.readouterr().out
