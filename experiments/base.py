@@ -25,7 +25,7 @@ def base_config():
     c.data.update(
         name='imagenet2012',
         split_train='train',
-        split_eval='validation',
+        split_eval='auto',  # the data's own evaluation split (validation, val or test), whichever dataset is named
         image_size=224,
         channels=3,
         augment='mae',

@@ -165,3 +165,89 @@ def test_probe_of_a_flat_folder_refuses_to_test_on_its_training_images(tmp_path,
     assert 'cached features computed' in capsys.readouterr().out
     assert cli.run(probe_cli.main, probe_cli.FLAGS, args + ['--eval_on_train']) == 0
     assert 'overlaps the training split' in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. One decoder for every image file.
+
+
+def _files(tmp_path):
+    """A 16-bit grey PNG, a JPEG whose EXIF says 'rotate 90 degrees', and a non-square PNG with stripes."""
+    wide = (np.arange(28 * 28, dtype=np.uint32).reshape(28, 28) * 40 + 20000).astype(np.uint16)
+    sixteen = tmp_path / 'sixteen.png'
+    Image.fromarray(wide).save(sixteen)  # mode I;16: values 20000..51000, PIL's convert('L') clips them all to 255
+    rotated = tmp_path / 'rotated.jpg'
+    photo = np.zeros((28, 40, 3), np.uint8)
+    photo[:, :20] = 230  # bright left half: after the EXIF rotation it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo).save(rotated, exif=exif, quality=95)
+    stripes = tmp_path / 'stripes.png'
+    wide_image = np.zeros((30, 50), np.uint8)
+    wide_image[:, :10] = 255  # outside the centre square: a squash shows it, the eval crop does not
+    Image.fromarray(wide_image).save(stripes)
+    return sixteen, rotated, stripes
+
+
+def test_inspect_image_files_go_through_the_shared_decoder_and_the_eval_crop(tmp_path, model_config):
+    from cratemae import inspection  # pylint: disable=import-outside-toplevel
+    from cratemae.data import augment  # pylint: disable=import-outside-toplevel
+    from cratemae.data import decode  # pylint: disable=import-outside-toplevel
+
+    paths = _files(tmp_path)
+    loaded = inspection.random_init(model_config, 0)
+    options = inspection.Options(checkpoint='-', out='-', image_files=tuple(map(str, paths)), batch=8)
+    notes = []
+    _, shown, mean, std = inspection.load_images(options, loaded, notes)
+    pixels = np.rint((shown * np.asarray(std) + np.asarray(mean)) * 255).astype(int)[..., 0]
+    for path, got in zip(paths, pixels):
+        want = decode.decode_crop(path.read_bytes(), lambda h, w: augment.center_box(h, w, 1.0), 28, 1)[..., 0]
+        np.testing.assert_allclose(got, want, atol=1, err_msg=str(path))
+    assert pixels[0].max() < 255 and abs(int(pixels[0][0, 0]) - (20000 >> 8)) <= 1  # 16-bit: top 8 bits, not clipped
+    assert pixels[1][:10].mean() > 200 and pixels[1][-10:].mean() < 30  # EXIF orientation applied
+    assert pixels[2].max() < 30  # the bright stripe lies outside the centre crop: a squash shows it as 255
+    assert any('centre crop' in n for n in notes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Evaluation through the worker pipeline; AOT without the data.
+
+
+@pytest.mark.slow  # fine-tunes for two steps with worker processes (~30 s on 2 busy cores)
+def test_finetune_evaluation_decodes_in_the_workers_not_the_trainer(tmp_path, model_config, monkeypatch):
+    from cratemae import export  # pylint: disable=import-outside-toplevel
+    from cratemae.data import decode  # pylint: disable=import-outside-toplevel
+    from cratemae.train import finetune  # pylint: disable=import-outside-toplevel
+    from experiments import base  # pylint: disable=import-outside-toplevel
+    from experiments import downstream  # pylint: disable=import-outside-toplevel
+
+    folder = _labelled_folder(tmp_path / 'flat', per_class=16)
+    weights = export.export_checkpoint(
+        checkpoints.random_init(model_config), 'safetensors', tmp_path / 'enc.safetensors', encoder_only=True
+    )
+    config = downstream.finetune_config(base.crate_mae_test(), 'image_folder', 2, 24, epochs=1, batch=8, image_size=28)
+    config.data.update(folder=str(folder), channels=1, num_workers=1, prefetch=1, randaugment=None, hflip=False)
+    config.train.update(steps=2, log_every=1, eval_every=2, eval_batch=8)
+    config.checkpoint.update(every=2, async_save=False)
+    config.finetune.update(checkpoint=str(weights))
+    with pytest.raises(ValueError, match='--holdout'):
+        finetune.resolve_splits(config)  # a flat folder: no held-out split, no accuracy
+    config.finetune.holdout = 25
+    decoded = []
+    real = decode.decode_crop
+    monkeypatch.setattr(decode, 'decode_crop', lambda *a, **k: decoded.append(1) or real(*a, **k))
+    result = finetune.finetune_and_evaluate(config, str(tmp_path / 'run'))
+    assert 0.0 <= result['eval/top1'] <= 1.0 and result['eval/held_out'] == 1.0
+    assert config.data.split_eval == 'train[75%:]'
+    assert decoded == []  # every training and evaluation image was decoded by a worker process
+
+
+def test_aot_of_a_finetune_entry_takes_the_class_count_from_the_config(tmp_path):
+    from cratemae.train import tasks  # pylint: disable=import-outside-toplevel
+
+    config = experiments.get_config('finetune_cifar10')
+    config.data.data_dir = str(tmp_path)  # nothing prepared there: the data is not read
+    assert tasks.for_config(config).num_classes == 10
+    config.finetune.num_classes = None
+    with pytest.raises(ValueError, match=r'--config\.finetune\.num_classes=N'):
+        tasks.for_config(config)

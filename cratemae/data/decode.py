@@ -101,7 +101,7 @@ def decode(payload, channels):
     return _as_array(im)
 
 
-def _displayed_size(im):
+def displayed_size(im):
     """(height, width) as displayed (after EXIF orientation), from the header."""
     w, h = im.size
     if _orientation(im) in (5, 6, 7, 8):  # transposed / rotated by 90 degrees
@@ -126,7 +126,7 @@ def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=Tr
     docstring); fast=False always decodes at full size (the reference).
     """
     im = open_image(payload)
-    height, width = _displayed_size(im)
+    height, width = displayed_size(im)
     top, left, h, w = box_fn(height, width)
     r = reduction((top, left, h, w), size) if fast else 1
     draft = (max(1, width // r), max(1, height // r)) if r > 1 else None

@@ -126,11 +126,10 @@ def extract(model_config, params, pipe, feature, mesh, rules=()):
 
     fn = jax.jit(fn_, in_shardings=(param_sharding, batch_sharding), out_shardings=batch_sharding)
     outs, labels, valid = [], [], []
-    with pipe.iterate() as batches:
-        for _, local in batches:
-            outs.append(fn(params, sharding.host_local_to_global(local['image'], mesh)))  # dispatched asynchronously
-            labels.append(_gather(local['label']) if jax.process_count() > 1 else local['label'])
-            valid.append(_gather(local['valid']) if jax.process_count() > 1 else local['valid'])
+    for local, batch in device.eval_batches(pipe, mesh):  # the pipeline's workers decode; copies run ahead
+        outs.append(fn(params, batch['image']))  # dispatched asynchronously
+        labels.append(_gather(local['label']) if jax.process_count() > 1 else local['label'])
+        valid.append(_gather(local['valid']) if jax.process_count() > 1 else local['valid'])
     x = np.concatenate([_gather(o) for o in outs])
     keep = np.concatenate(valid)
     return x[keep], np.concatenate(labels)[keep].astype(np.int32)
