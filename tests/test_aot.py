@@ -175,7 +175,9 @@ def test_a_fine_tuning_entry_compiles_the_fine_tuning_program():
     from experiments import base
     from experiments import downstream
 
-    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', 10, 4500, epochs=1, batch=16, image_size=28)
+    config = downstream.finetune_config(
+        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28
+    )
     train_step, (state, batch), mesh = aot.build_train_step(config, jax.devices())
     assert set(state.params) == {'backbone', 'head', 'head_norm'} and state.params['head']['kernel'].shape == (32, 10)
     assert batch['label'].shape == (16,) and batch['label'].dtype == 'int32' and dict(mesh.shape)['data'] == 8

@@ -54,6 +54,7 @@ def _folder_cfg(folder, **kw):
 # 1. The feature cache knows everything that determines the features.
 
 
+@pytest.mark.slow  # 13 feature extractions (~10 s)
 def test_every_input_of_the_features_changes_the_cache(tmp_path, model_config, monkeypatch):
     """Each change below is a cache miss (the encoder runs again); repeating a probe is a hit that says when its
     features were computed. Today's key missed the folder's contents, the tfds version and the label key."""
@@ -70,14 +71,15 @@ def test_every_input_of_the_features_changes_the_cache(tmp_path, model_config, m
         return feats, len(computed) > before
 
     first, ran = probe()
-    assert ran and not first.cached and first.computed_at
+    assert ran and not first.cached
     again, ran = probe()
-    assert not ran and again.cached and again.computed_at == first.computed_at
+    assert not ran and again.cached
     np.testing.assert_array_equal(again.x, first.x)
 
     os.remove(folder / 'a' / '0.png')  # an image removed: 11 examples, not the cached 12
     feats, ran = probe()
     assert ran and len(feats.y) == 11
+    assert first.computed_at and again.computed_at == first.computed_at  # a hit says when it was computed
     (folder / 'a' / '1.png').rename(folder / 'b' / 'moved.png')  # relabelled
     feats, ran = probe()
     assert ran and (feats.y == 1).sum() == 7
@@ -213,33 +215,58 @@ def test_inspect_image_files_go_through_the_shared_decoder_and_the_eval_crop(tmp
 # 4. Evaluation through the worker pipeline; AOT without the data.
 
 
-@pytest.mark.slow  # fine-tunes for two steps with worker processes (~30 s on 2 busy cores)
-def test_finetune_evaluation_decodes_in_the_workers_not_the_trainer(tmp_path, model_config, monkeypatch):
-    from cratemae import export  # pylint: disable=import-outside-toplevel
-    from cratemae.data import decode  # pylint: disable=import-outside-toplevel
-    from cratemae.train import finetune  # pylint: disable=import-outside-toplevel
+def _finetune_folder_config(folder, weights):
+    """crate_mae_test's encoder fine-tuned for two steps on an image folder, evaluated at step 2."""
     from experiments import base  # pylint: disable=import-outside-toplevel
     from experiments import downstream  # pylint: disable=import-outside-toplevel
 
-    folder = _labelled_folder(tmp_path / 'flat', per_class=16)
-    weights = export.export_checkpoint(
-        checkpoints.random_init(model_config), 'safetensors', tmp_path / 'enc.safetensors', encoder_only=True
+    config = downstream.finetune_config(
+        base.crate_mae_test(), 'image_folder', ('train', 'auto'), 24, epochs=1, batch=8, image_size=28
     )
-    config = downstream.finetune_config(base.crate_mae_test(), 'image_folder', 2, 24, epochs=1, batch=8, image_size=28)
     config.data.update(folder=str(folder), channels=1, num_workers=1, prefetch=1, randaugment=None, hflip=False)
     config.train.update(steps=2, log_every=1, eval_every=2, eval_batch=8)
     config.checkpoint.update(every=2, async_save=False)
     config.finetune.update(checkpoint=str(weights))
-    with pytest.raises(ValueError, match='--holdout'):
-        finetune.resolve_splits(config)  # a flat folder: no held-out split, no accuracy
-    config.finetune.holdout = 25
+    if 'num_classes' in config.finetune:
+        config.finetune.num_classes = 2
+    return config
+
+
+@pytest.mark.slow  # fine-tunes for two steps with worker processes (~30 s on 2 busy cores)
+def test_finetune_evaluation_decodes_in_the_workers_not_the_trainer(tmp_path, model_config, monkeypatch):
+    """Today's evaluation decoded the whole eval split serially in the trainer process."""
+    from cratemae import export  # pylint: disable=import-outside-toplevel
+    from cratemae.data import decode  # pylint: disable=import-outside-toplevel
+    from cratemae.train import finetune  # pylint: disable=import-outside-toplevel
+
+    for split in ('train', 'validation'):
+        _labelled_folder(tmp_path / 'images' / split, per_class=8 if split == 'train' else 4)
+    weights = export.export_checkpoint(
+        checkpoints.random_init(model_config), 'safetensors', tmp_path / 'enc.safetensors', encoder_only=True
+    )
+    config = _finetune_folder_config(tmp_path / 'images', weights)
     decoded = []
     real = decode.decode_crop
     monkeypatch.setattr(decode, 'decode_crop', lambda *a, **k: decoded.append(1) or real(*a, **k))
     result = finetune.finetune_and_evaluate(config, str(tmp_path / 'run'))
-    assert 0.0 <= result['eval/top1'] <= 1.0 and result['eval/held_out'] == 1.0
-    assert config.data.split_eval == 'train[75%:]'
+    assert 0.0 <= result['eval/top1'] <= 1.0
     assert decoded == []  # every training and evaluation image was decoded by a worker process
+
+
+def test_finetune_refuses_to_report_top1_on_its_training_images(tmp_path, model_config):
+    """A flat folder has no held-out split: fine-tuning stops before anything is built, unless --holdout."""
+    from cratemae.train import finetune  # pylint: disable=import-outside-toplevel
+
+    folder = _labelled_folder(tmp_path / 'flat', per_class=8)
+    config = _finetune_folder_config(folder, tmp_path / 'no_weights_needed.safetensors')
+    with pytest.raises(ValueError, match='training images.*--holdout.*--eval_on_train'):
+        finetune.finetune_and_evaluate(config, str(tmp_path / 'run'))
+    assert not (tmp_path / 'run').exists()
+    config.finetune.holdout = 25
+    assert 'held out the last 25% of train' in finetune.resolve_splits(config)
+    assert (config.data.split_train, config.data.split_eval) == ('train[:75%]', 'train[75%:]')
+    assert finetune.resolve_splits(config)  # a second call (launch.finetune, then the library) changes nothing
+    assert (config.data.split_train, config.data.split_eval) == ('train[:75%]', 'train[75%:]')
 
 
 def test_aot_of_a_finetune_entry_takes_the_class_count_from_the_config(tmp_path):

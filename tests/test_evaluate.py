@@ -251,7 +251,9 @@ def test_finetune_split_flags_are_checked_before_anything_is_built():
 
 
 def _finetune_config(checkpoint, **model):
-    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', 10, 4500, epochs=1, batch=16, image_size=28)
+    config = downstream.finetune_config(
+        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28
+    )
     config.model.update(model)
     config.data.update(crop_scale=(0.6, 1.0), hflip=False)
     config.optim.base_lr = 1e-3

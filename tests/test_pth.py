@@ -322,7 +322,9 @@ def test_probe_cli_trusts_a_file_only_when_told(tmp_path, small, capsys):
 
 def test_finetune_trusts_a_file_only_when_told(tmp_path, small):
     path = _fine_tuned_file_with_a_foreign_object(tmp_path / 'finetuned.pth', small)
-    config = downstream.finetune_config(base.crate_mae_test(), 'mnist', 10, 4500, epochs=1, batch=16, image_size=28)
+    config = downstream.finetune_config(
+        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28
+    )
     config.train.update(steps=2, log_every=2, eval_every=2, eval_batch=64)
     config.checkpoint.update(every=2, async_save=False)
     config.finetune.update(checkpoint=str(path))
