@@ -12,10 +12,13 @@ step. The fields are described in docs/performance.md; ``python -m launch.benchm
 
 import copy
 import datetime
+import gc
+import itertools
 import os
 import platform
 import statistics
 import time
+import traceback
 
 import flax
 import jax
@@ -192,3 +195,77 @@ def options(config, donate, compiler_options):
     out = {k: config.model.get(k) for k in MODEL_OPTIONS}
     out.update(donate=donate, accum_steps=config.optim.accum_steps, compiler_options=compiler_options)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sweeps of launch.benchmark: each point is the base command line plus one value per --sweep key.
+
+
+def point_args(key, value):
+    """The command-line arguments that set one sweep key to one value."""
+    if key in ('batch', 'donate'):
+        return [f'--{key}={value}']
+    if key.startswith('xla.'):
+        return [f'--compiler_option={key[4:]}={value}']
+    return [f'--config.{key if "." in key else "model." + key}={value}']
+
+
+def sweep_points(specs, mode='product'):
+    """[({key: value}, [arguments...]), ...]: the cartesian product of the --sweep specs, or one key at a time."""
+    axes = []
+    for spec in specs:
+        key, eq, values = spec.partition('=')
+        if not eq or not key.strip():
+            raise ValueError(f'--sweep {spec!r}: expected KEY=V1,V2,...')
+        axes.append([(key.strip(), v) for v in values.split(',')])
+    combos = itertools.product(*axes) if mode == 'product' else ([kv] for axis in axes for kv in axis)
+    return [({k: v for k, v in combo}, [a for k, v in combo for a in point_args(k, v)]) for combo in combos]
+
+
+def without_sweep(argv):
+    """The command line without its --sweep / --sweep_mode arguments: the base every sweep point extends."""
+    out, skip = [], False
+    for arg in argv:
+        if not skip and arg not in ('--sweep', '--sweep_mode') and not arg.startswith(('--sweep=', '--sweep_mode=')):
+            out.append(arg)
+        skip = arg in ('--sweep', '--sweep_mode') and not skip
+    return out
+
+
+def run_points(points, settings, fixed):
+    """Yields the JSON record of each sweep point in turn: ``points`` [(overrides, args)], ``settings`` [(config, donate,
+    compiler options)] and ``fixed`` (steps, warmup, profile, profile_steps, peak_flops). A point that cannot run (OOM,
+    an unsupported kernel) is a record with its 'error', not the end of the sweep."""
+    env = environment()
+    for index, ((overrides, _), (config, donate, compiler_options)) in enumerate(zip(points, settings)):
+        record = {
+            'benchmark': 'train_step',
+            'config': config.name,
+            'batch': config.train.global_batch,
+            'steps': fixed['steps'],
+            'warmup': fixed['warmup'],
+            'overrides': overrides,
+            **env,
+            'options': options(config, donate, compiler_options),
+        }
+        try:
+            record.update(
+                run_point(
+                    config,
+                    fixed['steps'],
+                    fixed['warmup'],
+                    donate,
+                    compiler_options,
+                    fixed['profile'] if index == 0 else None,
+                    fixed['profile_steps'],
+                    fixed['peak_flops'],
+                )
+            )
+            if index and record['peak_memory_source'].startswith('memory_stats'):
+                record['peak_memory_note'] = 'process peak so far: includes the earlier points of this sweep'
+        except Exception as e:  # noqa: BLE001 - a point that cannot run is a result too
+            record['error'] = f'{type(e).__name__}: {e}'[:2000]
+            record['traceback_tail'] = traceback.format_exc()[-1500:]
+        yield record
+        jax.clear_caches()
+        gc.collect()

@@ -23,13 +23,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from PIL import Image
 
 from cratemae import checkpoint as checkpoint_lib
 from cratemae import data as data_lib
 from cratemae import diagnostics
 from cratemae import models
+from cratemae import sharding
 from cratemae import visualize
+from cratemae.data import augment
+from cratemae.data import decode
+from cratemae.data import device
 from cratemae.data import registry as data_registry
 from cratemae.evaluate import checkpoints
 
@@ -155,7 +158,10 @@ def _data_config(options, loaded, notes):
 
 def load_images(options, loaded, notes):
     """(measured, shown, mean, std): the eval split's first ``batch`` images (normalised float32 NHWC) for the
-    measures, and for the pictures its first ``images`` (or its ``image_ids``, or the ``image_files``)."""
+    measures, and for the pictures its first ``images`` (or its ``image_ids``, or the ``image_files``).
+
+    The images come as training reads them: uint8 batches made by the pipeline's workers, copied to the devices
+    and normalised there (``device.eval_batches``)."""
     model_config = loaded.model_config
     data_config = _data_config(options, loaded, notes)
     spec = data_registry.get_spec(data_config.name)
@@ -170,30 +176,39 @@ def load_images(options, loaded, notes):
         global_batch=max([options.batch] + [i + 1 for i in options.image_ids]),
         seed=0,
         train=False,
+        uint8=True,
     )
-    batch = pipeline.batch(0)
-    images = np.asarray(batch['image'], np.float32)[np.asarray(batch['valid'], bool)]
     mean, std = pipeline.info.mean, pipeline.info.std
+    ((local, batch),) = device.eval_batches(pipeline, sharding.make_mesh(devices=jax.devices()[:1]), count=1)
+    images = np.asarray(device.normalize(batch['image'], mean, std))[np.asarray(local['valid'], bool)]
     if any(i >= len(images) for i in options.image_ids):
         raise ValueError(
             f'--image_ids: the {data_config.split_eval} split has {len(images)} images (valid 0..{len(images) - 1}).'
         )
     shown = images[list(options.image_ids)] if options.image_ids else images[: options.images]
     if options.image_files:
-        shown = np.concatenate([read_image(p, model_config, mean, std, notes) for p in options.image_files])
+        crop_pct = data_config.get('eval_crop_pct') or spec.eval_crop_pct
+        shown = np.concatenate([read_image(p, model_config, mean, std, crop_pct, notes) for p in options.image_files])
     return images[: options.batch], shown, mean, std
 
 
-def read_image(path, model_config, mean, std, notes):
-    """One image file as a normalised (1, S, S, C) array, resized (with a note) when it is not S x S."""
-    with epath.Path(path).open('rb') as f:
-        image = Image.open(f).convert('L' if model_config.channels == 1 else 'RGB')
-    size = model_config.image_size
-    if image.size != (size, size):
-        notes.append(f'{path}: {image.size[0]}x{image.size[1]} resized to the model input {size}x{size}.')
-        image = image.resize((size, size), Image.BICUBIC)
-    x = np.asarray(image, np.float32).reshape(size, size, model_config.channels) / 255.0
-    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32))[None]
+def read_image(path, model_config, mean, std, crop_pct, notes):
+    """One image file as a normalised (1, S, S, C) array, decoded as the pipeline decodes its files (``decode``: EXIF
+    orientation, 16-bit grey, palette and CMYK rules) and cut by the eval transform (centre crop ``crop_pct`` of the
+    short side, resized to S x S: never squashed)."""
+    payload = epath.Path(path).read_bytes()
+    size, channels = model_config.image_size, model_config.channels
+    try:
+        pixels = decode.decode_crop(payload, lambda h, w: augment.center_box(h, w, crop_pct), size, channels)
+        height, width = decode.displayed_size(decode.open_image(payload))
+    except decode.UndecodableImage as e:
+        raise ValueError(f'--image_files: {path}: {e}') from None
+    if (height, width) != (size, size):
+        notes.append(
+            f'{path}: {width}x{height}, centre crop {crop_pct:g} of the short side resized to the model input '
+            f'{size}x{size} (the eval transform).'
+        )
+    return augment.normalize(pixels[None], np.asarray(mean, np.float32), np.asarray(std, np.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------------

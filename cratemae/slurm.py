@@ -21,8 +21,12 @@ must be plain tokens (checked here).
 """
 
 import dataclasses
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME = re.compile(r'^(\d+)(?::(\d+))?(?::(\d+))?$|^(\d+)-(\d+)(?::(\d+))?(?::(\d+))?$')
@@ -191,3 +195,42 @@ exit "$status"
 def sbatch_command(script_path: str | None) -> list[str]:
     """sbatch FILE, or plain sbatch reading the script from stdin (Slurm keeps a copy either way, for requeues)."""
     return ['sbatch', script_path] if script_path else ['sbatch']
+
+
+def check_submission(job, python):
+    """Before sbatch: sbatch is here, and the paths the nodes use exist here (a shared filesystem shows them the
+    same). Raises ValueError naming what is missing and the flags that set it."""
+    if not shutil.which('sbatch'):
+        raise ValueError('sbatch is not on PATH: run this on the cluster\'s login node, or drop --submit.')
+    interpreter = os.path.join(job.code_dir, python)
+    if not os.path.isfile(os.path.join(job.code_dir, 'launch', 'train.py')) or not os.access(interpreter, os.X_OK):
+        raise ValueError(
+            f'{job.code_dir} holds no cratemae checkout with {python}: pass --code_dir and --python as the nodes '
+            "see them, or create the venv there (python3 -m venv .venv && .venv/bin/pip install -e '.[gpu]')."
+        )
+
+
+def deliver(job, script, command, out_file, python, dry_run=False, submit=False, out=None):
+    """What ``launch.slurm`` does with a script: print it (and the sbatch command) on a dry run; else write it to
+    ``out_file`` or print it, and with ``submit`` run ``command`` (sbatch) on it after ``check_submission``. Messages
+    go to stderr, the script to ``out`` (stdout). Returns the exit status."""
+    out = out or sys.stdout
+    if dry_run:
+        print(script, end='', file=out)
+        wrote = f'write {out_file} and ' if out_file else ''
+        stdin = '' if out_file else ' (the script on its stdin)'
+        print(f'slurm: dry run; would {wrote}run: {shlex.join(command)}{stdin}', file=sys.stderr)
+        return 0
+    if submit:
+        check_submission(job, python)
+    if out_file:
+        with open(out_file, 'w') as f:
+            f.write(script)
+        print(f'slurm: wrote {out_file}', file=sys.stderr)
+    elif not submit:
+        print(script, end='', file=out)
+    if not submit:
+        print(f'slurm: submit with --submit, or: {shlex.join(sbatch_command(out_file or "FILE"))}', file=sys.stderr)
+        return 0
+    print(shlex.join(command), file=out, flush=True)
+    return 1 if subprocess.run(command, input=None if out_file else script, text=True).returncode else 0

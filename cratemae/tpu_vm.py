@@ -14,6 +14,8 @@ import shlex
 import shutil
 import subprocess
 
+from cratemae.data import pod
+
 REMOTE_DIR = '~/cratemae'
 LOG = '~/cratemae-train.log'
 PID = '~/cratemae-train.pid'
@@ -196,6 +198,42 @@ def delete_commands(t: Target, queued=False):
     if queued:
         return [t.queued('delete', '--force', '--quiet')]  # --force also deletes the node it created
     return [t.tpu_vm('delete', '--quiet')]
+
+
+def data_commands(t: Target, f):
+    """With ``f.data`` = gs://...: make the prepared tfds data readable at pod.LOCAL_DIR on every host."""
+    return [t.ssh(pod.host_command(f.data, f.data_mode))] if f.data else []
+
+
+def pod_run_commands(t: Target, f, overrides=()):
+    """``run``: launch.train of ``f.config`` on every host, its workdir in the bucket every host writes to."""
+    if f.config is None:
+        raise ValueError('run needs --config=NAME (a registered experiment, e.g. crate_mae_base).')
+    if not f.workdir and not f.bucket:
+        raise ValueError(
+            'run needs --bucket=gs://BUCKET (workdir gs://BUCKET/NAME) or --workdir: every host must '
+            'write the checkpoints to the same place, so a local path will not do on a pod.'
+        )
+    workdir = f.workdir or f'{f.bucket.rstrip("/")}/{f.config.name}'
+    if f.data:  # mounted again (a no-op when it is), e.g. after a host restart; then read from there
+        overrides = pod.train_overrides() + list(overrides)
+    return data_commands(t, f) + run_commands(t, f.config.name, workdir, overrides)
+
+
+SUBCOMMANDS = {
+    'create': lambda t, f, _: create_commands(t, f.accelerator_type, f.version, f.spot, f.queued),
+    'setup': lambda t, f, _: setup_commands(t, f.source, f.repo, f.branch, f.python) + data_commands(t, f),
+    'run': pod_run_commands,
+    'tail': lambda t, f, _: tail_commands(t, f.lines),
+    'stop': lambda t, f, _: stop_commands(t),
+    'delete': lambda t, f, _: delete_commands(t, f.queued),
+}
+
+
+def subcommand(name, t: Target, f, overrides=()):
+    """The gcloud argv lists of subcommand ``name`` of ``launch.tpu_pod``, ``f`` carrying its flags as attributes and
+    ``overrides`` the --config.KEY=VALUE arguments ``run`` passes on."""
+    return SUBCOMMANDS[name](t, f, overrides)
 
 
 def resolve_target(name, project=None, zone=None) -> Target:

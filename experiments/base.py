@@ -25,7 +25,7 @@ def base_config():
     c.data.update(
         name='imagenet2012',
         split_train='train',
-        split_eval='validation',
+        split_eval='auto',  # the data's own evaluation split (validation, val or test), whichever dataset is named
         image_size=224,
         channels=3,
         augment='mae',
@@ -257,7 +257,7 @@ def crate_mae_mnist_long():
         decoder_heads=4,
     )
     c.data.update(
-        name='mnist', split_train='train', split_eval='test', image_size=28, channels=1, augment='none', hflip=False
+        name='mnist', split_train='train', split_eval='auto', image_size=28, channels=1, augment='none', hflip=False
     )  # digits are not flip-invariant; the model sees each at native size
     # Per-patch normalised targets (FAIR's recommendation for representations): at this length they give a better
     # linear probe than raw-pixel targets (docs/experiments.md).

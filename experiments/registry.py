@@ -89,3 +89,17 @@ def where(name):
                 if pattern.search(line):
                     return f'{os.path.basename(folder)}/{os.path.basename(path)}:{number}'
     raise LookupError(f'{name!r} is registered but defined nowhere a reader can find; name it in experiments/.')
+
+
+def check_remote_run(config, num_devices: int = 1, process_count: int = 1):
+    """Checks, on this machine, a config that ``launch.train`` will run elsewhere (on a pod's hosts, on a cluster's
+    nodes) under its registry name: that it is a registered experiment, and that it passes the checks launch.train
+    makes before compiling, for ``num_devices`` devices in ``process_count`` processes where the caller knows them
+    (a Slurm job does; a pod's slice size is not known to ``run``). Raises ValueError naming the problem."""
+    from cratemae import sharding  # pylint: disable=import-outside-toplevel
+    from cratemae import train  # pylint: disable=import-outside-toplevel
+
+    if config.name not in names():  # the remote command names the registry's entry of that name
+        raise ValueError(f'--config takes a registered experiment (--config=NAME); {config.name!r} is not one.')
+    data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
+    train.validate_config(config, data * fsdp, process_count)

@@ -20,15 +20,12 @@ if __name__ == '__main__':  # before jax is imported: glibc reads its tunables a
 
     _platform.reexec_with_cpu_tunables()
 
-import gc
-import itertools
 import json
-import traceback
 
-import jax
 from absl import flags
 
 from cratemae import benchmark
+from cratemae.train import finetune
 from launch import cli
 
 FLAGS = cli.flag_values()
@@ -52,27 +49,6 @@ flags.DEFINE_float(
 )
 
 
-def point_args(key, value):
-    """The command-line arguments that set one sweep key to one value."""
-    if key in ('batch', 'donate'):
-        return [f'--{key}={value}']
-    if key.startswith('xla.'):
-        return [f'--compiler_option={key[4:]}={value}']
-    return [f'--config.{key if "." in key else "model." + key}={value}']
-
-
-def sweep_points(specs, mode='product'):
-    """[({key: value}, [arguments...]), ...]: the cartesian product of the --sweep specs, or one key at a time."""
-    axes = []
-    for spec in specs:
-        key, eq, values = spec.partition('=')
-        if not eq or not key.strip():
-            raise cli.UsageError(f'--sweep {spec!r}: expected KEY=V1,V2,...')
-        axes.append([(key.strip(), v) for v in values.split(',')])
-    combos = itertools.product(*axes) if mode == 'product' else ([kv] for axis in axes for kv in axis)
-    return [({k: v for k, v in combo}, [a for k, v in combo for a in point_args(k, v)]) for combo in combos]
-
-
 def _settings():
     """The parsed flags of one point."""
     config = _CONFIG.value
@@ -82,62 +58,31 @@ def _settings():
     return config, FLAGS.donate, options
 
 
-def _without_sweep(argv):
-    out, skip = [], False
-    for arg in argv:
-        if not skip and arg not in ('--sweep', '--sweep_mode') and not arg.startswith(('--sweep=', '--sweep_mode=')):
-            out.append(arg)
-        skip = arg in ('--sweep', '--sweep_mode') and not skip
-    return out
-
-
 def main(argv):
     cli.no_positional(argv)
-    base = _without_sweep(cli.ARGV)
-    points = sweep_points(FLAGS.sweep, FLAGS.sweep_mode) if FLAGS.sweep else [({}, [])]
+    base = benchmark.without_sweep(cli.ARGV)
+    try:
+        points = benchmark.sweep_points(FLAGS.sweep, FLAGS.sweep_mode) if FLAGS.sweep else [({}, [])]
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     fixed = {n: FLAGS[n].value for n in ('steps', 'warmup', 'profile', 'profile_steps', 'out', 'peak_flops')}
     settings = []
     for _, args in points:  # every point parsed before the first runs: a bad key or value costs no compile
         cli.parse(FLAGS, base + args)
         settings.append(_settings())
-    env, failures = benchmark.environment(), 0
-    for index, ((overrides, _), (config, donate, compiler_options)) in enumerate(zip(points, settings)):
-        record = {
-            'benchmark': 'train_step',
-            'config': config.name,
-            'batch': config.train.global_batch,
-            'steps': fixed['steps'],
-            'warmup': fixed['warmup'],
-            'overrides': overrides,
-            **env,
-            'options': benchmark.options(config, donate, compiler_options),
-        }
-        try:
-            record.update(
-                benchmark.run_point(
-                    config,
-                    fixed['steps'],
-                    fixed['warmup'],
-                    donate,
-                    compiler_options,
-                    fixed['profile'] if index == 0 else None,
-                    fixed['profile_steps'],
-                    fixed['peak_flops'],
-                )
-            )
-            if index and record['peak_memory_source'].startswith('memory_stats'):
-                record['peak_memory_note'] = 'process peak so far: includes the earlier points of this sweep'
-        except Exception as e:  # noqa: BLE001 - a point that cannot run (OOM, unsupported kernel) is a result too
-            failures += 1
-            record['error'] = f'{type(e).__name__}: {e}'[:2000]
-            record['traceback_tail'] = traceback.format_exc()[-1500:]
+        if 'finetune' in settings[-1][0]:  # synthetic batches: the class count must come from the config
+            try:
+                finetune.config_num_classes(settings[-1][0])
+            except ValueError as e:
+                raise cli.UsageError(str(e)) from None
+    failures = 0
+    for record in benchmark.run_points(points, settings, fixed):
         line = json.dumps(record, sort_keys=True)
         print(line, flush=True)
         if fixed['out']:
             with open(fixed['out'], 'a') as f:
                 f.write(line + '\n')
-        jax.clear_caches()
-        gc.collect()
+        failures += 'error' in record
     return 1 if failures else 0
 
 

@@ -160,20 +160,12 @@ def no_positional(argv):
 
 
 def check_registered_run(config, num_devices: int = 1, process_count: int = 1):
-    """Checks, on this machine, a config that ``launch.train`` will run elsewhere (on a pod's hosts, on a cluster's
-    nodes) under its registry name: that it is a registered experiment, and that it passes the checks launch.train
-    makes before compiling, for ``num_devices`` devices in ``process_count`` processes where the caller knows them
-    (a Slurm job does; a pod's slice size is not known to ``run``). Raises UsageError naming the problem."""
+    """``registry.check_remote_run`` (the experiment launch.train will run elsewhere), as a usage error."""
     if config is None:
         raise UsageError('--config=NAME is required (a registered experiment, e.g. crate_mae_base).')
-    import experiments  # pylint: disable=import-outside-toplevel  (imports jax: only for the commands that need it)
-    from cratemae import sharding  # pylint: disable=import-outside-toplevel
-    from cratemae import train  # pylint: disable=import-outside-toplevel
+    from experiments import registry  # pylint: disable=import-outside-toplevel  (imports jax: only where needed)
 
-    if config.name not in experiments.names():  # the remote command names the registry's entry of that name
-        raise UsageError(f'--config takes a registered experiment (--config=NAME); {config.name!r} is not one.')
     try:
-        data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
-        train.validate_config(config, data * fsdp, process_count)
+        registry.check_remote_run(config, num_devices, process_count)
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -42,6 +42,19 @@ _SPLIT_EVAL = flags.DEFINE_string(
     'Split to evaluate on (= --config.data.split_eval; auto: validation, val or test, whichever the data has).',
     flag_values=FLAGS,
 )
+_HOLDOUT = flags.DEFINE_integer(
+    'holdout',
+    None,
+    'Evaluate on the last PCT%% of the train split (a fixed shuffle of an image folder) and train on the rest; '
+    'for data without a held-out split (= --config.finetune.holdout).',
+    flag_values=FLAGS,
+)
+_EVAL_ON_TRAIN = flags.DEFINE_bool(
+    'eval_on_train',
+    False,
+    'Report top-1 even when the eval split shares images with the train split (= --config.finetune.eval_on_train).',
+    flag_values=FLAGS,
+)
 _TRUST = flags.DEFINE_bool(
     'trust_checkpoint',
     False,
@@ -67,9 +80,12 @@ def main(argv):
     for key, flag in (('split_train', _SPLIT_TRAIN), ('split_eval', _SPLIT_EVAL)):
         if flag.value is not None:
             config.data[key] = flag.value
-    try:  # a missing split is a usage error before anything is built
-        for key in ('split_train', 'split_eval'):
-            config.data[key] = data.resolve_split(config.data, config.data[key])
+    if _HOLDOUT.value is not None:
+        config.finetune.holdout = _HOLDOUT.value
+    if _EVAL_ON_TRAIN.value:
+        config.finetune.eval_on_train = True
+    try:  # a missing split, or one that is not held out, is a usage error before anything is built
+        print(f'Fine-tuning splits: {finetune.resolve_splits(config)}.', flush=True)
     except (ValueError, data.DatasetNotPreparedError) as e:
         raise cli.UsageError(str(e)) from None
     workdir = checkpoints.absolute(_WORKDIR.value or os.path.join('runs', config.name))  # Orbax needs absolute

@@ -11,6 +11,8 @@ attention_heads.png, pca.png / pca_reference.png, reconstructions.png and whiteb
 underscores. docs/whitebox.md explains the measures.
 """
 
+import dataclasses
+
 from absl import flags
 
 from cratemae import inspection
@@ -73,28 +75,14 @@ def _numbers(values, kind, what):
 
 
 def options():
-    """The parsed flags as ``inspection.Options``."""
+    """The parsed flags as ``inspection.Options`` (one flag per field, of the same name; lists become tuples)."""
     if not _CHECKPOINT.value or not _OUT.value:
         raise cli.UsageError('--checkpoint and --out are required.')
-    return inspection.Options(
-        checkpoint=_CHECKPOINT.value,
-        out=_OUT.value,
-        step=_STEP.value,
-        all_steps=_ALL_STEPS.value,
-        compare=tuple(_COMPARE.value),
-        random_init=_RANDOM_INIT.value,
-        dataset=_DATASET.value,
-        split=_SPLIT.value,
-        image_files=tuple(_IMAGE_FILES.value),
-        layers=_LAYERS.value,
-        heads=_HEADS.value,
-        images=_IMAGES.value,
-        image_ids=_numbers(_IMAGE_IDS.value, int, 'image_ids'),
-        batch=_BATCH.value,
-        mask_ratios=_numbers(_MASK_RATIOS.value, float, 'mask_ratios'),
-        pca=_PCA.value,
-        paper=_PAPER.value,
-    )
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(inspection.Options) if f.name != 'split'}
+    values.update(split=_SPLIT.value, compare=tuple(_COMPARE.value), image_files=tuple(_IMAGE_FILES.value))
+    values.update(image_ids=_numbers(_IMAGE_IDS.value, int, 'image_ids'))
+    values.update(mask_ratios=_numbers(_MASK_RATIOS.value, float, 'mask_ratios'))
+    return inspection.Options(**values)
 
 
 def main(argv):

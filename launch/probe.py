@@ -10,13 +10,8 @@ checkpoint's architecture instead of its weights: the baseline pretraining must 
 DIR/probe_<dataset>_<feature>[_random].json and a table on the terminal. See docs/evaluation.md.
 """
 
-import dataclasses
-import datetime
-import json
 import logging
-import os
 import sys
-import time
 
 from absl import flags
 
@@ -24,6 +19,7 @@ from cratemae import data
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
 from cratemae.evaluate import probe
+from cratemae.evaluate import probe_command
 from launch import cli
 
 FLAGS = cli.flag_values()
@@ -48,6 +44,19 @@ flags.DEFINE_string(
     "Split it is tested on (default: the checkpoint's, else auto: validation, val or test).",
     flag_values=FLAGS,
 )
+flags.DEFINE_integer(
+    'holdout',
+    None,
+    'Hold out the last PCT%% of the train split (a fixed shuffle of an image folder) and test on it: '
+    'split_train=S[:100-PCT%%], split_eval=S[100-PCT%%:]. For data without a held-out split.',
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    'eval_on_train',
+    False,
+    'Report the accuracy even when the test split shares images with the train split (named as such).',
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum('feature', 'cls', list(features.FEATURES), 'What to probe.', flag_values=FLAGS)
 flags.DEFINE_list('methods', ['linear', 'ridge', 'knn'], f'Subset of {probe.METHODS}.', flag_values=FLAGS)
 flags.DEFINE_string('out', None, 'Results folder (default: beside the checkpoint).', flag_values=FLAGS)
@@ -68,72 +77,6 @@ flags.DEFINE_float('temperature', 0.07, 'kNN weighted vote: exp(similarity / T).
 flags.DEFINE_enum('vote', 'weighted', ['weighted', 'majority'], 'kNN vote.', flag_values=FLAGS)
 
 
-def default_out(path):
-    path = os.path.normpath(path)
-    return os.path.join(path, 'probe') if checkpoints.is_workdir(path) else os.path.splitext(path)[0] + '_probe'
-
-
-def _table(results, header):
-    rows = [('method', 'top-1 (%)', 'details')]
-    for method, r in results.items():
-        details = {k: v for k, v in r.items() if k not in ('top1', 'config')}
-        rows.append(
-            (
-                method,
-                f'{100 * r["top1"]:.2f}',
-                ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in details.items()),
-            )
-        )
-    width = [max(len(row[i]) for row in rows) for i in range(3)]
-    return '\n'.join([header] + ['  '.join(c.ljust(w) for c, w in zip(row, width)).rstrip() for row in rows])
-
-
-def run(f):
-    """Loads, extracts (or reads cached) features, probes; returns the results record."""
-    config = f.config
-    ckpt = checkpoints.load(
-        f.checkpoint,
-        step=f.step,
-        model_config=config and config.model,
-        encoder_only=True,
-        trust_checkpoint=f.trust_checkpoint,
-    )
-    if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
-        ckpt = dataclasses.replace(ckpt, data_config=config.data)
-    data_cfg = features.probe_data_config(ckpt, f.dataset, f.data_dir, f.split_train, f.split_eval)
-    weights = ckpt
-    if f.random_init:
-        weights = dataclasses.replace(checkpoints.random_init(ckpt.model_config, f.seed), data_config=ckpt.data_config)
-    kwargs = {'batch_size': f.batch_size, 'cache_dir': f.cache_dir, 'use_cache': not f.no_cache}
-    t0 = time.perf_counter()
-    train = features.split_features(weights, data_cfg, data_cfg.split_train, f.feature, **kwargs)
-    test = features.split_features(weights, data_cfg, data_cfg.split_eval, f.feature, **kwargs)
-    t_features = time.perf_counter() - t0
-    linear_cfg = probe.LinearProbeConfig(
-        f.optimizer, f.base_lr, f.weight_decay, 0.9, f.epochs, f.warmup_epochs, f.probe_batch_size, f.seed
-    )
-    results = probe.run_probes(
-        train, test, tuple(f.methods), linear_cfg, {'k': f.k, 'temperature': f.temperature, 'vote': f.vote}
-    )
-    return {
-        'checkpoint': os.path.abspath(f.checkpoint),
-        'source': ckpt.source,
-        'step': ckpt.step,
-        'weights': 'random_init' if f.random_init else 'checkpoint',
-        'dataset': data_cfg.name,
-        'splits': [data_cfg.split_train, data_cfg.split_eval],
-        'feature': f.feature,
-        'num_train': len(train.y),
-        'num_test': len(test.y),
-        'feature_dim': int(train.x.shape[1]),
-        'features_cached': bool(train.cached and test.cached),
-        'feature_seconds': round(t_features, 2),
-        'results': results,
-        'date': datetime.datetime.now().isoformat(timespec='seconds'),
-        'command': 'python -m launch.probe ' + ' '.join(sys.argv[1:]),
-    }
-
-
 def main(argv):
     cli.no_positional(argv)
     if not FLAGS.checkpoint:
@@ -141,22 +84,12 @@ def main(argv):
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger('cratemae').setLevel(logging.INFO)
     try:
-        record = run(FLAGS)
+        record = probe_command.probe_checkpoint(FLAGS, 'python -m launch.probe ' + ' '.join(sys.argv[1:]))
     except (checkpoints.CheckpointError, data.DatasetNotPreparedError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
-    out = FLAGS.out or default_out(FLAGS.checkpoint)
-    os.makedirs(out, exist_ok=True)
-    name = f'probe_{record["dataset"]}_{record["feature"]}{"_random" if FLAGS.random_init else ""}.json'
-    with open(os.path.join(out, name), 'w') as f:
-        json.dump(record, f, indent=2)
-    cached = ', cached features' if record['features_cached'] else ''
-    header = (
-        f'{record["weights"]} of {FLAGS.checkpoint} (step {record["step"]}), {record["dataset"]} '
-        f'{"/".join(record["splits"])}, feature {record["feature"]} ({record["feature_dim"]}-d, '
-        f'{record["num_train"]} train / {record["num_test"]} test{cached})'
-    )
-    print(_table(record['results'], header))
-    print(f'Results: {os.path.join(out, name)}')
+    path = probe_command.write_record(record, FLAGS.out or probe_command.default_out(FLAGS.checkpoint))
+    print(probe_command.table(record))
+    print(f'Results: {path}')
 
 
 if __name__ == '__main__':

@@ -12,10 +12,6 @@ newest checkpoint in the workdir (cratemae/slurm.py, docs/scale_out.md).
 """
 
 import os
-import shlex
-import shutil
-import subprocess
-import sys
 
 from absl import flags
 
@@ -108,43 +104,13 @@ def script_and_command(f):
     return job, script, slurm.sbatch_command(f.out)
 
 
-def check_submission(job, f):
-    """Before sbatch: the paths the nodes use exist here (a shared filesystem shows them the same)."""
-    if not shutil.which('sbatch'):
-        raise cli.UsageError('sbatch is not on PATH: run this on the cluster\'s login node, or drop --submit.')
-    python = os.path.join(job.code_dir, f.python)
-    if not os.path.isfile(os.path.join(job.code_dir, 'launch', 'train.py')) or not os.access(python, os.X_OK):
-        raise cli.UsageError(
-            f'{job.code_dir} holds no cratemae checkout with {f.python}: pass --code_dir and --python as the nodes '
-            "see them, or create the venv there (python3 -m venv .venv && .venv/bin/pip install -e '.[gpu]')."
-        )
-
-
 def main(argv, out=None):
     cli.no_positional(argv)
-    out = out or sys.stdout
     job, script, command = script_and_command(FLAGS)
-    if FLAGS.dry_run:
-        print(script, end='', file=out)
-        wrote = f'write {FLAGS.out} and ' if FLAGS.out else ''
-        stdin = '' if FLAGS.out else ' (the script on its stdin)'
-        print(f'slurm: dry run; would {wrote}run: {shlex.join(command)}{stdin}', file=sys.stderr)
-        return 0
-    if FLAGS.submit:
-        check_submission(job, FLAGS)
-    if FLAGS.out:
-        with open(FLAGS.out, 'w') as f:
-            f.write(script)
-        print(f'slurm: wrote {FLAGS.out}', file=sys.stderr)
-    elif not FLAGS.submit:
-        print(script, end='', file=out)
-    if not FLAGS.submit:
-        print(
-            f'slurm: submit with --submit, or: {shlex.join(slurm.sbatch_command(FLAGS.out or "FILE"))}', file=sys.stderr
-        )
-        return 0
-    print(shlex.join(command), file=out, flush=True)
-    return 1 if subprocess.run(command, input=None if FLAGS.out else script, text=True).returncode else 0
+    try:
+        return slurm.deliver(job, script, command, FLAGS.out, FLAGS.python, FLAGS.dry_run, FLAGS.submit, out)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
 
 
 if __name__ == '__main__':

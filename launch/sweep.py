@@ -8,18 +8,15 @@ For every registry name matching the pattern (fnmatch), plus the base entry the 
 layer) and writes <out>/<pattern>.md, .csv and .png. docs/ablations.md is made of those tables.
 """
 
-import fnmatch
 import json
 import logging
 import os
 
 from absl import flags
 
-import experiments
-from cratemae import models
 from cratemae import train
 from cratemae.evaluate import ablation
-from experiments import registry
+from experiments import sweeps
 from launch import cli
 
 FLAGS = cli.flag_values()
@@ -36,49 +33,6 @@ _NO_BASE = flags.DEFINE_bool(
 )
 
 
-def sweep_names(pattern, include_base=True):
-    """The matching registry names, bases first (a family is read against its base)."""
-    names = [n for n in experiments.names() if fnmatch.fnmatchcase(n, pattern)]
-    if not names:
-        raise cli.UsageError(f'no registered experiment matches {pattern!r}; `python -m launch.list` shows the names.')
-    bases = []
-    for name in names if include_base else ():
-        base = _declared(name)[0]
-        if base and base not in names + bases:
-            bases.append(base)
-    return bases + names
-
-
-def sweep_config(name, steps=None, dataset=None):
-    config = experiments.get_config(name)
-    if steps is not None:
-        config.train.update(steps=steps, eval_every=steps)
-        config.checkpoint.every = steps
-    if dataset is not None:
-        config.data.name = dataset
-    return config
-
-
-def _declared(name):
-    try:
-        return registry.declared_overrides(name)
-    except ValueError:
-        return None, None
-
-
-def row(name, config, workdir):
-    """The table row of one finished run: what it is, then ablation.evaluate_run's measures."""
-    overrides = _declared(name)[1]
-    changes = ', '.join(f'{k}={v}' for k, v in sorted(overrides.items())) if overrides else 'base'
-    return {
-        'name': name,
-        'changes': changes,
-        'params': models.count_params(config.model),
-        'steps': config.train.steps,
-        **ablation.evaluate_run(workdir),
-    }
-
-
 def main(argv):
     cli.no_positional(argv)
     if not _NAMES.value:
@@ -86,12 +40,16 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger('cratemae').setLevel(logging.INFO)
     rows = []
-    for name in sweep_names(_NAMES.value, include_base=not _NO_BASE.value):
-        config = sweep_config(name, _STEPS.value, _DATASET.value)
+    try:
+        names = sweeps.sweep_names(_NAMES.value, include_base=not _NO_BASE.value)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    for name in names:
+        config = sweeps.sweep_config(name, _STEPS.value, _DATASET.value)
         workdir = os.path.join(_OUT.value, name)
         print(f'== {name} -> {workdir}', flush=True)
         train.train_and_evaluate(config, workdir)
-        rows.append(row(name, config, workdir))
+        rows.append(sweeps.row(name, config, workdir))
         print(json.dumps(rows[-1]), flush=True)
     stem = os.path.join(_OUT.value, _NAMES.value.replace('*', 'all').replace('?', '_'))
     ablation.write_tables(rows, stem)

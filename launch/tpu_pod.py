@@ -72,48 +72,20 @@ flags.DEFINE_bool('allow_config_change', False, 'run: passed on to launch.train.
 flags.DEFINE_integer('lines', 100, 'tail: lines of the log to show first.', flag_values=FLAGS)
 
 
-def data_commands(target, f):
-    """With --data=gs://...: make the prepared tfds data readable at pod.LOCAL_DIR on every host."""
-    return [target.ssh(pod.host_command(f.data, f.data_mode))] if f.data else []
-
-
-def run_commands(target, f):
-    """`run`, after the checks launch.train makes before compiling (the slice's device counts are not known here)."""
-    config = f.config
-    if config is None:
-        raise ValueError('run needs --config=NAME (a registered experiment, e.g. crate_mae_base).')
-    if not f.workdir and not f.bucket:
-        raise ValueError(
-            'run needs --bucket=gs://BUCKET (workdir gs://BUCKET/NAME) or --workdir: every host must '
-            'write the checkpoints to the same place, so a local path will not do on a pod.'
-        )
-    cli.check_registered_run(config)
-    workdir = f.workdir or f'{f.bucket.rstrip("/")}/{config.name}'
-    overrides = cli.override_args(FLAGS) + (['--allow_config_change'] if f.allow_config_change else [])
-    if f.data:  # mounted again (a no-op when it is), e.g. after a host restart; then read from there
-        overrides = pod.train_overrides() + overrides
-    return data_commands(target, f) + tpu_vm.run_commands(target, config.name, workdir, overrides)
-
-
-SUBCOMMANDS = {
-    'create': lambda t, f: tpu_vm.create_commands(t, f.accelerator_type, f.version, f.spot, f.queued),
-    'setup': lambda t, f: tpu_vm.setup_commands(t, f.source, f.repo, f.branch, f.python) + data_commands(t, f),
-    'run': run_commands,
-    'tail': lambda t, f: tpu_vm.tail_commands(t, f.lines),
-    'stop': lambda t, f: tpu_vm.stop_commands(t),
-    'delete': lambda t, f: tpu_vm.delete_commands(t, f.queued),
-}
-
-
 def commands(argv):
     """The subcommand's gcloud argv lists, from the flags parsed into FLAGS (positional argv: [prog, SUBCOMMAND])."""
-    if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-        raise cli.UsageError(f'expected one subcommand of {", ".join(SUBCOMMANDS)}; got {argv[1:]}.')
+    if len(argv) != 2 or argv[1] not in _OWN:
+        raise cli.UsageError(f'expected one subcommand of {", ".join(_OWN)}; got {argv[1:]}.')
     foreign = sorted(n for n in FLAGS if FLAGS[n].present and n.split('.')[0] not in _COMMON | _OWN[argv[1]])
     if foreign:
         raise cli.UsageError(f'{argv[1]} takes no {", ".join("--" + n for n in foreign)} (see --help).')
+    overrides = []
+    if argv[1] == 'run' and FLAGS.config is not None:
+        cli.check_registered_run(FLAGS.config)  # here, before anything runs on the slice
+        overrides = cli.override_args(FLAGS) + (['--allow_config_change'] if FLAGS.allow_config_change else [])
     try:
-        return SUBCOMMANDS[argv[1]](tpu_vm.resolve_target(FLAGS.name, FLAGS.project, FLAGS.zone), FLAGS)
+        target = tpu_vm.resolve_target(FLAGS.name, FLAGS.project, FLAGS.zone)
+        return tpu_vm.subcommand(argv[1], target, FLAGS, overrides)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
 

@@ -8,6 +8,7 @@ import pathlib
 
 import pytest
 
+from cratemae import benchmark as benchmark_lib
 from launch import benchmark
 from launch import cli
 from tools import gpu_sweep
@@ -66,7 +67,7 @@ def test_a_point_that_cannot_run_is_a_record_with_its_error(capsys):
 
 
 def test_sweep_points_are_command_lines_parsed_by_config_flags(capsys):
-    points = benchmark.sweep_points(
+    points = benchmark_lib.sweep_points(
         [
             'remat=none,full',
             'batch=16,32',
@@ -92,7 +93,7 @@ def test_sweep_points_are_command_lines_parsed_by_config_flags(capsys):
             '--donate=false',
         ],
     )
-    each = benchmark.sweep_points(['remat=none,full', 'batch=16,32', 'donate=false'], 'each')
+    each = benchmark_lib.sweep_points(['remat=none,full', 'batch=16,32', 'donate=false'], 'each')
     assert [o for o, _ in each] == [
         {'remat': 'none'},
         {'remat': 'full'},

@@ -114,7 +114,7 @@ def test_cache_written_atomically(cache):
     embedded.load_arrays.cache_clear()  # another module may have loaded MNIST in this process from another cache
     embedded.load_arrays('mnist')
     files = os.listdir(cache)
-    name = f'mnist_v{embedded._CACHE_VERSION}.npz'
+    name = f'mnist_v{embedded.CACHE_VERSION}.npz'
     assert name in files and not [f for f in files if f.endswith('.tmp')]
     with np.load(os.path.join(cache, name)) as f:
         np.testing.assert_array_equal(f['test_label'], embedded.load_arrays('mnist')['test_label'])

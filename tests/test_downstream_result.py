@@ -45,7 +45,7 @@ def scores(default_run):
     pretrained = checkpoints.load(workdir)
     random = checkpoints.random_init(pretrained.model_config, seed=0)
     random.data_config = pretrained.data_config
-    data_cfg = features.probe_data_config(pretrained)
+    data_cfg, _ = features.probe_data_config(pretrained)
 
     def probe_all(ckpt, feature):
         tr, te = (

@@ -129,7 +129,10 @@ def test_encoder_only_export_and_a_wrong_size_image(run, tmp_path, capsys):
     ]
     assert _inspect(argv + _COMMON) == 0
     printed = capsys.readouterr().out
-    assert 'skipped reconstructions.png' in printed and '30x40 resized to the model input 28x28' in printed
+    assert (
+        'skipped reconstructions.png' in printed
+        and '30x40, centre crop 1 of the short side resized to the model input 28x28' in printed
+    )
     summary = _summary(out)
     assert 'reconstructions.png' not in summary['files'] and 'inversion_error' not in summary['runs'][0]['measures']
     assert 'pca_reference.png' in summary['files'] and 'pca.png' not in summary['files']

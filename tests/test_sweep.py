@@ -6,15 +6,16 @@ import json
 import pytest
 
 from cratemae.evaluate import ablation
+from experiments import sweeps
 from launch import cli
 from launch import sweep
 
 
 def test_a_family_pattern_runs_its_base_first():
-    names = sweep.sweep_names('mnist_ablate_mask_*')
+    names = sweeps.sweep_names('mnist_ablate_mask_*')
     assert names[0] == 'crate_mae_mnist_rawpix'
     assert set(names[1:]) == {'mnist_ablate_mask_25', 'mnist_ablate_mask_50', 'mnist_ablate_mask_90'}
-    assert 'crate_mae_mnist_rawpix' not in sweep.sweep_names('mnist_ablate_mask_*', include_base=False)
+    assert 'crate_mae_mnist_rawpix' not in sweeps.sweep_names('mnist_ablate_mask_*', include_base=False)
 
 
 def test_unknown_pattern_says_how_to_list_names(capsys):
@@ -23,7 +24,7 @@ def test_unknown_pattern_says_how_to_list_names(capsys):
 
 
 def test_sweep_config_shortens_the_schedule():
-    config = sweep.sweep_config('mnist_ablate_lambda_5', steps=7, dataset='skimage_crops')
+    config = sweeps.sweep_config('mnist_ablate_lambda_5', steps=7, dataset='skimage_crops')
     assert (config.train.steps, config.train.eval_every, config.checkpoint.every) == (7, 7, 7)
     assert config.data.name == 'skimage_crops' and config.model.ista_lambda == 5.0
 
@@ -31,12 +32,12 @@ def test_sweep_config_shortens_the_schedule():
 @pytest.mark.slow  # trains, extracts features of 5,000 digits, probes
 def test_end_to_end_on_one_entry_writes_the_tables(tmp_path):
     name = 'mnist_ablate_lambda_5'
-    config = sweep.sweep_config(name, steps=3)
+    config = sweeps.sweep_config(name, steps=3)
     config.train.global_batch = 32
     from cratemae import train
 
     train.train_and_evaluate(config, str(tmp_path / name))
-    row = sweep.row(name, config, str(tmp_path / name))
+    row = sweeps.row(name, config, str(tmp_path / name))
     assert row['changes'] == 'ista_lambda=5.0' and row['steps'] == 3
     assert 0.0 <= row['ridge'] <= 1.0 and 0.0 <= row['knn'] <= 1.0
     assert 0.0 <= row['sparsity'] <= 1.0 and row['compression'] > 0

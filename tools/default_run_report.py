@@ -83,7 +83,7 @@ def probes(workdir, seed, baselines=True, step=None):
     pretrained = checkpoints.load(workdir, step=step)
     random = checkpoints.random_init(pretrained.model_config, seed=seed)
     random.data_config = pretrained.data_config
-    data_cfg = features.probe_data_config(pretrained)
+    data_cfg, _ = features.probe_data_config(pretrained)
 
     def probe_all(ckpt, feature):
         train_f, test_f = (

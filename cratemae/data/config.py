@@ -9,6 +9,7 @@ from ml_collections import config_dict
 from cratemae.data import decode
 from cratemae.data import randaugment
 from cratemae.data import registry
+from cratemae.data import splits as split_lib
 from cratemae.data import tfds_source
 
 AUGMENTS = ('mae', 'none')
@@ -126,7 +127,8 @@ def validate_data_config(cfg):
     spec = registry.DATASETS.get(cfg.get('name'))
     if spec is not None and spec.splits:
         for key in ('split_train', 'split_eval'):
-            if cfg.get(key) not in spec.splits and not (key == 'split_eval' and cfg.get(key) == 'auto'):
+            split = cfg.get(key)
+            if split_lib.base_name(split) not in spec.splits and not (key == 'split_eval' and split == 'auto'):
                 errors.append(
                     f'data.{key}={cfg.get(key)!r}: {spec.name} has splits {spec.splits} (--config.data.{key})'
                 )

@@ -120,7 +120,7 @@ def decode(payload, channels):
     return _as_array(im)
 
 
-def _displayed_size(im):
+def displayed_size(im):
     """(height, width) as displayed (after EXIF orientation), from the header."""
     w, h = im.size
     if _orientation(im) in (5, 6, 7, 8):  # transposed / rotated by 90 degrees
@@ -215,7 +215,7 @@ def decode_crop(payload, box_fn, size, channels, resample=Image.BICUBIC, fast=Tr
     (module docstring); `resample` applies to 'pil'.
     """
     im = open_image(payload)
-    height, width = _displayed_size(im)
+    height, width = displayed_size(im)
     top, left, h, w = box_fn(height, width)
     r = reduction((top, left, h, w), size) if fast else 1
     # simplejpeg's array pays off only where the resize takes arrays: handing it to PIL costs what its decode saves

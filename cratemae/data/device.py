@@ -11,10 +11,12 @@ one multiply-add, which rounds once instead of twice).
 
 `prefetch(batches, mesh, size=2)` keeps `size` batches in flight on the devices, each placed with the batch sharding
 (`sharding.host_local_to_global`: every host passes its own rows). The copy is asynchronous, so the host-to-device
-transfer of the next batches overlaps the running step.
+transfer of the next batches overlaps the running step. `eval_batches` is the same path for evaluation: the eval
+pipeline's worker processes decode, and the batches reach the devices ahead of the step that reads them.
 """
 
 import collections
+import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +49,19 @@ def prefetch(batches, mesh, size=2):
         item = queue.popleft()
         put()  # the next copy starts before this step runs
         yield item
+
+
+def eval_batches(pipe, mesh, count=None, size=2):
+    """(host-local numpy batch, global device batch) of the first ``count`` batches (default: all) of the eval
+    pipeline ``pipe``, made by its workers (``Pipeline.iterate``) and copied ``size`` batches ahead to the devices."""
+    count = pipe.num_batches if count is None else min(count, pipe.num_batches)
+    hosts = {}
+
+    def host_batches(batches):
+        for step, batch in itertools.islice(batches, count):
+            hosts[step] = batch
+            yield step, batch
+
+    with pipe.iterate() as batches:
+        for step, batch in prefetch(host_batches(batches), mesh, size):
+            yield hosts.pop(step), batch

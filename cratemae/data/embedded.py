@@ -24,10 +24,12 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from cratemae.data import splits as split_lib
+
 log = logging.getLogger(__name__)
 
 # Bump when the content of a cached array changes.
-_CACHE_VERSION = 2
+CACHE_VERSION = 2
 
 SKIMAGE_SOURCES = (
     'astronaut',
@@ -53,7 +55,7 @@ def cache_dir():
 
 def _cached(name, build):
     """Returns build() -> dict of arrays, cached as <cache_dir>/<name>.npz."""
-    path = os.path.join(cache_dir(), f'{name}_v{_CACHE_VERSION}.npz')
+    path = os.path.join(cache_dir(), f'{name}_v{CACHE_VERSION}.npz')
     try:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
@@ -178,8 +180,12 @@ class ArraySource:
 
 
 def open_split(name, split):
-    """ArraySource for split 'train' or 'test' of embedded dataset `name`."""
-    if split not in ('train', 'test'):
+    """ArraySource for split 'train' or 'test' of embedded dataset `name`, or a tfds-style slice of one
+    ('train[:90%]': `splits.indices`; the arrays are stored in a fixed shuffled order, so slices mix the classes)."""
+    base = split_lib.base_name(split)
+    if base not in ('train', 'test'):
         raise ValueError(f"dataset '{name}' has splits 'train' and 'test', not {split!r}")
     arrays = load_arrays(name)
-    return ArraySource(arrays[f'{split}_image'], arrays[f'{split}_label'])
+    images, labels = arrays[f'{base}_image'], arrays[f'{base}_label']
+    chosen = split_lib.indices(split, len(images))
+    return ArraySource(images[chosen.start : chosen.stop], labels[chosen.start : chosen.stop])

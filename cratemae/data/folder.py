@@ -5,6 +5,11 @@ num_classes None) or one subfolder per class (labels = sorted subfolder
 names' order). Any file PIL can open counts (JPEG, PNG, BMP, GIF, TIFF, WebP).
 The file list is sorted, so example i is the same file on every host.
 
+A sliced split ('train[:90%]', `splits.indices`) takes its examples from a
+fixed shuffle (seed 0) of the sorted list, the order a tfds dataset gets
+when it is prepared, so a slice of a class-sorted folder holds every class;
+'train[:90%]' and 'train[90%:]' are disjoint and make up the whole folder.
+
 Examples are the files' bytes; the pipeline decodes them (`decode.py`: the
 same decoder and colour rules as tfds records, JPEG DCT-domain downscaling).
 
@@ -16,6 +21,7 @@ Robustness:
     how many there are is logged once.
 """
 
+import hashlib
 import logging
 import os
 
@@ -53,6 +59,19 @@ def split_folders(root):
     return [s for s in SPLIT_FOLDERS if os.path.isdir(os.path.join(root, s))]
 
 
+def fingerprint(folder):
+    """sha256 of the sorted (path, size, modification time) of every image file in `folder` and its class
+    subfolders: it changes when an image is added, removed, relabelled (moved) or rewritten."""
+    h = hashlib.sha256()
+    for path, label in _list_files(folder)[0]:
+        try:
+            st = os.stat(path)
+            h.update(f'{os.path.relpath(path, folder)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        except OSError:
+            h.update(f'{os.path.relpath(path, folder)}\0gone\n'.encode())
+    return h.hexdigest()
+
+
 def folder_for_split(root, split):
     """(folder to read, split name) for `split` of an image folder.
 
@@ -60,7 +79,9 @@ def folder_for_split(root, split):
     subfolder and never a class; 'auto' (the default split_eval) takes the
     first of validation/, val/, test/; any other missing split is an error
     listing the ones that exist. A folder without split subfolders is the one
-    split 'train'; 'auto' then evaluates on those same images, with a warning.
+    split 'train'; 'auto' then evaluates on those same images, with a warning
+    (an accuracy refuses that pair: `splits.held_out`). Any split may carry a
+    tfds slice ('train[90%:]').
     """
     splits = split_folders(root)
     if splits:
@@ -68,7 +89,7 @@ def folder_for_split(root, split):
         if split == 'auto':
             log.info('image_folder %s: evaluation split %r', root, chosen)
         split = chosen
-        return os.path.join(root, split), split
+        return os.path.join(root, split_lib.base_name(split)), split
     if split == 'auto':
         log.warning(
             'image_folder %s has no split folders (%s): evaluating on the training '
@@ -77,19 +98,20 @@ def folder_for_split(root, split):
             '/, '.join(SPLIT_FOLDERS) + '/',
         )
         return root, 'train'
-    if split != 'train':
+    if split_lib.base_name(split) != 'train':
         raise ValueError(
             f'image_folder {root!r} has no split folders ({"/, ".join(SPLIT_FOLDERS)}/), so '
             f'its one split is \'train\' (the folder itself), not {split!r}. Lay it out as '
             f'{root}/train/<class>/ + {root}/validation/<class>/, or set {split_lib.SPLIT_FLAGS}=train'
         )
+    split_lib.choose(f'image_folder {root!r}', ['train'], split, ())  # a malformed slice fails here
     return root, split
 
 
 class FolderSource:
-    """ds[i] -> (uint8 HWC image with `channels` channels, int label)."""
+    """ds[i] -> (encoded file bytes, int label); `split` may slice the folder (module docstring)."""
 
-    def __init__(self, folder, channels=3, image_size=None):
+    def __init__(self, folder, channels=3, image_size=None, split='train'):
         if not folder or not os.path.isdir(folder):
             raise FileNotFoundError(f'image_folder: config.data.folder={folder!r} is not a directory')
         files, classes = list_files(folder)
@@ -120,6 +142,11 @@ class FolderSource:
                 len(paths),
                 image_size,
             )
+        if split_lib.is_sliced(split):
+            order = np.random.default_rng(0).permutation(len(paths))
+            chosen = split_lib.indices(split, len(paths))
+            chosen = np.sort(order[chosen.start : chosen.stop])
+            paths, labels = [paths[i] for i in chosen], [labels[i] for i in chosen]
         self.folder = folder
         self.paths = paths
         self.labels = np.asarray(labels, np.int32)

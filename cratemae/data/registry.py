@@ -6,6 +6,7 @@ units) used for normalisation. Adding a dataset is one entry here.
 """
 
 import dataclasses
+import os
 from typing import Optional
 from typing import Tuple
 
@@ -85,12 +86,12 @@ def open_source(cfg, split):
     payload a uint8 HWC array or encoded image bytes."""
     spec = get_spec(cfg.name)
     if spec.kind == 'embedded':
-        split = 'test' if split == 'auto' else split
+        split = resolve_split(cfg, split)
         return embedded.open_split(spec.name, split), split
     if spec.kind == 'tfds':
         return tfds_source.open_split(spec.name, split, cfg.get('data_dir'), cfg.get('image_key'), cfg.get('label_key'))
     folder, split = folder_lib.folder_for_split(cfg.folder, split)
-    return folder_lib.FolderSource(folder, channels=cfg.channels, image_size=cfg.image_size), split
+    return folder_lib.FolderSource(folder, channels=cfg.channels, image_size=cfg.image_size, split=split), split
 
 
 def resolve_split(cfg, split):
@@ -103,6 +104,35 @@ def resolve_split(cfg, split):
         b = tfds_source.builder(spec.name, cfg.get('data_dir'))
         return tfds_source.resolve_split(spec.name, b.info, split)
     return folder_lib.folder_for_split(cfg.folder, split)[1]
+
+
+def identity(cfg, split):
+    """What the examples of `split` are, as a JSON-able dict (the feature cache's key): an embedded dataset's name and
+    array version; a tfds dataset's name, resolved version, directory and image/label keys; an image folder's path
+    and the fingerprint of its files (names, labels, sizes, modification times). Reads no image."""
+    spec = get_spec(cfg.name)
+    split = resolve_split(cfg, split)
+    if spec.kind == 'embedded':
+        return {'kind': 'embedded', 'name': spec.name, 'version': embedded.CACHE_VERSION, 'split': split}
+    if spec.kind == 'tfds':
+        b = tfds_source.builder(spec.name, cfg.get('data_dir'))
+        image_key, label_key = tfds_source.resolve_keys(spec.name, b.info, cfg.get('image_key'), cfg.get('label_key'))
+        return {
+            'kind': 'tfds',
+            'name': tfds_source.tfds_name(spec.name).split(':')[0],
+            'version': str(b.info.version),
+            'data_dir': str(b.data_dir),
+            'image_key': image_key,
+            'label_key': label_key,
+            'split': split,
+        }
+    folder, split = folder_lib.folder_for_split(cfg.folder, split)
+    return {
+        'kind': 'folder',
+        'folder': os.path.abspath(folder),
+        'files': folder_lib.fingerprint(folder),
+        'split': split,
+    }
 
 
 def mean_std(spec):

@@ -10,12 +10,15 @@ import csv
 import math
 import os
 
+import jax
 import matplotlib
 
 from cratemae import data
 from cratemae import diagnostics
 from cratemae import metrics
 from cratemae import models
+from cratemae import sharding
+from cratemae.data import device
 from cratemae.evaluate import checkpoints
 from cratemae.evaluate import features
 from cratemae.evaluate import probe
@@ -43,12 +46,15 @@ def last_layer_measures(model, params, batch):
 def evaluate_run(workdir) -> dict:
     """The MEASURES of one finished run (its newest checkpoint that restores, on its own data)."""
     ckpt = checkpoints.load(workdir, encoder_only=False)
-    data_cfg = features.probe_data_config(ckpt)
+    data_cfg, _ = features.probe_data_config(ckpt)
     train_feats = features.split_features(ckpt, data_cfg, data_cfg.split_train, 'cls')
     test_feats = features.split_features(ckpt, data_cfg, data_cfg.split_eval, 'cls')
     probes = probe.run_probes(train_feats, test_feats, methods=('ridge', 'knn'))
-    pipe = data.make_pipeline(data_cfg, split=data_cfg.split_eval, global_batch=64, seed=0, train=False)
-    compression, sparsity = last_layer_measures(models.build(ckpt.model_config), ckpt.params, pipe.batch(0))
+    pipe = data.make_pipeline(data_cfg, split=data_cfg.split_eval, global_batch=64, seed=0, train=False, uint8=True)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    ((_, batch),) = device.eval_batches(pipe, mesh, count=1)  # made by the pipeline's workers, uint8 to the device
+    batch = {'image': device.normalize(batch['image'], pipe.info.mean, pipe.info.std), 'valid': batch['valid']}
+    compression, sparsity = last_layer_measures(models.build(ckpt.model_config), ckpt.params, batch)
     return {
         'reconstruction': last_eval_loss(workdir),
         'ridge': probes['ridge']['top1'],

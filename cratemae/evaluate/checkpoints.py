@@ -18,7 +18,6 @@ Writing checkpoints in these formats is ``cratemae.export``'s job.
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -78,7 +77,6 @@ class Checkpoint:
     path: str
     step: int | None = None
     data_config: ml_collections.ConfigDict | None = None  # the data the weights were trained on, when recorded
-    fingerprint: str = ''  # identifies the weights (path, step, modification time) for the feature cache
 
     @property
     def name(self):
@@ -238,7 +236,6 @@ def _load_workdir(path, step, encoder_only):
     config = read_workdir_config(path)
     step, params = restore_workdir_params(path, step)
     params = models.encoder_params(params) if encoder_only else params
-    stamp = _mtime(epath.Path(path) / checkpoint_lib.CKPT_DIR / str(step))
     return Checkpoint(
         params,
         normalize_model_config(config.model),
@@ -246,19 +243,11 @@ def _load_workdir(path, step, encoder_only):
         str(path),
         step,
         config.get('data'),
-        f'workdir:{os.path.abspath(path)}:{step}:{stamp}',
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Files and exports.
-
-
-def _mtime(path):
-    try:
-        return os.stat(os.fspath(path)).st_mtime_ns
-    except OSError:
-        return 0
 
 
 def _config_from_json(text):
@@ -304,7 +293,6 @@ def _load_file(path, model_config, encoder_only, trust_checkpoint):
         path,
         step,
         _config_from_json(metadata.get('data_config')),
-        f'{source}:{os.path.abspath(path)}:{_mtime(path)}',
     )
 
 
@@ -349,7 +337,6 @@ def _load_orbax(path, model_config, encoder_only):
         str(path),
         meta.get('step'),
         _config_from_json(json.dumps(meta['data_config'])) if meta.get('data_config') else None,
-        f'orbax:{os.path.abspath(path)}:{_mtime(os.path.join(path, "_CHECKPOINT_METADATA"))}',
     )
 
 
@@ -388,7 +375,4 @@ def random_init(model_config, seed=0, encoder_only=True) -> Checkpoint:
     (``models.random_params``): the baseline a pretrained encoder must beat."""
     params = models.random_params(model_config, seed)
     params = models.encoder_params(params) if encoder_only else params
-    digest = hashlib.sha256(json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
-    return Checkpoint(
-        params, model_config, 'random', f'random_init_seed{seed}', None, None, f'random:{digest[:16]}:{seed}'
-    )
+    return Checkpoint(params, model_config, 'random', f'random_init_seed{seed}', None, None)

@@ -8,12 +8,16 @@ z = LN_enc(encoder([c; e_1..e_L] + P)) (``MaskedAutoencoder.encode``), and the f
     pixels: f = x, flattened                (the normalised image itself: the baseline every encoder must beat)
 
 The batch is split over the mesh's ('data', 'fsdp') devices (``cratemae.sharding``); the parameters are replicated
-unless sharding rules say otherwise. Features are cached as ``<cache_dir>/<key>.npz``, where the key hashes the
-checkpoint's fingerprint (path, step, modification time), the dataset, split and preprocessing, and the feature type,
-so probing the same checkpoint again (another probe, another k) does not run the encoder.
+unless sharding rules say otherwise. Features are cached as ``<cache_dir>/<key>.npz``, where the key hashes everything
+that determines them (``cache_key``): the weights themselves (a digest of every parameter), the resolved data
+(``data.registry.identity``: a tfds dataset's resolved version and image/label keys, an image folder's file list with
+sizes and modification times), the split, the preprocessing and the feature type. So probing the same weights again
+(another probe, another k) does not run the encoder, and a changed folder or dataset is computed afresh. A result
+read from the cache says so (``Features.cached``) and when it was computed (``Features.computed_at``).
 """
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -30,11 +34,13 @@ from cratemae import models
 from cratemae import sharding
 from cratemae.data import device
 from cratemae.data import embedded
+from cratemae.data import registry
+from cratemae.data import splits as split_lib
 
 log = logging.getLogger(__name__)
 
 FEATURES = ('cls', 'mean', 'pixels')
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 # (train, eval) splits per dataset when the checkpoint's own data config does not name them.
 DEFAULT_SPLITS = {'imagenet2012': ('train', 'validation')}
 
@@ -45,6 +51,7 @@ class Features:
     y: np.ndarray  # (N,) int32
     num_classes: int | None
     cached: bool = False  # True when read from the cache
+    computed_at: str = ''  # when the encoder computed them (UTC, ISO 8601), also for a cached result
 
 
 def default_cache_dir():
@@ -52,11 +59,15 @@ def default_cache_dir():
     return os.path.join(embedded.cache_dir(), 'features')
 
 
-def probe_data_config(ckpt, dataset=None, data_dir=None, split_train=None, split_eval=None):
-    """The data config for probing ``ckpt``: its training data by default, at the model's size, no augmentation.
+def probe_data_config(
+    ckpt, dataset=None, data_dir=None, split_train=None, split_eval=None, *, holdout=None, eval_on_train=False
+):
+    """(data config, note) for probing ``ckpt``: its training data by default, at the model's size, no augmentation.
 
     ``split_train`` / ``split_eval`` override the splits; both are resolved (``'auto'`` -> the evaluation split the
-    data has) and checked here, so a missing split is an error before any feature is computed.
+    data has) and checked here, so a missing split is an error before any feature is computed. A test split that
+    shares images with the train split is refused (``splits.held_out``) unless ``holdout`` (a percentage: the last
+    ``holdout``% of the train split is held out) or ``eval_on_train``; the note says which splits were used.
     """
     trained = ckpt.data_config
     if dataset is None and trained is None:
@@ -81,7 +92,11 @@ def probe_data_config(ckpt, dataset=None, data_dir=None, split_train=None, split
     data.validate_data_config(cfg)
     cfg.split_train = data.resolve_split(cfg, cfg.split_train)
     cfg.split_eval = data.resolve_split(cfg, cfg.split_eval)
-    return cfg
+    cfg.split_train, cfg.split_eval, note = split_lib.held_out(
+        cfg.split_train, cfg.split_eval, holdout=holdout, eval_on_train=eval_on_train, what='a probe accuracy'
+    )
+    data.resolve_split(cfg, cfg.split_eval)
+    return cfg, note
 
 
 def _pool(model, feature, params, images):
@@ -111,28 +126,44 @@ def extract(model_config, params, pipe, feature, mesh, rules=()):
 
     fn = jax.jit(fn_, in_shardings=(param_sharding, batch_sharding), out_shardings=batch_sharding)
     outs, labels, valid = [], [], []
-    with pipe.iterate() as batches:
-        for _, local in batches:
-            outs.append(fn(params, sharding.host_local_to_global(local['image'], mesh)))  # dispatched asynchronously
-            labels.append(_gather(local['label']) if jax.process_count() > 1 else local['label'])
-            valid.append(_gather(local['valid']) if jax.process_count() > 1 else local['valid'])
+    for local, batch in device.eval_batches(pipe, mesh):  # the pipeline's workers decode; copies run ahead
+        outs.append(fn(params, batch['image']))  # dispatched asynchronously
+        labels.append(_gather(local['label']) if jax.process_count() > 1 else local['label'])
+        valid.append(_gather(local['valid']) if jax.process_count() > 1 else local['valid'])
     x = np.concatenate([_gather(o) for o in outs])
     keep = np.concatenate(valid)
     return x[keep], np.concatenate(labels)[keep].astype(np.int32)
 
 
+def weights_digest(params) -> str:
+    """sha256 over every parameter's path, dtype, shape and bytes: the weights, wherever they were loaded from."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])
+    ):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}\n'.encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def cache_key(ckpt, data_cfg, split, feature) -> str:
-    """sha256 over what determines the features: weights, dataset + preprocessing, split, feature type."""
-    weights = 'pixels' if feature == 'pixels' else ckpt.fingerprint
-    keys = ('name', 'image_size', 'channels', 'normalize', 'eval_crop_pct', 'data_dir', 'folder')
+    """sha256 over what determines the features: the weights' digest, the resolved data of ``split``
+    (``registry.identity``), the preprocessing (size, channels, normalisation constants, eval crop) and the feature."""
+    spec = registry.get_spec(data_cfg.name)
+    crop = data_cfg.get('eval_crop_pct')
     what = {
         'v': _CACHE_VERSION,
-        'weights': weights,
-        'data': {k: data_cfg.get(k) for k in keys},
-        'split': split,
+        'weights': 'pixels' if feature == 'pixels' else weights_digest(ckpt.params),
+        'data': registry.identity(data_cfg, split),
+        'preprocessing': {
+            'image_size': data_cfg.image_size,
+            'channels': data_cfg.channels,
+            'normalization': data.normalization(data_cfg),
+            'eval_crop_pct': spec.eval_crop_pct if crop is None else float(crop),
+        },
         'feature': feature,
-        'embedded': embedded._CACHE_VERSION,
-    }  # embedded arrays change with their version
+    }
     if data_cfg.get('resize', 'pil') != 'pil':  # another resize, other pixels (keys made before it stay valid)
         what['resize'] = data_cfg.get('resize')
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -142,7 +173,8 @@ def _read_cache(path):
     try:
         with np.load(path) as f:
             num_classes = int(f['num_classes'])
-            return Features(f['x'], f['y'], None if num_classes < 0 else num_classes, cached=True)
+            computed_at = str(f['computed_at'])
+            return Features(f['x'], f['y'], None if num_classes < 0 else num_classes, True, computed_at)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, EOFError) as e:  # a damaged cache entry is recomputed, not fatal
@@ -155,7 +187,13 @@ def _write_cache(path, feats):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
         with os.fdopen(fd, 'wb') as f:
-            np.savez(f, x=feats.x, y=feats.y, num_classes=-1 if feats.num_classes is None else feats.num_classes)
+            np.savez(
+                f,
+                x=feats.x,
+                y=feats.y,
+                num_classes=-1 if feats.num_classes is None else feats.num_classes,
+                computed_at=np.asarray(feats.computed_at),
+            )
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
     except OSError as e:
         log.warning('Could not write the feature cache %s (%s).', path, e)
@@ -164,10 +202,13 @@ def _write_cache(path, feats):
 def split_features(
     ckpt, data_cfg, split, feature, *, mesh=None, batch_size=256, cache_dir=None, use_cache=True, rules=()
 ) -> Features:
-    """Features of ``split``, from the cache when this checkpoint's were computed before (``.cached`` says)."""
+    """Features of ``split``, from the cache when these weights' were computed before on the same data (``.cached``
+    and ``.computed_at`` say so)."""
     path = os.path.join(cache_dir or default_cache_dir(), cache_key(ckpt, data_cfg, split, feature) + '.npz')
     if use_cache and (hit := _read_cache(path)) is not None:  # every process reads the same (shared) cache
-        log.info('Features of %s/%s (%s) from the cache %s', data_cfg.name, split, feature, path)
+        log.info(
+            'Features of %s/%s (%s): cached, computed %s (%s)', data_cfg.name, split, feature, hit.computed_at, path
+        )
         return hit
     mesh = mesh or sharding.make_mesh()
     devices = mesh.shape['data'] * mesh.shape['fsdp']
@@ -188,7 +229,8 @@ def split_features(
             'needs labelled examples.'
         )
     x, y = extract(ckpt.model_config, ckpt.params, pipe, feature, mesh, rules)
-    feats = Features(x, y, pipe.info.num_classes)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    feats = Features(x, y, pipe.info.num_classes, computed_at=now)
     if use_cache and jax.process_index() == 0:
         _write_cache(path, feats)
     return feats

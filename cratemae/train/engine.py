@@ -45,6 +45,7 @@ from cratemae import metrics as metrics_lib
 from cratemae import models
 from cratemae import sharding
 from cratemae.data import device
+from cratemae.data import splits as split_lib
 from cratemae.train import optimizer
 from cratemae.train import step as step_lib
 
@@ -244,6 +245,10 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
     )
     train_data = pipeline(split=config.data.split_train, global_batch=config.train.global_batch, train=True)
     eval_data = pipeline(split=config.data.split_eval, global_batch=config.train.eval_batch, train=False)
+    held_out = split_lib.disjoint(train_data.split, eval_data.split)
+    eval_on = f'{config.data.name}[{eval_data.split}]' + ('' if held_out else ' (the training images)')
+    if not held_out:
+        log.warning('Evaluating on %s: no held-out split (set --config.data.split_eval).', eval_on)
 
     # ----------------------------------------------------------------------------------------------------------
     # The task, optimizer, state shardings and the jitted steps (shared with launch.aot_compile / benchmark).
@@ -279,21 +284,19 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
         is comparable); pictures and extra scalars of the first batch."""
         sums, extra = dict.fromkeys(task.eval_sums, 0.0), {}
         key = jax.random.key(config.seed + 1)
-        batches = eval_data.num_batches
-        if not task.eval_whole_split:
-            batches = min(config.train.eval_batches, batches)
-        for i in range(batches):
-            local = eval_data.batch(i)
-            batch = sharding.host_local_to_global({k: local[k] for k in task.eval_keys}, mesh)
+        count = None if task.eval_whole_split else config.train.eval_batches
+        for i, (local, batch) in enumerate(device.eval_batches(eval_data, mesh, count)):
+            batch = {k: batch[k] for k in task.eval_keys}
             out = eval_step(state.params, batch, jax.random.fold_in(key, i))
             sums = {k: v + float(out[k]) for k, v in sums.items()}
             if i == 0:
                 extra = task.pictures(step, state.params, local, batch, out, eval_data.info, writer, workdir)
-        scalars = task.eval_scalars(sums)
+        scalars = {**task.eval_scalars(sums), 'eval/held_out': float(held_out)}  # 0: measured on training images
         writer.write_scalars(step, {**extra, **scalars})
         log.info(
-            'step %d: eval %s',
+            'step %d: eval on %s: %s',
             step,
+            eval_on,
             ', '.join(f'{k.removeprefix("eval/").replace("_", " ")} {v:.4f}' for k, v in scalars.items()),
         )
         return scalars

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
+from cratemae import data
 from cratemae import models
+from cratemae.data import splits as split_lib
 from cratemae.evaluate import checkpoints
 from cratemae.train import engine
 from cratemae.train.step import fresh_state
@@ -74,13 +76,23 @@ class Finetune:
     eval_sums = ('correct', 'loss_sum', 'count')
     eval_whole_split = True
 
-    def __init__(self, config, data_info):
-        if data_info is None or data_info.num_classes is None:
-            raise ValueError(
-                f'Dataset {config.data.name!r} has no labels (num_classes is None); fine-tuning needs them.'
-            )
+    def __init__(self, config, data_info=None, num_classes=None):
+        """The class count comes from the data read (``data_info``), checked against ``config.finetune.num_classes``
+        when that is set, or from ``num_classes`` alone where no data is read (AOT compiles, benchmarks)."""
+        if data_info is not None:
+            if data_info.num_classes is None:
+                raise ValueError(
+                    f'Dataset {config.data.name!r} has no labels (num_classes is None); fine-tuning needs them.'
+                )
+            stated = config.finetune.get('num_classes')
+            if stated is not None and stated != data_info.num_classes:
+                raise ValueError(
+                    f'config.finetune.num_classes={stated} but {config.data.name!r} has {data_info.num_classes} '
+                    f'classes; set --config.finetune.num_classes={data_info.num_classes}.'
+                )
+            num_classes = data_info.num_classes
         self.config = config
-        self.num_classes = data_info.num_classes
+        self.num_classes = num_classes
         self.model = build_classifier(config, self.num_classes)
 
     def init(self, tx, images):
@@ -163,6 +175,38 @@ class Finetune:
         return {}
 
 
+def config_num_classes(config) -> int:
+    """The class count a fine-tuning config states (for compiling without reading its data), or a one-line error."""
+    n = config.finetune.get('num_classes')
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(
+            f'{config.get("name") or "this fine-tuning config"} does not state its class count, and compiling '
+            f'without its data cannot count them: pass --config.finetune.num_classes=N (got {n!r}).'
+        )
+    return n
+
+
+def resolve_splits(config) -> str:
+    """Resolves ``config.data``'s splits in place ('auto' -> the split the data has; ``finetune.holdout`` -> slices
+    of the train split) and refuses an evaluation split that shares images with the training split unless
+    ``finetune.eval_on_train``; returns a note saying what was chosen. Reads no image; rerunning it is a no-op."""
+    ft, d = config.finetune, config.data
+    d.split_train = data.resolve_split(d, d.split_train)
+    if not ft.get('holdout'):
+        d.split_eval = data.resolve_split(d, d.split_eval)
+    d.split_train, d.split_eval, note = split_lib.held_out(
+        d.split_train,
+        d.split_eval,
+        holdout=ft.get('holdout'),
+        eval_on_train=ft.get('eval_on_train', False),
+        what='a fine-tuning accuracy',
+    )
+    d.split_eval = data.resolve_split(d, d.split_eval)
+    if ft.get('holdout'):
+        ft.holdout = None  # the splits now say it
+    return note
+
+
 def finetune_and_evaluate(config, workdir: str) -> dict:
     """Fine-tunes (or resumes fine-tuning) into ``workdir``; returns the last metrics incl. 'eval/top1'."""
     if 'finetune' not in config:
@@ -172,6 +216,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
             'config.finetune.checkpoint is not set: pass --checkpoint PATH (a training workdir, an '
             'export, or a reference-format file).'
         )
+    log.info('Fine-tuning splits: %s.', resolve_splits(config))
     last = engine.run(config, workdir, Finetune)
     if 'eval/top1' in last and jax.process_index() == 0:
         result = {
@@ -180,6 +225,8 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
             'checkpoint': config.finetune.checkpoint,
             'dataset': config.data.name,
             'split': config.data.split_eval,
+            'split_train': config.data.split_train,
+            'held_out': split_lib.disjoint(config.data.split_train, config.data.split_eval),
         }
         (epath.Path(workdir) / RESULTS_FILE).write_text(json.dumps(result, indent=2))
     return last

@@ -1,6 +1,5 @@
 """The tasks the engine runs, by name, and the program of a config whichever task it is (for AOT and benchmarks)."""
 
-from cratemae import data
 from cratemae.train import engine
 from cratemae.train import finetune
 from cratemae.train import pretrain
@@ -14,17 +13,11 @@ def task_name(config) -> str:
 
 
 def for_config(config, data_info=None):
-    """The task of ``config``. Fine-tuning needs the number of classes: from ``data_info``, else from the config's
-    training split (the data must then be readable here)."""
+    """The task of ``config``. Fine-tuning needs the number of classes: from ``data_info`` when the data was read,
+    else from ``config.finetune.num_classes`` (AOT compiles and benchmarks read no data)."""
     name = task_name(config)
     if name == 'finetune' and data_info is None:
-        data_info = data.make_pipeline(
-            config.data,
-            split=config.data.split_train,
-            global_batch=config.train.global_batch,
-            seed=config.seed,
-            train=True,
-        ).info
+        return TASKS[name](config, num_classes=finetune.config_num_classes(config))
     return TASKS[name](config, data_info)
 
 
