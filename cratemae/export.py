@@ -64,17 +64,26 @@ def _get(cfg, name, default):
     return default if value is None else value
 
 
-def _arch(model_config):
-    """Validates that the config has a reference layout and returns its sizes."""
+def _arch(model_config, encoder_only=False):
+    """Validates that the config has a reference layout and returns its sizes.
+
+    A model whose encoder sees the visible patches only (FAIR's forward) has the reference's encoder tensors but not
+    its decoder input (ours embeds the latent first), so only its encoder exports: ``encoder_only``."""
     enc, dec = _get(model_config, 'encoder_block', 'crate'), _get(model_config, 'decoder_block', 'crate')
     sees_mask = _get(model_config, 'encoder_sees_mask_tokens', True)
     d, dd = int(_get(model_config, 'width', 768)), int(_get(model_config, 'decoder_width', 768))
-    if enc != 'crate' or dec != 'crate' or not sees_mask or d != dd:
+    if enc != 'crate' or dec != 'crate' or d != dd:
         raise ValueError(
             'No reference state-dict layout exists for this model config (encoder_block=%r, decoder_block=%r, '
-            'encoder_sees_mask_tokens=%r, width=%d, decoder_width=%d): only CRATE-MAE with CRATE encoder and decoder '
-            'blocks, mask tokens in the encoder and decoder_width == width has one (%s).'
-            % (enc, dec, sees_mask, d, dd, LAYOUT)
+            'width=%d, decoder_width=%d): only CRATE-MAE with CRATE encoder and decoder blocks and decoder_width == '
+            'width has one (%s). Export it with --format=orbax.' % (enc, dec, d, dd, LAYOUT)
+        )
+    if not sees_mask and not encoder_only:
+        raise ValueError(
+            'This model\'s encoder sees the visible patches only (encoder_sees_mask_tokens=False, FAIR\'s forward): '
+            'its encoder has the reference layout, its decoder does not (it embeds the latent before adding mask '
+            'tokens, which the reference does not). Export the encoder with --encoder-only (the reference loads it '
+            'with strict=False), or the whole model with --format=orbax.'
         )
     operator, sparse = _get(model_config, 'attention_operator', 'mssa'), _get(model_config, 'sparse_block', 'ista')
     if operator != 'mssa' or sparse != 'ista':
@@ -113,9 +122,9 @@ def _norm_entries(prefix, path, i, d):
     ]
 
 
-def _layout(model_config, encoder_only=False):
+def _layout(model_config, encoder_only=False, any_forward=False):
     """The reference tensors in the reference state-dict order (own parameters first, then submodules)."""
-    a = _arch(model_config)
+    a = _arch(model_config, encoder_only or any_forward)
     d, p, c, n = a['d'], a['p'], a['c'], a['n']
     out = [
         _Entry('cls_token', ('cls_token',), 'copy', None, (1, 1, d)),
@@ -155,9 +164,10 @@ def _layout(model_config, encoder_only=False):
     return out
 
 
-def reference_shapes(model_config, encoder_only: bool = False) -> dict[str, tuple]:
-    """{torch key: torch shape} of the reference state dict, in reference order."""
-    return {e.key: e.shape for e in _layout(model_config, encoder_only)}
+def reference_shapes(model_config, encoder_only: bool = False, any_forward: bool = False) -> dict[str, tuple]:
+    """{torch key: torch shape} of the reference state dict, in reference order (any_forward: also for a model whose
+    forward the reference does not have, when only the names are wanted)."""
+    return {e.key: e.shape for e in _layout(model_config, encoder_only, any_forward)}
 
 
 def _np_dtype(dtype):
@@ -190,7 +200,7 @@ def to_reference_state_dict(params, model_config, *, encoder_only: bool = False,
     """
     if 'params' in params and 'patch_embed' not in params:  # a variables dict
         params = params['params']
-    a = _arch(model_config)
+    a = _arch(model_config, encoder_only)
     out_dtype = None if dtype is None else _np_dtype(dtype)
     const_dtype = out_dtype or _as_array(params['patch_embed']['kernel']).dtype
     out = {}
@@ -414,13 +424,13 @@ def from_reference_state_dict(
     tensors were used and which ignored is logged (naming ``source``). dtype=None keeps the stored dtypes.
     """
     sd = normalize_state_dict(state_dict)
-    a = _arch(model_config)
+    a = _arch(model_config, encoder_only)
     if encoder_only and 'mask_token' not in sd and any(k in sd for k in CLASSIFIER_KEYS):
         # A fine-tuned classifier may lack the mask token; encode() never reads it, so zeros keep the tree whole.
         sd['mask_token'] = np.zeros((1, 1, a['d']), np.float32)
         log.info('%s has no mask_token (a classifier needs none; the encoder does not read it): zeros.', source)
     layout = _layout(model_config, encoder_only)
-    ignored = set(reference_shapes(model_config)) | set(CLASSIFIER_KEYS) if encoder_only else set()
+    ignored = set(reference_shapes(model_config, any_forward=True)) | set(CLASSIFIER_KEYS) if encoder_only else set()
     _validate(sd, layout, ignored)
     _report(sd, {e.key for e in layout if e.kind not in ('pos', 'zeros')}, source)
     out_dtype = None if dtype is None else _np_dtype(dtype)

@@ -176,7 +176,7 @@ def test_a_fine_tuning_entry_compiles_the_fine_tuning_program():
     from experiments import downstream
 
     config = downstream.finetune_config(
-        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28
+        base.crate_mae_test(), 'mnist', ('train', 'test'), 4500, epochs=1, batch=16, image_size=28, num_classes=10
     )
     train_step, (state, batch), mesh = aot.build_train_step(config, jax.devices())
     assert set(state.params) == {'backbone', 'head', 'head_norm'} and state.params['head']['kernel'].shape == (32, 10)

@@ -1,5 +1,6 @@
 """Probes with known answers: ~100% on linearly separable clusters, chance on random labels; the feature cache."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -84,8 +85,9 @@ def test_bad_probe_arguments_are_named():
 
 def test_feature_cache_key_follows_the_resize():
     cfg = data.default_data_config()
-    before = dict(cfg.to_dict())
+    before = cfg.to_dict()
     before.pop('resize')  # a config from before data.resize existed
+    before = ml_collections.ConfigDict(before)
     key = features.cache_key(None, cfg, 'test', 'pixels')
     assert key == features.cache_key(None, before, 'test', 'pixels')
     cfg.resize = 'torch'

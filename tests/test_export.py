@@ -323,3 +323,27 @@ def test_truncated_and_missing_files(tmp_path, tiny, suffix):
 def test_unsupported_suffix(tmp_path):
     with pytest.raises(ValueError, match='Unsupported checkpoint file type'):
         export.load_state_dict(tmp_path / 'ckpt.h5')
+
+
+def test_a_visible_only_encoder_exports_its_encoder_alone():
+    # The default job's forward (FAIR's: the encoder sees the visible patches only) keeps the reference's encoder
+    # tensors but adds a decoder_embed the reference lacks: the full export is refused with the way out named, the
+    # encoder export round-trips exactly and the encoder computes the same features from it.
+    cfg = _model_config('crate_mae_test', encoder_sees_mask_tokens=False)
+    p = _randomized(_init(cfg))
+    assert 'decoder_embed' in p
+    with pytest.raises(ValueError, match='--encoder-only.*--format=orbax'):
+        export.to_reference_state_dict(p, cfg)
+    with pytest.raises(ValueError, match='--encoder-only'):
+        export.from_reference_state_dict({}, cfg)
+    enc_sd = export.to_reference_state_dict(p, cfg, encoder_only=True)
+    assert set(enc_sd) == set(export.reference_shapes(_model_config('crate_mae_test'), encoder_only=True))
+    enc = export.from_reference_state_dict(enc_sd, cfg, encoder_only=True)
+    _assert_trees_equal({k: p[k] for k in enc}, enc)
+    model = models.build(cfg)
+    images = jnp.asarray(
+        np.random.default_rng(0).random((2, cfg.image_size, cfg.image_size, cfg.channels)), jnp.float32
+    )
+    want = model.apply({'params': p}, images, method=model.encode)
+    got = model.apply({'params': {**p, **enc}}, images, method=model.encode)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

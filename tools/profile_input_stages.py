@@ -130,7 +130,7 @@ def stages(images, size, root):
         im.load()
 
     def open_header(i):
-        decode._displayed_size(decode.open_image(payloads[i]))  # pylint: disable=protected-access
+        decode.displayed_size(decode.open_image(payloads[i]))
 
     out = {
         'read_tfds': lambda i: source[i],

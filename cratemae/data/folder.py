@@ -63,7 +63,7 @@ def fingerprint(folder):
     """sha256 of the sorted (path, size, modification time) of every image file in `folder` and its class
     subfolders: it changes when an image is added, removed, relabelled (moved) or rewritten."""
     h = hashlib.sha256()
-    for path, label in _list_files(folder)[0]:
+    for path, label in list_files(folder)[0]:
         try:
             st = os.stat(path)
             h.update(f'{os.path.relpath(path, folder)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())

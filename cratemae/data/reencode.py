@@ -88,7 +88,7 @@ def reencode_image(payload, bound):
     """Encoded bytes (or a uint8 array) -> JPEG bytes within `bound`; raises decode.UndecodableImage."""
     if decode.is_encoded(payload):
         im = decode.open_image(payload)
-        height, width = decode._displayed_size(im)  # pylint: disable=protected-access
+        height, width = decode.displayed_size(im)
         upright = decode._orientation(im) == 1  # pylint: disable=protected-access
         if bound.size(width, height) == (width, height) and im.format == 'JPEG' and upright:
             if im.mode in ('L', 'RGB'):
