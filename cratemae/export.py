@@ -82,7 +82,7 @@ def _arch(model_config, encoder_only=False):
         raise ValueError(
             'This model\'s encoder sees the visible patches only (encoder_sees_mask_tokens=False, FAIR\'s forward): '
             'its encoder has the reference layout, its decoder does not (it embeds the latent before adding mask '
-            'tokens, which the reference does not). Export the encoder with --encoder-only (the reference loads it '
+            'tokens, which the reference does not). Export the encoder with --encoder_only (the reference loads it '
             'with strict=False), or the whole model with --format=orbax.'
         )
     operator, sparse = _get(model_config, 'attention_operator', 'mssa'), _get(model_config, 'sparse_block', 'ista')

@@ -64,7 +64,7 @@ def test_export_cli_round_trip(workdir, tmp_path):
         f'--workdir={workdir}',
         '--format=safetensors',
         f'--out={out}',
-        '--encoder-only',
+        '--encoder_only',
     ]
     result = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu')

@@ -332,9 +332,9 @@ def test_a_visible_only_encoder_exports_its_encoder_alone():
     cfg = _model_config('crate_mae_test', encoder_sees_mask_tokens=False)
     p = _randomized(_init(cfg))
     assert 'decoder_embed' in p
-    with pytest.raises(ValueError, match='--encoder-only.*--format=orbax'):
+    with pytest.raises(ValueError, match='--encoder_only.*--format=orbax'):
         export.to_reference_state_dict(p, cfg)
-    with pytest.raises(ValueError, match='--encoder-only'):
+    with pytest.raises(ValueError, match='--encoder_only'):
         export.from_reference_state_dict({}, cfg)
     enc_sd = export.to_reference_state_dict(p, cfg, encoder_only=True)
     assert set(enc_sd) == set(export.reference_shapes(_model_config('crate_mae_test'), encoder_only=True))
