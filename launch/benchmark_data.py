@@ -5,11 +5,10 @@
   python -m launch.benchmark_data --dataset=tfds:NAME [--data_dir=D] ...      # a prepared dataset of yours
   python -m launch.benchmark_data --dataset=image_folder --folder=DIR ...     # or an image folder
 
-Without --dataset it writes ImageNet-like JPEGs (500x375, ~110 KiB, photographic detail) as an image folder and as a
-tfds JPEG dataset, plus the folder re-encoded at each SHORT_SIDE:QUALITY of --reencode (as `launch.prepare_data
---reencode_to` writes it). Each line: the mode, the stored bytes per image, the worker counts, images per CPU-second
-in process (uint8 batches, as training reads them; --nouint8 for float32 batches normalised on the host), images/s
-per worker count, and the input cores each accelerator (or TPU host) needs at its target rate. See docs/data.md.
+Without --dataset it writes ImageNet-like JPEGs (500x375, ~110 KiB) as an image folder and a tfds JPEG dataset, plus
+the folder re-encoded at each SHORT_SIDE:QUALITY of --reencode. Each line: the mode, stored bytes per image, worker
+counts, images per CPU-second (uint8 batches, as training reads them), images/s per worker count, and the input cores
+each accelerator needs at its target rate. See docs/data.md.
 """
 
 import json

@@ -27,12 +27,8 @@ from launch import cli
 
 FLAGS = cli.flag_values()
 _CONFIG = cli.define_config(FLAGS, help_text='A fine-tuning entry (finetune_*), then --config.KEY=VALUE overrides.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Pretrained weights: workdir, export, or reference file.', flag_values=FLAGS
-)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Where checkpoints and metrics go (default runs/NAME).', flag_values=FLAGS
-)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Pretrained workdir or weights file.', flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics (default runs/NAME).', flag_values=FLAGS)
 _SPLIT_TRAIN = flags.DEFINE_string(
     'split_train', None, 'Split to fine-tune on (= --config.data.split_train).', flag_values=FLAGS
 )

@@ -19,16 +19,12 @@ from cratemae import inspection
 from launch import cli
 
 FLAGS = cli.flag_values()
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Workdir, <workdir>/checkpoints/<step>, or an export file.', flag_values=FLAGS
-)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Workdir, its checkpoints/STEP, or an export.', flag_values=FLAGS)
 _OUT = flags.DEFINE_string('out', None, 'Output directory (local or gs://).', flag_values=FLAGS)
 _STEP = flags.DEFINE_integer('step', None, 'Step of a workdir (default: the newest).', flag_values=FLAGS)
 _ALL_STEPS = flags.DEFINE_bool('all_steps', False, 'Measure every saved step of the workdir.', flag_values=FLAGS)
 _COMPARE = flags.DEFINE_list('compare', [], 'More checkpoints to measure beside --checkpoint.', flag_values=FLAGS)
-_RANDOM_INIT = flags.DEFINE_bool(
-    'random_init', False, 'Also measure the random initialisation with the run seed.', flag_values=FLAGS
-)
+_RANDOM_INIT = flags.DEFINE_bool('random_init', False, "Also the run seed's random init.", flag_values=FLAGS)
 _DATASET = flags.DEFINE_string('dataset', None, "Registered dataset (default: the run's).", flag_values=FLAGS)
 _SPLIT = flags.DEFINE_string(
     'split_eval',
@@ -38,19 +34,13 @@ _SPLIT = flags.DEFINE_string(
 )
 flags.DEFINE_alias('split', 'split_eval', flag_values=FLAGS)
 _IMAGE_FILES = flags.DEFINE_list('image_files', [], 'Image files to show instead of dataset images.', flag_values=FLAGS)
-_LAYERS = flags.DEFINE_string(
-    'layers', 'all', "Encoder layers of attention_layers.png: '0,3' or 'all'.", flag_values=FLAGS
-)
-_HEADS = flags.DEFINE_string(
-    'heads', 'mean', "Heads of attention_layers.png: '0,2', 'all' or 'mean'.", flag_values=FLAGS
-)
+_LAYERS = flags.DEFINE_string('layers', 'all', "attention_layers.png layers: '0,3' or 'all'.", flag_values=FLAGS)
+_HEADS = flags.DEFINE_string('heads', 'mean', "attention_layers.png heads: '0,2', 'all', 'mean'.", flag_values=FLAGS)
 _IMAGES = flags.DEFINE_integer('images', 4, 'Images in the pictures (the first of the split).', flag_values=FLAGS)
-_IMAGE_IDS = flags.DEFINE_list(
-    'image_ids', [], "Indices into the split of the images to show, e.g. '3,17'.", flag_values=FLAGS
-)
+_IMAGE_IDS = flags.DEFINE_list('image_ids', [], "Indices of the images to show, e.g. '3,17'.", flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer('batch', 64, 'Images the measures average over.', flag_values=FLAGS)
 _MASK_RATIOS = flags.DEFINE_list(
-    'mask_ratios', ['0.5', '0.75', '0.9'], 'Mask ratios of reconstructions.png.', flag_values=FLAGS
+    'mask_ratios', ['0.5', '0.75', '0.9'], 'reconstructions.png ratios.', flag_values=FLAGS
 )
 _PCA = flags.DEFINE_enum(
     'pca',

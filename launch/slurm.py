@@ -39,38 +39,20 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string('partition', None, 'Slurm partition (default: the cluster default).', flag_values=FLAGS)
 flags.DEFINE_string('account', None, 'Slurm account to charge.', flag_values=FLAGS)
-flags.DEFINE_string(
-    'time', None, 'Time limit, e.g. 24:00:00 or 2-00:00 (default: the partition limit).', flag_values=FLAGS
-)
-flags.DEFINE_integer(
-    'signal_seconds', 120, 'Seconds before the time limit to checkpoint and requeue.', flag_values=FLAGS
-)
+flags.DEFINE_string('time', None, 'Time limit, e.g. 24:00:00 (default: the partition\'s).', flag_values=FLAGS)
+flags.DEFINE_integer('signal_seconds', 120, 'Seconds before the limit to save and requeue.', flag_values=FLAGS)
 flags.DEFINE_string('job_name', None, 'Job name (default: the experiment name).', flag_values=FLAGS)
 flags.DEFINE_string('log', 'slurm-%x-%j.out', 'The job log (sbatch --output; %x name, %j job id).', flag_values=FLAGS)
-flags.DEFINE_multi_string(
-    'sbatch', [], 'Another sbatch option as --key=value (repeatable), e.g. --sbatch=--qos=high.', flag_values=FLAGS
-)
+flags.DEFINE_multi_string('sbatch', [], 'Another sbatch option, e.g. --sbatch=--qos=high.', flag_values=FLAGS)
+flags.DEFINE_string('code_dir', cli.REPO, 'The checkout the nodes run, as they see it.', flag_values=FLAGS)
 flags.DEFINE_string(
-    'code_dir',
-    cli.REPO,
-    'The cratemae checkout the nodes run, as the nodes see it (default: this one).',
-    flag_values=FLAGS,
+    'python', '.venv/bin/python', 'Python with cratemae[gpu] (relative: to --code_dir).', flag_values=FLAGS
 )
-flags.DEFINE_string(
-    'python',
-    '.venv/bin/python',
-    "The interpreter with cratemae[gpu] installed (relative: to --code_dir).",
-    flag_values=FLAGS,
-)
-flags.DEFINE_string(
-    'data_dir', None, 'tfds data dir every node reads (adds --config.data.data_dir).', flag_values=FLAGS
-)
+flags.DEFINE_string('data_dir', None, 'tfds data dir every node reads (config.data.data_dir).', flag_values=FLAGS)
 flags.DEFINE_bool('allow_config_change', False, 'Passed on to launch.train.', flag_values=FLAGS)
 flags.DEFINE_string('out', None, 'Write the script to this file (instead of printing it).', flag_values=FLAGS)
 flags.DEFINE_bool('submit', False, 'Submit the script with sbatch.', flag_values=FLAGS)
-flags.DEFINE_bool(
-    'dry_run', False, 'Print the script and the sbatch command; write and run nothing.', flag_values=FLAGS
-)
+flags.DEFINE_bool('dry_run', False, 'Print the script and the sbatch command only.', flag_values=FLAGS)
 
 
 def script_and_command(f):
