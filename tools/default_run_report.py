@@ -1,6 +1,7 @@
 """The default job measured whole: wall time of the README's command, its held-out losses, and what its features learned.
 
-  python tools/default_run_report.py [--config=crate_mae_mnist] [--seeds=0,1] [--out=FILE] [-- --config.KEY=VALUE ...]
+  python tools/default_run_report.py [--config=crate_mae_mnist] [--seeds=0,1] [--out=FILE] [--keep=DIR]
+      [--no_baselines] [--probe_steps=600,900] [-- --config.KEY=VALUE ...]
 
 For each seed, runs ``python -m launch.train --config=NAME --workdir=TMP --config.seed=S [overrides]`` in a subprocess
 exactly as a user does (same start-up, compile, evaluations, pictures and checkpoints), timing its wall clock and
