@@ -145,7 +145,7 @@ class _EvaluationStall:
         self.since = None
 
     def __call__(self, logs):
-        counts = [log.count('eval reconstruction loss') for log in logs]
+        counts = [log.count(': eval on ') for log in logs]
         if len(set(counts)) == 1:
             self.since = None
             return False
@@ -195,7 +195,7 @@ def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path):
     logs = _run(tmp_path, 'resumed', f'--workdir={workdir}')
     for i, log in enumerate(logs):
         assert 'on 2 process(es)' in log and f'host {i}/2 gets 8 of 16 per step' in log, log[-2000:]
-        assert 'Resumed from step 10.' in log and 'step 20: eval reconstruction loss' in log, log[-2000:]
+        assert 'Resumed from step 10.' in log and 'step 20: eval on ' in log, log[-2000:]
     assert sorted(p.name for p in (workdir / 'images').glob('reconstructions*')), 'process 0 drew no picture'
 
     # Each process read exactly its contiguous half of every global batch, and nothing else.
