@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,17 +25,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
-    except OSError:
-        return platform.processor()
-    isa = 'AMX' if 'amx_tile' in flags else 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else ''
-    return f'{names[0] if names else platform.processor()} ({isa}, {len(names)} vCPUs)'
+from tools import machine  # noqa: E402
 
 
 def train(config, seed, overrides, workdir):
@@ -114,7 +103,7 @@ def main():
             workdir = os.path.join(args.keep, f'{args.config}_seed{seed}') if args.keep else os.path.join(tmp, 'run')
             load_before = os.getloadavg()
             record = {'tool': 'default_run_report', 'date': datetime.datetime.now().isoformat(timespec='seconds')}
-            record.update(config=args.config, seed=seed, overrides=overrides, cpu=cpu_model())
+            record.update(config=args.config, seed=seed, overrides=overrides, cpu=machine.cpu_model(with_isa=True))
             record.update(train(args.config, seed, overrides, workdir))
             record['load_average_before_after'] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
             losses, steps = held_out_losses(workdir)

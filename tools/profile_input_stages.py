@@ -39,7 +39,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from cratemae import data  # noqa: E402
 from cratemae.data import augment  # noqa: E402
 from cratemae.data import decode  # noqa: E402
 from cratemae.data import throughput  # noqa: E402
+from tools import machine  # noqa: E402
 
 try:
     import simplejpeg
@@ -69,14 +69,6 @@ class _NullSource:
 
     def __getitem__(self, i):
         return int(i), b'', 0
-
-
-def _cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _shrunk(payload, short_side):
@@ -215,7 +207,7 @@ def measure(images=64, reps=11, size=224):
                 best[name] = min(best[name], (time.process_time() - c0) / images * 1e3)
     return {
         'date': datetime.date.today().isoformat(),
-        'cpu': _cpu_model(),
+        'cpu': machine.cpu_model(),
         'cores': os.cpu_count(),
         'pillow': Image.__version__,
         'libjpeg_turbo': features.version_feature('libjpeg_turbo'),

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cratemae.data import reencode  # noqa: E402
 from cratemae.data import throughput  # noqa: E402
+from tools import machine  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,14 +57,6 @@ print(json.dumps({'images_per_cpu_second': max(passes), 'passes': [round(x, 1) f
 """
 
 
-def _cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def _cpu_seconds():
     """CPU-seconds of this process and of its waited-for children."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -76,7 +68,7 @@ def _stamp(record):
     return {
         **record,
         'date': datetime.date.today().isoformat(),
-        'cpu': _cpu_model(),
+        'cpu': machine.cpu_model(),
         'load_after': [round(x, 2) for x in os.getloadavg()],
     }
 
