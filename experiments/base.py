@@ -217,21 +217,21 @@ def tost_mae_base():
 
 
 def crate_alpha_mae_mnist():
-    """crate_mae_mnist_long (the paper's forward, 1,500 steps) with CRATE-alpha's sparse coding: only the operator keys differ.
+    """The default run (crate_mae_mnist) with CRATE-alpha's sparse coding: only the operator keys differ.
 
     python -m launch.train --config=experiments/registry.py:crate_alpha_mae_mnist --workdir=runs/crate_alpha_mae_mnist
-    Side by side with crate_mae_mnist_long: docs/ablations.md.
+    Side by side with crate_mae_mnist: docs/ablations.md.
     """
-    return crate_alpha(crate_mae_mnist_long())
+    return crate_alpha(crate_mae_mnist())
 
 
 def tost_mae_mnist():
-    """crate_mae_mnist_long (the paper's forward, 1,500 steps) with ToST's TSSA: only the operator key differs.
+    """The default run (crate_mae_mnist) with ToST's TSSA: only the operator key differs.
 
     python -m launch.train --config=experiments/registry.py:tost_mae_mnist --workdir=runs/tost_mae_mnist
-    Side by side with crate_mae_mnist_long: docs/ablations.md.
+    Side by side with crate_mae_mnist: docs/ablations.md.
     """
-    return tost(crate_mae_mnist_long())
+    return tost(crate_mae_mnist())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ def test_registry_entries_of_the_family(name):
 
 
 def test_mnist_entries_change_only_the_operator_keys():
-    base = experiments.get_config('crate_mae_mnist_long')
+    base = experiments.get_config('crate_mae_mnist')  # the default run: the side by side uses its data and budget
     for name, want in (
         ('tost_mae_mnist', {'attention_operator'}),
         ('crate_alpha_mae_mnist', {'sparse_block', 'ista_lambda'}),
