@@ -3,6 +3,7 @@
   JAX_PLATFORMS=cpu nice -n 15 python -m tools.operator_scaling [--width 128 --heads 4 --batch 1]
       [--tokens 256,512,...,16384] [--run_limit_gib 12] [--out docs/perf/operator_scaling_DATE.jsonl]
       [--plot docs/images/operator_scaling.png]
+  python -m tools.operator_scaling --replot docs/perf/operator_scaling_DATE.jsonl --plot docs/images/operator_scaling.png
 
 For each operator and token count n it compiles the gradient of sum(layer(Z)) with respect to the layer's parameters
 and its input Z (B, n, d) (the layer's whole training work), and records
@@ -13,7 +14,8 @@ and its input Z (B, n, d) (the layer's whole training work), and records
     warm-up; only where the planned memory is under ``--run_limit_gib`` (a shared machine), else compile-only.
 
 One JSON line per (operator, n), then a fit of log(value) against log(n) over the points of each operator (the
-slope: 1 = linear, 2 = quadratic) and, with --plot, a two-panel log-log figure.
+slope: 1 = linear, 2 = quadratic) and, with --plot, a two-panel log-log figure. ``--replot`` measures nothing: it fits
+and plots every (operator, n) row of a records file, so points measured by several invocations share one figure.
 """
 
 import argparse
@@ -116,6 +118,32 @@ def plot(rows, path, about):
     fig.savefig(path, dpi=110)
 
 
+def replot(records, path):
+    """Prints the slopes of every operator's rows in `records` (the latest row per (operator, n)) and plots them."""
+    latest = {}
+    with open(records, encoding='utf-8') as f:
+        for line in f:
+            row = json.loads(line)
+            if 'operator' in row:
+                latest[(row['operator'], row['tokens'])] = row
+    rows = [latest[k] for k in sorted(latest)]
+    operators = sorted({r['operator'] for r in rows})
+    fits = {
+        op: {key: slope([r for r in rows if r['operator'] == op], key) for key in ('cpu_s', 'planned_bytes')}
+        for op in operators
+    }
+    print(json.dumps({'records': records, 'points': len(rows), 'log_log_slopes': fits}))
+    if path:
+        first = rows[0]
+        layer = first['layer']
+        plot(
+            rows,
+            path,
+            f"one encoder layer, d={layer['width']}, K={layer['heads']}, batch {layer['batch']}; {first['cpu_model']}; "
+            f"{min(r['date'][:10] for r in rows)}; shared load",
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--width', type=int, default=128)
@@ -127,7 +155,11 @@ def main():
     parser.add_argument('--run_limit_gib', type=float, default=12.0)
     parser.add_argument('--out', default=None)
     parser.add_argument('--plot', default=None)
+    parser.add_argument('--replot', default=None, help='Fit and plot the rows of this records file; measure nothing.')
     args = parser.parse_args()
+    if args.replot:
+        replot(args.replot, args.plot)
+        return
     cpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
     model = next((line.split(':', 1)[1].strip() for line in cpu.splitlines() if line.startswith('Model name')), '')
     common = {
