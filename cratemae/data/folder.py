@@ -2,7 +2,8 @@
 
 Layout: either images directly in `folder` (unlabelled: label -1,
 num_classes None) or one subfolder per class (labels = sorted subfolder
-names' order). Any file PIL can open counts (JPEG, PNG, BMP, GIF, TIFF, WebP).
+names' order; with split folders, the sorted union of their class
+subfolders, `FolderDataset`). Any file PIL can open counts (JPEG, PNG, BMP, GIF, TIFF, WebP).
 The file list is sorted, so example i is the same file on every host.
 
 A sliced split ('train[:90%]', `splits.indices`) takes its examples from a
@@ -85,10 +86,10 @@ class FolderDataset:
     The class list is the sorted union of the class subfolders of its split folders (or of the folder itself), so
     a validation/ folder that lacks a class labels the other classes as train/ does."""
 
-    def __init__(self, root):
+    def __init__(self, root, channels=3, image_size=None):
         if not root or not os.path.isdir(root):
             raise FileNotFoundError(f'image_folder: config.data.folder={root!r} is not a directory')
-        self.root = root
+        self.root, self.channels, self.image_size = root, channels, image_size
         self.split_folders = split_folders(root)
         tops = [os.path.join(root, s) for s in self.split_folders] or [root]
         self.class_names = sorted({c for top in tops for c in class_names(top)}) or None
@@ -145,11 +146,11 @@ class FolderDataset:
             self._files[folder] = files
         return self._files[folder]
 
-    def open(self, split, channels=3, image_size=None):
+    def open(self, split):
         """(FolderSource, resolved split) for `split`."""
         folder, split = self.folder_for(split)
-        source = FolderSource(folder, channels, image_size, split, files=self.files(folder), classes=self.class_names)
-        return source, split
+        files, classes = self.files(folder), self.class_names
+        return FolderSource(folder, self.channels, self.image_size, split, files=files, classes=classes), split
 
     def identity(self, split):
         """What the examples of `split` are (the feature cache's key): the split folder and its files' fingerprint."""

@@ -62,7 +62,7 @@ DATASETS = {
     'image_folder': DatasetSpec('image_folder', 'folder', None, None, IMAGENET_MEAN, IMAGENET_STD, 0.875),
 }
 if embedded.sklearn_available():
-    # mean/std None: computed from the train split when opened (optional dataset).
+    # mean/std None: computed from the train split when resolved, once per process (optional dataset).
     DATASETS['digits'] = DatasetSpec('digits', 'embedded', 1, 8, None, None, 1.0, ('train', 'test'))
 
 
@@ -170,8 +170,6 @@ class ResolvedDataset:
     def open(self, split):
         """(random-access source, resolved split name) for `split`: len(src), src[i] -> (payload, label), the payload
         a uint8 HWC array or encoded image bytes."""
-        if self.kind == 'folder':
-            return self.handle.open(split, channels=self.channels, image_size=self.image_size)
         return self.handle.open(split)
 
     def identity(self, split):
@@ -203,7 +201,7 @@ def resolve(cfg, resolved=None):
     elif spec.kind == 'tfds':
         handle = tfds_source.PreparedDataset(spec.name, cfg.get('data_dir'), cfg.get('image_key'), cfg.get('label_key'))
     else:
-        handle = folder_lib.FolderDataset(cfg.folder)
+        handle = folder_lib.FolderDataset(cfg.folder, cfg.channels, cfg.image_size)
     native_mean, native_std = _native_statistics(spec)
     mean, std = _output_statistics(native_mean, native_std, cfg.channels, cfg.get('normalize', 'dataset'))
     crop_pct = cfg.get('eval_crop_pct')
