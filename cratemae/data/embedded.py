@@ -203,10 +203,8 @@ class EmbeddedDataset:
         """(ArraySource, resolved split) for `split` or a tfds-style slice of it ('train[:90%]': `splits.indices`;
         the arrays are stored in a fixed shuffled order, so slices mix the classes)."""
         split = self.split(split)
-        images, labels = (
-            self.arrays[f'{split_lib.base_name(split)}_image'],
-            self.arrays[f'{split_lib.base_name(split)}_label'],
-        )
+        base = split_lib.base_name(split)
+        images, labels = self.arrays[f'{base}_image'], self.arrays[f'{base}_label']
         chosen = split_lib.indices(split, len(images))
         return ArraySource(images[chosen.start : chosen.stop], labels[chosen.start : chosen.stop]), split
 

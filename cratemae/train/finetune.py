@@ -189,7 +189,7 @@ def config_num_classes(config) -> int:
 def resolve_splits(config) -> str:
     """Resolves ``config.data``'s splits in place ('auto' -> the split the data has; ``finetune.holdout`` -> slices
     of the train split) and refuses an evaluation split that shares images with the training split unless
-    ``finetune.eval_on_train``; returns a note saying what was chosen. Reads no image; rerunning it is a no-op."""
+    ``finetune.eval_on_train``; returns a note saying what was chosen. Decodes no image; rerunning it is a no-op."""
     ft, d = config.finetune, config.data
     dataset = data.resolve(d)
     d.split_train = dataset.split(d.split_train)
