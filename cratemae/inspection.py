@@ -33,7 +33,6 @@ from cratemae import visualize
 from cratemae.data import augment
 from cratemae.data import decode
 from cratemae.data import device
-from cratemae.data import registry as data_registry
 from cratemae.evaluate import checkpoints
 
 PCA_CHOICES = ('joint', 'reference', 'both')
@@ -164,10 +163,11 @@ def load_images(options, loaded, notes):
     and normalised there (``device.eval_batches``)."""
     model_config = loaded.model_config
     data_config = _data_config(options, loaded, notes)
-    spec = data_registry.get_spec(data_config.name)
-    if spec.native_size not in (None, model_config.image_size):
+    dataset = data_lib.resolve(data_config)
+    native_size = dataset.spec.native_size
+    if native_size not in (None, model_config.image_size):
         notes.append(
-            f'{data_config.name} images are {spec.native_size}px; the eval transform resizes them to the '
+            f'{data_config.name} images are {native_size}px; the eval transform resizes them to the '
             f"model's {model_config.image_size}px."
         )
     pipeline = data_lib.make_pipeline(
@@ -177,6 +177,7 @@ def load_images(options, loaded, notes):
         seed=0,
         train=False,
         uint8=True,
+        dataset=dataset,
     )
     mean, std = pipeline.info.mean, pipeline.info.std
     ((local, batch),) = device.eval_batches(pipeline, sharding.make_mesh(devices=jax.devices()[:1]), count=1)
@@ -187,8 +188,9 @@ def load_images(options, loaded, notes):
         )
     shown = images[list(options.image_ids)] if options.image_ids else images[: options.images]
     if options.image_files:
-        crop_pct = data_config.get('eval_crop_pct') or spec.eval_crop_pct
-        shown = np.concatenate([read_image(p, model_config, mean, std, crop_pct, notes) for p in options.image_files])
+        shown = np.concatenate(
+            [read_image(p, model_config, mean, std, dataset.eval_crop_pct, notes) for p in options.image_files]
+        )
     return images[: options.batch], shown, mean, std
 
 

@@ -339,7 +339,7 @@ def test_any_tfds_dataset_by_name(jpeg_tfds):
 def test_tfds_records_are_read_as_bytes(jpeg_tfds):
     from cratemae.data import tfds_source
 
-    source, split = tfds_source.open_split('tfds:my_photos', 'train', jpeg_tfds)
+    source, split = tfds_source.PreparedDataset('tfds:my_photos', jpeg_tfds).open('train')
     payload, label = source[0]
     assert split == 'train' and decode.is_encoded(payload) and payload[:2] == b'\xff\xd8'
     assert 0 <= label < 3

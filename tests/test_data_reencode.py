@@ -119,7 +119,7 @@ def test_tfds_copy_keeps_labels_per_record(tmp_path):
     )
     assert record['images'] == 9 and record['this_run']['workers'] == 2
     for split, items in splits.items():
-        source, _ = tfds_source.open_split('tfds:small_jpegs', split, str(tmp_path / 'tfds'))
+        source, _ = tfds_source.PreparedDataset('tfds:small_jpegs', str(tmp_path / 'tfds')).open(split)
         got = _labels_by_file(str(out), split)
         assert len(got) == len(items) == len(source)
         for rel, label in got.items():

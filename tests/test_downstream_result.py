@@ -45,11 +45,11 @@ def scores(default_run):
     pretrained = checkpoints.load(workdir)
     random = checkpoints.random_init(pretrained.model_config, seed=0)
     random.data_config = pretrained.data_config
-    data_cfg, _ = features.probe_data_config(pretrained)
+    data_cfg, dataset, _ = features.probe_data_config(pretrained)
 
     def probe_all(ckpt, feature):
         tr, te = (
-            features.split_features(ckpt, data_cfg, split, feature, use_cache=False)
+            features.split_features(ckpt, data_cfg, split, feature, dataset=dataset, use_cache=False)
             for split in (data_cfg.split_train, data_cfg.split_eval)
         )
         return {

@@ -129,20 +129,21 @@ def test_slices_select_the_same_examples_on_every_source(tmp_path):
     tfds_cfg = data.default_data_config()
     tfds_cfg.update(name='tfds:sliced_images', data_dir=str(tmp_path / 'tfds'), image_size=28, channels=1)
     for cfg, n in ((mnist, 4500), (folder_cfg, 20), (tfds_cfg, 30)):
-        head, _ = data.registry.open_source(cfg, 'train[:90%]')
-        tail, _ = data.registry.open_source(cfg, 'train[90%:]')
-        first, _ = data.registry.open_source(cfg, 'train[:7]')
+        dataset = data.resolve(cfg)
+        head, _ = dataset.open('train[:90%]')
+        tail, _ = dataset.open('train[90%:]')
+        first, _ = dataset.open('train[:7]')
         assert (len(head), len(tail), len(first)) == (round(0.9 * n), n - round(0.9 * n), 7), cfg.name
-        whole, _ = data.registry.open_source(cfg, 'train')
+        whole, _ = dataset.open('train')
         keys = lambda src: [bytes(np.asarray(src[i][0]).tobytes()) for i in range(len(src))]  # noqa: E731
         assert sorted(keys(head) + keys(tail)) == sorted(keys(whole))
         assert not set(keys(head)) & set(keys(tail))
-    folder_tail = data.registry.open_source(folder_cfg, 'train[90%:]')[0]
+    folder_tail = data.resolve(folder_cfg).open('train[90%:]')[0]
     assert set(folder_tail.labels.tolist()) == {0, 1}  # a fixed shuffle: the tail of a class-sorted folder mixes both
     assert splits.disjoint('train[:90%]', 'train[90%:]') and not splits.disjoint('train', 'train[90%:]')
     assert not splits.disjoint('train[:50]', 'train[40%:]')  # other units: not provably disjoint, refused
     with pytest.raises(ValueError, match='not a split name with an optional tfds slice'):
-        data.registry.open_source(mnist, 'train[:x]')
+        data.resolve(mnist).open('train[:x]')
 
 
 def test_probe_of_a_flat_folder_refuses_to_test_on_its_training_images(tmp_path, model_config, capsys):

@@ -213,9 +213,9 @@ def test_probe_splits_of_a_train_validation_folder_are_found_and_checked(workdir
     cfg = data.default_data_config()
     cfg.update(name='image_folder', folder=str(tmp_path), image_size=28, channels=1)
     ckpt = dataclasses.replace(checkpoints.load(workdir), data_config=cfg)
-    probe_cfg, _ = features.probe_data_config(ckpt)
+    probe_cfg, dataset, _ = features.probe_data_config(ckpt)
     assert (probe_cfg.split_train, probe_cfg.split_eval) == ('train', 'validation')
-    test = features.split_features(ckpt, probe_cfg, probe_cfg.split_eval, 'cls', use_cache=False)
+    test = features.split_features(ckpt, probe_cfg, probe_cfg.split_eval, 'cls', dataset=dataset, use_cache=False)
     assert len(test.y) == 6 and test.num_classes == 2  # a, b: not train / validation
     with pytest.raises(ValueError, match="no split folder 'test'.*split_eval"):
         features.probe_data_config(ckpt, split_eval='test')

@@ -73,11 +73,11 @@ def probes(workdir, seed, baselines=True, step=None):
     pretrained = checkpoints.load(workdir, step=step)
     random = checkpoints.random_init(pretrained.model_config, seed=seed)
     random.data_config = pretrained.data_config
-    data_cfg, _ = features.probe_data_config(pretrained)
+    data_cfg, dataset, _ = features.probe_data_config(pretrained)
 
     def probe_all(ckpt, feature):
         train_f, test_f = (
-            features.split_features(ckpt, data_cfg, split, feature, use_cache=False)
+            features.split_features(ckpt, data_cfg, split, feature, dataset=dataset, use_cache=False)
             for split in (data_cfg.split_train, data_cfg.split_eval)
         )
         return {k: round(v['top1'], 4) for k, v in probe.run_probes(train_f, test_f).items()}

@@ -3,9 +3,11 @@
     from cratemae import data
     cfg = data.default_data_config()
     data.validate_data_config(cfg)
+    dataset = data.resolve(cfg)         # spec, classes, channels, statistics: once
     pipe = data.make_pipeline(cfg, split=cfg.split_train, global_batch=256, seed=0,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count(), train=True)
+                              process_count=jax.process_count(), train=True,
+                              dataset=dataset)
     batch = pipe.batch(step)            # pure function of (seed, step, host)
     for step, batch in pipe.iterate(start_step): ...
 
@@ -21,11 +23,12 @@ from cratemae.data.config import validate_data_config
 from cratemae.data.pipeline import DataInfo
 from cratemae.data.pipeline import Pipeline
 from cratemae.data.pipeline import make_pipeline
-from cratemae.data.pipeline import normalization
 from cratemae.data.registry import DATASETS
 from cratemae.data.registry import DatasetSpec
+from cratemae.data.registry import ResolvedDataset
 from cratemae.data.registry import dataset_names
-from cratemae.data.registry import resolve_split
+from cratemae.data.registry import normalization
+from cratemae.data.registry import resolve
 from cratemae.data.tfds_source import DatasetNotPreparedError
 
 __all__ = [
@@ -34,11 +37,12 @@ __all__ = [
     'DatasetNotPreparedError',
     'DatasetSpec',
     'Pipeline',
+    'ResolvedDataset',
     'data_config_from',
     'dataset_names',
     'default_data_config',
     'make_pipeline',
     'normalization',
-    'resolve_split',
+    'resolve',
     'validate_data_config',
 ]

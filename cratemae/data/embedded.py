@@ -179,13 +179,35 @@ class ArraySource:
         return self.images[i], int(self.labels[i])
 
 
-def open_split(name, split):
-    """ArraySource for split 'train' or 'test' of embedded dataset `name`, or a tfds-style slice of one
-    ('train[:90%]': `splits.indices`; the arrays are stored in a fixed shuffled order, so slices mix the classes)."""
-    base = split_lib.base_name(split)
-    if base not in ('train', 'test'):
-        raise ValueError(f"dataset '{name}' has splits 'train' and 'test', not {split!r}")
-    arrays = load_arrays(name)
-    images, labels = arrays[f'{base}_image'], arrays[f'{base}_label']
-    chosen = split_lib.indices(split, len(images))
-    return ArraySource(images[chosen.start : chosen.stop], labels[chosen.start : chosen.stop])
+@functools.lru_cache(maxsize=None)
+def train_statistics(name):
+    """Per-channel (mean, std) in [0, 1] units of the train split of `name`, computed once per process (for a
+    dataset registered without them)."""
+    x = load_arrays(name)['train_image'].astype('float64') / 255
+    return tuple(x.mean((0, 1, 2))), tuple(x.std((0, 1, 2)))
+
+
+class EmbeddedDataset:
+    """An embedded dataset, resolved once: its arrays and class count (the labels of every split)."""
+
+    def __init__(self, name, splits):
+        self.name, self.splits = name, tuple(splits)
+        self.arrays = load_arrays(name)
+        self.num_classes = int(max(self.arrays[f'{s}_label'].max() for s in self.splits)) + 1
+
+    def split(self, split):
+        """`split` checked against the dataset's splits ('auto' -> test)."""
+        return split_lib.choose(self.name, self.splits, split, ('test',))
+
+    def open(self, split):
+        """(ArraySource, resolved split) for `split` or a tfds-style slice of it ('train[:90%]': `splits.indices`;
+        the arrays are stored in a fixed shuffled order, so slices mix the classes)."""
+        split = self.split(split)
+        base = split_lib.base_name(split)
+        images, labels = self.arrays[f'{base}_image'], self.arrays[f'{base}_label']
+        chosen = split_lib.indices(split, len(images))
+        return ArraySource(images[chosen.start : chosen.stop], labels[chosen.start : chosen.stop]), split
+
+    def identity(self, split):
+        """What the examples of `split` are (the feature cache's key): the name and the arrays' version."""
+        return {'kind': 'embedded', 'name': self.name, 'version': CACHE_VERSION, 'split': self.split(split)}

@@ -57,19 +57,6 @@ class DataInfo:
     std: Tuple[float, ...]
 
 
-def _convert_stats(mean, std, channels):
-    """Mean/std per output channel. 1 -> 3 repeats; 3 -> 1 uses the luma
-    weights w: mean = w . mean, std ~ w . std (exact for fully correlated
-    channels, which natural images nearly are)."""
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(mean) == channels:
-        return mean, std
-    if len(mean) == 1:
-        return mean * channels, std * channels
-    w = augment.LUMA
-    return (float(w @ np.array(mean)),), (float(w @ np.array(std)),)
-
-
 class _Transform:
     """(index, payload, label) -> (uint8 HWC image at size, label); picklable
     for workers. A payload is a uint8 array (embedded sources, tfds Tensor
@@ -233,20 +220,22 @@ class _Batcher:
         return batch
 
 
-def normalization(cfg):
-    """(mean, std) per output channel that batches of `cfg` are normalised
-    with (on the host, or on the devices by `device.normalize`); reads no
-    images except to compute an embedded dataset's statistics."""
-    mean, std = registry.mean_std(registry.get_spec(cfg.name))
-    if cfg.get('normalize', 'dataset') == 'none':
-        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
-    return _convert_stats(mean, std, cfg.channels)
-
-
 class Pipeline:
-    """Input for one split on one host; see the module docstring for order."""
+    """Input for one split on one host; see the module docstring for order. `dataset`: cfg's dataset already
+    resolved (`registry.resolve`), e.g. shared by a train and an eval pipeline; None resolves it here."""
 
-    def __init__(self, cfg, split, global_batch, seed, process_index=0, process_count=1, train=True, uint8=False):
+    def __init__(
+        self,
+        cfg,
+        split,
+        global_batch,
+        seed,
+        process_index=0,
+        process_count=1,
+        train=True,
+        uint8=False,
+        dataset=None,
+    ):
         config_lib.validate_data_config(cfg)
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
@@ -254,11 +243,9 @@ class Pipeline:
             raise ValueError(
                 f'global_batch={global_batch} must be a positive multiple of process_count={process_count}'
             )
-        spec = registry.get_spec(cfg.name)
-        source, split = registry.open_source(cfg, split)
-        mean, std = normalization(cfg)
-        crop_pct = cfg.get('eval_crop_pct')
-        crop_pct = spec.eval_crop_pct if crop_pct is None else float(crop_pct)
+        dataset = registry.resolve(cfg, dataset)
+        source, split = dataset.open(split)
+        mean, std, crop_pct = dataset.mean, dataset.std, dataset.eval_crop_pct
         rand_aug = cfg.get('randaugment')
         rand_aug = None if rand_aug is None else tuple(int(v) for v in rand_aug)
         transform = _Transform(
@@ -274,12 +261,13 @@ class Pipeline:
             randaugment_spec=rand_aug,
             resize=cfg.get('resize', 'pil'),
         )
+        self.dataset = dataset
         self.info = DataInfo(
-            name=spec.name,
+            name=dataset.name,
             num_examples=len(source),
-            num_classes=registry.num_classes(spec, source),
-            image_size=cfg.image_size,
-            channels=cfg.channels,
+            num_classes=dataset.num_classes,
+            image_size=dataset.image_size,
+            channels=dataset.channels,
             mean=mean,
             std=std,
         )
@@ -289,7 +277,7 @@ class Pipeline:
         self.prefetch = cfg.prefetch
         batch_bytes = self.local_batch * cfg.image_size**2 * cfg.channels * (1 if uint8 else 4)
         self.num_workers = workers.resolve(
-            cfg.num_workers, decodes=spec.kind != 'embedded', batch_bytes=batch_bytes, buffer=max(1, cfg.prefetch)
+            cfg.num_workers, decodes=dataset.kind != 'embedded', batch_bytes=batch_bytes, buffer=max(1, cfg.prefetch)
         )
         self._batcher = _Batcher(
             source,
@@ -304,7 +292,7 @@ class Pipeline:
         )
         log.info(
             'data %s[%s]: %d examples, %s, host %d/%d gets %d of %d per step',
-            spec.name,
+            dataset.name,
             split,
             len(source),
             f'augment={cfg.augment}, randaugment={rand_aug}' if train else f'eval crop_pct={crop_pct}',
@@ -489,9 +477,12 @@ class Prefetcher:
         self.close()
 
 
-def make_pipeline(cfg, split, global_batch, seed, process_index=0, process_count=1, train=True, uint8=False):
+def make_pipeline(
+    cfg, split, global_batch, seed, process_index=0, process_count=1, train=True, uint8=False, dataset=None
+):
     """The pipeline the train/eval loops read; see `Pipeline`. uint8=True
-    hands uint8 batches over, to be normalised on the devices (`device.py`)."""
+    hands uint8 batches over, to be normalised on the devices (`device.py`);
+    `dataset` hands on cfg's dataset resolved once (`registry.resolve`)."""
     return Pipeline(
         cfg,
         split,
@@ -501,4 +492,5 @@ def make_pipeline(cfg, split, global_batch, seed, process_index=0, process_count
         process_count=process_count,
         train=train,
         uint8=uint8,
+        dataset=dataset,
     )

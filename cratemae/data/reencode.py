@@ -132,11 +132,11 @@ def _class_folders(names, count):
     ]
 
 
-def _tfds_jobs(name, data_dir, splits):
-    """([((split, index), relative output path)], [folders]), splits named as the folder loader reads them."""
-    b = tfds_source.builder(name, data_dir)
-    _, label_key = tfds_source.resolve_keys(name, b.info, None, None)
-    available = list(b.info.splits)
+def _tfds_jobs(prepared, splits):
+    """([((split, index), relative output path)], [folders]) of a `tfds_source.PreparedDataset`, splits named as
+    the folder loader reads them."""
+    name = prepared.name
+    available = list(prepared.info.splits)
     chosen = splits or [s for s in available if s in folder_lib.SPLIT_FOLDERS]
     unreadable = [s for s in chosen if s not in folder_lib.SPLIT_FOLDERS]
     missing = [s for s in chosen if s not in available]
@@ -147,12 +147,11 @@ def _tfds_jobs(name, data_dir, splits):
             + (f' ({missing} not in the dataset)' if missing else '')
             + (f' ({unreadable} not a split folder name)' if unreadable else '')
         )
-    feature = b.info.features[label_key] if label_key is not None else None
-    count = getattr(feature, 'num_classes', None)
-    classes = _class_folders(list(getattr(feature, 'names', None) or []), count) if count else None
+    count = prepared.num_classes
+    classes = _class_folders(prepared.class_names or [], count) if count else None
     jobs, dirs = [], []
     for split in chosen:
-        source, _ = tfds_source.open_split(name, split, data_dir)
+        source, _ = prepared.open(split)
         width = len(str(max(len(source) - 1, 0)))
         dirs += [os.path.join(split, c) for c in classes] if classes else [split]
         labels = _labels(source)
@@ -174,11 +173,15 @@ def _labels(source):
 
 
 class _Reader:
-    """ref -> payload, for one source; opened lazily in each worker process."""
+    """ref -> payload, for one source; a tfds dataset is opened once in each worker process (in this one, the
+    `prepared` dataset handed in)."""
 
-    def __init__(self, kind, name=None, data_dir=None):
+    def __init__(self, kind, name=None, data_dir=None, prepared=None):
         self.kind, self.name, self.data_dir = kind, name, data_dir
-        self._splits = {}
+        self._prepared, self._splits = prepared, {}
+
+    def __getstate__(self):
+        return dict(self.__dict__, _prepared=None, _splits={})  # the builder stays in the process that opened it
 
     def __call__(self, ref):
         if self.kind == 'folder':
@@ -186,7 +189,9 @@ class _Reader:
                 return f.read()
         split, index = ref
         if split not in self._splits:
-            self._splits[split] = tfds_source.open_split(self.name, split, self.data_dir)[0]
+            if self._prepared is None:
+                self._prepared = tfds_source.PreparedDataset(self.name, self.data_dir)
+            self._splits[split] = self._prepared.open(split)[0]
         return self._splits[split][index][0]
 
 
@@ -290,11 +295,14 @@ def reencode(out, bound, folder=None, tfds_name=None, data_dir=None, splits=None
         jobs, dirs = _folder_jobs(folder)
         reader = _Reader('folder')
     else:
-        b = tfds_source.builder(tfds_name, data_dir)
-        _check_out(out, b.data_dir)
-        source = {'tfds': tfds_source.tfds_name(tfds_name), 'data_dir': os.path.realpath(os.path.dirname(b.data_dir))}
-        jobs, dirs = _tfds_jobs(tfds_name, data_dir, splits)
-        reader = _Reader('tfds', tfds_name, data_dir)
+        prepared = tfds_source.PreparedDataset(tfds_name, data_dir)
+        _check_out(out, prepared.data_dir)
+        source = {
+            'tfds': tfds_source.tfds_name(tfds_name),
+            'data_dir': os.path.realpath(os.path.dirname(prepared.data_dir)),
+        }
+        jobs, dirs = _tfds_jobs(prepared, splits)
+        reader = _Reader('tfds', tfds_name, data_dir, prepared)
     if not jobs:
         raise ValueError(f'no images to re-encode in {source}')
     settings = dict(source=source, **dataclasses.asdict(bound))

@@ -113,11 +113,6 @@ def builder(name, data_dir=None):
     return b
 
 
-def resolve_split(name, info, split):
-    """`split` checked against the prepared splits ('auto': validation, else test)."""
-    return split_lib.choose(f"tfds dataset '{tfds_name(name)}'", info.splits, split, EVAL_SPLITS, slices=True)
-
-
 def resolve_keys(name, info, image_key=None, label_key=None):
     """(image_key, label_key or None) from overrides, supervised keys, features."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -151,18 +146,46 @@ def resolve_keys(name, info, image_key=None, label_key=None):
     return image_key, label_key
 
 
-def open_split(name, split, data_dir=None, image_key=None, label_key=None):
-    """(TfdsSource, resolved split) for `split` of a prepared dataset, never downloading."""
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+class PreparedDataset:
+    """A prepared tfds dataset, opened once: its builder (`builder`), info, resolved version, directory, image/label
+    keys (`resolve_keys`) and class count. `split`, `open` and `identity` use them and never reopen the builder."""
 
-    b = builder(name, data_dir)
-    split = resolve_split(name, b.info, split)
-    image_key, label_key = resolve_keys(name, b.info, image_key, label_key)
-    features = b.info.features
-    decoders = {image_key: tfds.decode.SkipDecoding()} if isinstance(features[image_key], tfds.features.Image) else None
-    source = b.as_data_source(split=split, decoders=decoders)
-    label = features[label_key] if label_key is not None else None
-    return TfdsSource(source, getattr(label, 'num_classes', None), image_key, label_key), split
+    def __init__(self, name, data_dir=None, image_key=None, label_key=None):
+        self.name = name
+        self.builder = builder(name, data_dir)
+        self.info = self.builder.info
+        self.version = str(self.info.version)
+        self.data_dir = str(self.builder.data_dir)
+        self.image_key, self.label_key = resolve_keys(name, self.info, image_key, label_key)
+        label = self.info.features[self.label_key] if self.label_key is not None else None
+        self.num_classes = getattr(label, 'num_classes', None)
+        self.class_names = list(getattr(label, 'names', None) or []) or None
+
+    def split(self, split):
+        """`split` checked against the prepared splits ('auto': validation, else test)."""
+        return split_lib.choose(f"tfds dataset '{tfds_name(self.name)}'", self.info.splits, split, EVAL_SPLITS)
+
+    def open(self, split):
+        """(TfdsSource, resolved split) for `split`, never downloading."""
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+        split = self.split(split)
+        image = self.info.features[self.image_key]
+        decoders = {self.image_key: tfds.decode.SkipDecoding()} if isinstance(image, tfds.features.Image) else None
+        source = self.builder.as_data_source(split=split, decoders=decoders)
+        return TfdsSource(source, self.num_classes, self.image_key, self.label_key), split
+
+    def identity(self, split):
+        """What the examples of `split` are (the feature cache's key): name, resolved version, directory, keys."""
+        return {
+            'kind': 'tfds',
+            'name': tfds_name(self.name).split(':')[0],
+            'version': self.version,
+            'data_dir': self.data_dir,
+            'image_key': self.image_key,
+            'label_key': self.label_key,
+            'split': self.split(split),
+        }
 
 
 def tensorflow_available():

@@ -35,7 +35,6 @@ from cratemae import data
 from cratemae import metrics
 from cratemae.data import embedded
 from cratemae.data import reencode
-from cratemae.data import tfds_source
 from cratemae.data import tfds_writer
 from cratemae.data import workers
 
@@ -129,15 +128,14 @@ def write_data(root, jpegs, forms=(), workers='auto'):
 
 def bytes_per_image(cfg):
     """Stored bytes per image of cfg's training split: the files of an image folder, the shards of a tfds dataset."""
-    if cfg.name == 'image_folder':
-        from cratemae.data import registry  # pylint: disable=import-outside-toplevel
-
-        source, _ = registry.open_source(cfg, cfg.split_train)
+    dataset = data.resolve(cfg)
+    if dataset.kind == 'folder':
+        source, _ = dataset.open(cfg.split_train)
         return sum(os.path.getsize(p) for p in source.paths) / len(source)
-    b = tfds_source.builder(cfg.name, cfg.get('data_dir'))
+    prepared = dataset.handle
     split = cfg.split_train.split('[')[0]
-    info = b.info.splits[split]
-    shards = [os.path.join(b.data_dir, f) for f in os.listdir(b.data_dir) if f'-{split}.' in f]
+    info = prepared.info.splits[split]
+    shards = [os.path.join(prepared.data_dir, f) for f in os.listdir(prepared.data_dir) if f'-{split}.' in f]
     return sum(os.path.getsize(p) for p in shards) / max(1, info.num_examples)
 
 

@@ -46,11 +46,13 @@ def last_layer_measures(model, params, batch):
 def evaluate_run(workdir) -> dict:
     """The MEASURES of one finished run (its newest checkpoint that restores, on its own data)."""
     ckpt = checkpoints.load(workdir, encoder_only=False)
-    data_cfg, _ = features.probe_data_config(ckpt)
-    train_feats = features.split_features(ckpt, data_cfg, data_cfg.split_train, 'cls')
-    test_feats = features.split_features(ckpt, data_cfg, data_cfg.split_eval, 'cls')
+    data_cfg, dataset, _ = features.probe_data_config(ckpt)
+    train_feats = features.split_features(ckpt, data_cfg, data_cfg.split_train, 'cls', dataset=dataset)
+    test_feats = features.split_features(ckpt, data_cfg, data_cfg.split_eval, 'cls', dataset=dataset)
     probes = probe.run_probes(train_feats, test_feats, methods=('ridge', 'knn'))
-    pipe = data.make_pipeline(data_cfg, split=data_cfg.split_eval, global_batch=64, seed=0, train=False, uint8=True)
+    pipe = data.make_pipeline(
+        data_cfg, split=data_cfg.split_eval, global_batch=64, seed=0, train=False, uint8=True, dataset=dataset
+    )
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     ((_, batch),) = device.eval_batches(pipe, mesh, count=1)  # made by the pipeline's workers, uint8 to the device
     batch = {'image': device.normalize(batch['image'], pipe.info.mean, pipe.info.std), 'valid': batch['valid']}

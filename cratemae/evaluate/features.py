@@ -10,7 +10,7 @@ z = LN_enc(encoder([c; e_1..e_L] + P)) (``MaskedAutoencoder.encode``), and the f
 The batch is split over the mesh's ('data', 'fsdp') devices (``cratemae.sharding``); the parameters are replicated
 unless sharding rules say otherwise. Features are cached as ``<cache_dir>/<key>.npz``, where the key hashes everything
 that determines them (``cache_key``): the weights themselves (a digest of every parameter), the resolved data
-(``data.registry.identity``: a tfds dataset's resolved version and image/label keys, an image folder's file list with
+(``ResolvedDataset.identity``: a tfds dataset's resolved version and image/label keys, an image folder's file list with
 sizes and modification times), the split, the preprocessing and the feature type. So probing the same weights again
 (another probe, another k) does not run the encoder, and a changed folder or dataset is computed afresh. A result
 read from the cache says so (``Features.cached``) and when it was computed (``Features.computed_at``).
@@ -34,7 +34,6 @@ from cratemae import models
 from cratemae import sharding
 from cratemae.data import device
 from cratemae.data import embedded
-from cratemae.data import registry
 from cratemae.data import splits as split_lib
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,8 @@ def default_cache_dir():
 def probe_data_config(
     ckpt, dataset=None, data_dir=None, split_train=None, split_eval=None, *, holdout=None, eval_on_train=False
 ):
-    """(data config, note) for probing ``ckpt``: its training data by default, at the model's size, no augmentation.
+    """(data config, its dataset resolved once, note) for probing ``ckpt``: its training data by default, at the
+    model's size, no augmentation. Hand the dataset on to ``split_features``.
 
     ``split_train`` / ``split_eval`` override the splits; both are resolved (``'auto'`` -> the evaluation split the
     data has) and checked here, so a missing split is an error before any feature is computed. A test split that
@@ -90,13 +90,16 @@ def probe_data_config(
     if split_eval is not None:
         cfg.split_eval = split_eval
     data.validate_data_config(cfg)
-    cfg.split_train = data.resolve_split(cfg, cfg.split_train)
-    cfg.split_eval = data.resolve_split(cfg, cfg.split_eval)
+    dataset = data.resolve(cfg)
     cfg.split_train, cfg.split_eval, note = split_lib.held_out(
-        cfg.split_train, cfg.split_eval, holdout=holdout, eval_on_train=eval_on_train, what='a probe accuracy'
+        dataset.split(cfg.split_train),
+        dataset.split(cfg.split_eval),
+        holdout=holdout,
+        eval_on_train=eval_on_train,
+        what='a probe accuracy',
     )
-    data.resolve_split(cfg, cfg.split_eval)
-    return cfg, note
+    dataset.split(cfg.split_eval)
+    return cfg, dataset, note
 
 
 def _pool(model, feature, params, images):
@@ -147,20 +150,20 @@ def weights_digest(params) -> str:
     return h.hexdigest()
 
 
-def cache_key(ckpt, data_cfg, split, feature) -> str:
+def cache_key(ckpt, data_cfg, split, feature, dataset=None) -> str:
     """sha256 over what determines the features: the weights' digest, the resolved data of ``split``
-    (``registry.identity``), the preprocessing (size, channels, normalisation constants, eval crop) and the feature."""
-    spec = registry.get_spec(data_cfg.name)
-    crop = data_cfg.get('eval_crop_pct')
+    (``ResolvedDataset.identity``), the preprocessing (size, channels, normalisation constants, eval crop) and the
+    feature. ``dataset``: ``data_cfg``'s dataset, resolved already (else resolved here)."""
+    dataset = data.resolve(data_cfg, dataset)
     what = {
         'v': _CACHE_VERSION,
         'weights': 'pixels' if feature == 'pixels' else weights_digest(ckpt.params),
-        'data': registry.identity(data_cfg, split),
+        'data': dataset.identity(split),
         'preprocessing': {
-            'image_size': data_cfg.image_size,
-            'channels': data_cfg.channels,
-            'normalization': data.normalization(data_cfg),
-            'eval_crop_pct': spec.eval_crop_pct if crop is None else float(crop),
+            'image_size': dataset.image_size,
+            'channels': dataset.channels,
+            'normalization': (dataset.mean, dataset.std),
+            'eval_crop_pct': dataset.eval_crop_pct,
         },
         'feature': feature,
     }
@@ -200,11 +203,23 @@ def _write_cache(path, feats):
 
 
 def split_features(
-    ckpt, data_cfg, split, feature, *, mesh=None, batch_size=256, cache_dir=None, use_cache=True, rules=()
+    ckpt,
+    data_cfg,
+    split,
+    feature,
+    *,
+    dataset=None,
+    mesh=None,
+    batch_size=256,
+    cache_dir=None,
+    use_cache=True,
+    rules=(),
 ) -> Features:
     """Features of ``split``, from the cache when these weights' were computed before on the same data (``.cached``
-    and ``.computed_at`` say so)."""
-    path = os.path.join(cache_dir or default_cache_dir(), cache_key(ckpt, data_cfg, split, feature) + '.npz')
+    and ``.computed_at`` say so). ``dataset``: ``data_cfg``'s dataset resolved once (``probe_data_config``), for
+    the cache key and the pipeline alike; None resolves it here."""
+    dataset = data.resolve(data_cfg, dataset)
+    path = os.path.join(cache_dir or default_cache_dir(), cache_key(ckpt, data_cfg, split, feature, dataset) + '.npz')
     if use_cache and (hit := _read_cache(path)) is not None:  # every process reads the same (shared) cache
         log.info(
             'Features of %s/%s (%s): cached, computed %s (%s)', data_cfg.name, split, feature, hit.computed_at, path
@@ -222,6 +237,7 @@ def split_features(
         process_count=jax.process_count(),
         train=False,
         uint8=True,
+        dataset=dataset,
     )
     if pipe.info.num_classes is None:
         raise ValueError(

@@ -45,13 +45,13 @@ def probe_checkpoint(f, command=''):
     )
     if ckpt.data_config is None and config is not None:  # a reference file: default to the named config's data
         ckpt = dataclasses.replace(ckpt, data_config=config.data)
-    data_cfg, splits_note = features.probe_data_config(
+    data_cfg, dataset, splits_note = features.probe_data_config(
         ckpt, f.dataset, f.data_dir, f.split_train, f.split_eval, holdout=f.holdout, eval_on_train=f.eval_on_train
     )
     weights = ckpt
     if f.random_init:
         weights = dataclasses.replace(checkpoints.random_init(ckpt.model_config, f.seed), data_config=ckpt.data_config)
-    kwargs = {'batch_size': f.batch_size, 'cache_dir': f.cache_dir, 'use_cache': not f.no_cache}
+    kwargs = {'dataset': dataset, 'batch_size': f.batch_size, 'cache_dir': f.cache_dir, 'use_cache': not f.no_cache}
     t0 = time.perf_counter()
     train = features.split_features(weights, data_cfg, data_cfg.split_train, f.feature, **kwargs)
     test = features.split_features(weights, data_cfg, data_cfg.split_eval, f.feature, **kwargs)

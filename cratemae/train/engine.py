@@ -242,6 +242,7 @@ def run(config, workdir: str, make_task, *, allow_config_change: bool = False) -
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         uint8=True,
+        dataset=data.resolve(config.data),  # once, for both pipelines
     )
     train_data = pipeline(split=config.data.split_train, global_batch=config.train.global_batch, train=True)
     eval_data = pipeline(split=config.data.split_eval, global_batch=config.train.eval_batch, train=False)

@@ -189,11 +189,12 @@ def config_num_classes(config) -> int:
 def resolve_splits(config) -> str:
     """Resolves ``config.data``'s splits in place ('auto' -> the split the data has; ``finetune.holdout`` -> slices
     of the train split) and refuses an evaluation split that shares images with the training split unless
-    ``finetune.eval_on_train``; returns a note saying what was chosen. Reads no image; rerunning it is a no-op."""
+    ``finetune.eval_on_train``; returns a note saying what was chosen. Decodes no image; rerunning it is a no-op."""
     ft, d = config.finetune, config.data
-    d.split_train = data.resolve_split(d, d.split_train)
+    dataset = data.resolve(d)
+    d.split_train = dataset.split(d.split_train)
     if not ft.get('holdout'):
-        d.split_eval = data.resolve_split(d, d.split_eval)
+        d.split_eval = dataset.split(d.split_eval)
     d.split_train, d.split_eval, note = split_lib.held_out(
         d.split_train,
         d.split_eval,
@@ -201,7 +202,7 @@ def resolve_splits(config) -> str:
         eval_on_train=ft.get('eval_on_train', False),
         what='a fine-tuning accuracy',
     )
-    d.split_eval = data.resolve_split(d, d.split_eval)
+    d.split_eval = dataset.split(d.split_eval)
     if ft.get('holdout'):
         ft.holdout = None  # the splits now say it
     return note
