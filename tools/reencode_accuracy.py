@@ -1,7 +1,8 @@
 """The accuracy cost of a re-encoded copy: the same short pretraining from the original and from the re-encoded images.
 
   python tools/reencode_accuracy.py [--train_images=1500] [--eval_images=500] [--seeds=0,1,2] [--steps=150]
-      [--short_side=320] [--quality=90] [--root=DIR] [--out=FILE] [-- --config.KEY=VALUE ...]
+      [--forms=original,reencoded] [--short_side=320] [--quality=90] [--root=DIR] [--out=FILE] [--no_baselines]
+      [-- --config.KEY=VALUE ...]
 
 Data (no download): ``throughput.imagenet_like_jpegs`` (500x375 / 375x500, quality 95, natural photos with a
 texture's high-pass detail added), a training set (seed 1) and a held-out set (seed 2), laid out under ROOT as
@@ -117,10 +118,12 @@ def main():
     parser.add_argument('--train_images', type=int, default=1500)
     parser.add_argument('--eval_images', type=int, default=500)
     parser.add_argument('--seeds', default='0,1,2')
+    parser.add_argument('--forms', default='original,reencoded', help='which forms to train, in this order')
     parser.add_argument('--steps', type=int, default=150)
     parser.add_argument('--evals', type=int, default=3, help='held-out evaluations per run, the last at the end')
     parser.add_argument('--short_side', type=int, default=None, help='default: the re-encoder\'s (320)')
     parser.add_argument('--quality', type=int, default=None, help='default: the re-encoder\'s (90)')
+    parser.add_argument('--no_baselines', action='store_true', help='no random-encoder probe in the first run')
     parser.add_argument('--workers', default='auto', help='re-encoding processes')
     parser.add_argument('--root', default=None, help='keep the data here (a rerun reuses it)')
     parser.add_argument('--out', default=None, help='append the records to this JSONL file too')
@@ -132,6 +135,8 @@ def main():
         args.short_side or reencode.DEFAULT_SHORT_SIDE, None, args.quality or reencode.DEFAULT_QUALITY
     )
     bound.check()
+    if not set(args.forms.split(',')) <= {'original', 'reencoded'}:
+        raise SystemExit(f'--forms={args.forms!r}: name original and/or reencoded, comma-separated')
     if args.steps % args.evals:
         raise SystemExit(f'--steps={args.steps} must be a multiple of --evals={args.evals}')
     if args.eval_images % 100:
@@ -140,9 +145,10 @@ def main():
         root = args.root or os.path.join(tmp, 'data')
         folders = prepare(root, args.train_images, args.eval_images, bound, args.workers)
         sizes = {form: bytes_per_image(folder) for form, folder in folders.items()}
-        first = True
+        first = not args.no_baselines
         for seed in (int(s) for s in args.seeds.split(',')):
-            for form, folder in folders.items():
+            for form in args.forms.split(','):
+                folder = folders[form]
                 overrides = [
                     *OVERRIDES,
                     f'--config.data.folder={folder}',
