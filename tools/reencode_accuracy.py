@@ -16,7 +16,7 @@ texture's high-pass detail added), a training set (seed 1) and a held-out set (s
 
 For each seed, each form in turn: ``default_run_report.train`` runs ``python -m launch.train`` on that form's folder
 with the CONFIG below (a small CRATE-MAE at 224 px, patch 16, the visible-only encoder, MAE augmentation; the seed
-changes the initialisation and the masks, not the data), then ``default_run_report.probes`` probes the frozen mean
+changes the initialisation and the masks, not the images), then ``default_run_report.probes`` probes the frozen mean
 patch token (linear, ridge, kNN; read in process: a worker's start-up would cost more than it saves) on the
 original images, labelled by photo and by texture, so that the probes differ
 only by the encoder. The first run also probes a random encoder of the same architecture (the floor). One JSON line per
