@@ -21,6 +21,14 @@ def test_jpegs_look_like_imagenet_files():
     assert {label for _, label in jpegs} == set(range(7))
 
 
+def test_texture_label_is_returned_on_request_and_independent_of_the_photo():
+    plain = throughput.imagenet_like_jpegs(21, seed=3)
+    labelled = throughput.imagenet_like_jpegs(21, seed=3, with_texture=True)
+    assert [(b, label) for b, label, _ in labelled] == plain  # the same images and photo labels
+    # every (photo, texture) pair once: a probe of one label learns nothing of the other
+    assert sorted((label, texture) for _, label, texture in labelled) == [(p, t) for p in range(7) for t in range(3)]
+
+
 def test_one_json_line_per_mode_with_rates_and_cores_needed(capsys):
     args = ['--images=8', '--batch=4', '--steps=1', '--size=32', '--workers=0', '--reencode=64:80', '--resize=torch']
     assert cli.run(benchmark_data.main, benchmark_data.FLAGS, args) == 0

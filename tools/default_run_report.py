@@ -65,7 +65,10 @@ def held_out_losses(workdir):
     return [losses[s] for s in sorted(losses)], sorted(losses)
 
 
-def probes(workdir, seed, baselines=True, step=None):
+def probes(workdir, seed, baselines=True, step=None, data_updates=None):
+    """Probe scores of the run's mean patch token and, with `baselines` (True: both, or a tuple of names), of a
+    'random' encoder's and of the 'pixels'; `data_updates` (e.g. {'folder': ...}) changes the probed data."""
+    from cratemae import data
     from cratemae.evaluate import checkpoints
     from cratemae.evaluate import features
     from cratemae.evaluate import probe
@@ -74,6 +77,9 @@ def probes(workdir, seed, baselines=True, step=None):
     random = checkpoints.random_init(pretrained.model_config, seed=seed)
     random.data_config = pretrained.data_config
     data_cfg, dataset, _ = features.probe_data_config(pretrained)
+    if data_updates:
+        data_cfg.update(data_updates)
+        dataset = data.resolve(data_cfg)  # other data: resolved anew
 
     def probe_all(ckpt, feature):
         train_f, test_f = (
@@ -83,8 +89,11 @@ def probes(workdir, seed, baselines=True, step=None):
         return {k: round(v['top1'], 4) for k, v in probe.run_probes(train_f, test_f).items()}
 
     scores = {'step': pretrained.step, 'pretrained': probe_all(pretrained, 'mean')}
-    if baselines:
-        scores.update(random=probe_all(random, 'mean'), pixels=probe_all(pretrained, 'pixels'))
+    chosen = ('random', 'pixels') if baselines is True else baselines or ()
+    if 'random' in chosen:
+        scores['random'] = probe_all(random, 'mean')
+    if 'pixels' in chosen:
+        scores['pixels'] = probe_all(pretrained, 'pixels')
     return scores
 
 

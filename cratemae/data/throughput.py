@@ -52,8 +52,9 @@ _PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'imm
 _TEXTURES = ('grass', 'gravel', 'brick')
 
 
-def imagenet_like_jpegs(count, seed=0, detail=3.0, quality=95):
-    """[(JPEG bytes, label)]: label = source photo index."""
+def imagenet_like_jpegs(count, seed=0, detail=3.0, quality=95, with_texture=False):
+    """[(JPEG bytes, label)]: label = source photo index; with_texture: [(JPEG bytes, label, texture index)], the
+    texture whose high-pass detail was added (a label that only the fine detail carries)."""
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(embedded.skimage_photo(n)) for n in _PHOTOS]
     textures = []
@@ -72,12 +73,12 @@ def imagenet_like_jpegs(count, seed=0, detail=3.0, quality=95):
         cw, ch = (side, side * 0.75) if i % 3 else (side * 0.75, side)
         left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
         base = np.asarray(photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch)), np.float32)
-        tex = textures[i % len(textures)]
+        tex = textures[i % len(textures)]  # the texture label of with_texture
         y, x = rng.integers(0, 1000 - size[1]), rng.integers(0, 1000 - size[0])
         pixels = base + detail * tex[y : y + size[1], x : x + size[0], None]
         buf = io.BytesIO()
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=quality)
-        out.append((buf.getvalue(), k))
+        out.append((buf.getvalue(), k, i % len(textures)) if with_texture else (buf.getvalue(), k))
     return out
 
 
