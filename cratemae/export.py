@@ -78,19 +78,20 @@ def _arch(model_config, encoder_only=False):
             'width=%d, decoder_width=%d): only CRATE-MAE with CRATE encoder and decoder blocks and decoder_width == '
             'width has one (%s). Export it with --format=orbax.' % (enc, dec, d, dd, LAYOUT)
         )
-    if not sees_mask and not encoder_only:
-        raise ValueError(
-            'This model\'s encoder sees the visible patches only (encoder_sees_mask_tokens=False, FAIR\'s forward): '
-            'its encoder has the reference layout, its decoder does not (it embeds the latent before adding mask '
-            'tokens, which the reference does not). Export the encoder with --encoder_only (the reference loads it '
-            'with strict=False), or the whole model with --format=orbax.'
-        )
+    # The operator check comes first: for these models not even --encoder_only has a reference layout.
     operator, sparse = _get(model_config, 'attention_operator', 'mssa'), _get(model_config, 'sparse_block', 'ista')
     if operator != 'mssa' or sparse != 'ista':
         raise ValueError(
             f'No reference state-dict layout exists for attention_operator={operator!r}, sparse_block={sparse!r}: '
             'the reference CRATE-MAE has MSSA and ISTA only, and neither CRATE-alpha nor ToST released an MAE. '
             'Export these models with --format=orbax (the Flax parameter tree under our names; docs/model.md §7).'
+        )
+    if not sees_mask and not encoder_only:
+        raise ValueError(
+            'This model\'s encoder sees the visible patches only (encoder_sees_mask_tokens=False, FAIR\'s forward): '
+            'its encoder has the reference layout, its decoder does not (it embeds the latent before adding mask '
+            'tokens, which the reference does not). Export the encoder with --encoder_only (the reference loads it '
+            'with strict=False), or the whole model with --format=orbax.'
         )
     image, p = int(_get(model_config, 'image_size', 224)), int(_get(model_config, 'patch_size', 16))
     if image % p:

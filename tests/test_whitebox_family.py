@@ -195,6 +195,13 @@ def test_reference_export_refuses_the_new_operators_and_orbax_round_trips(tmp_pa
     params = models.random_params(cfg, seed=3)
     with pytest.raises(ValueError, match="attention_operator='tssa', sparse_block='crate_alpha'.*--format=orbax"):
         export.to_reference_state_dict(params, cfg)
+    # Visible-only (the mnist entries' forward): the refusal names --format=orbax, not --encoder_only, which has no
+    # reference layout for these operators either.
+    visible_only = cfg.copy_and_resolve_references()
+    visible_only.encoder_sees_mask_tokens = False
+    with pytest.raises(ValueError, match="attention_operator='tssa'.*--format=orbax") as refused:
+        export.to_reference_state_dict(params, visible_only)
+    assert '--encoder_only' not in str(refused.value)
     ckpt = checkpoints.Checkpoint(params, cfg, 'random', 'random-init')
     loaded = checkpoints.load(export.export_checkpoint(ckpt, 'orbax', tmp_path / 'params'), encoder_only=False)
     assert loaded.model_config.attention_operator == 'tssa' and loaded.model_config.sparse_block == 'crate_alpha'
