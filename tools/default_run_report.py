@@ -97,6 +97,15 @@ def probes(workdir, seed, baselines=True, step=None, data_updates=None):
     return scores
 
 
+def emit(record, out=None):
+    """Prints `record` as one JSON line and appends it to the file `out`, if given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, 'a', encoding='utf-8') as f:
+            f.write(line + '\n')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default='crate_mae_mnist')
@@ -123,11 +132,7 @@ def main():
                 probes(workdir, seed, baselines=False, step=int(s)) for s in args.probe_steps.split(',') if s
             ]
             record['outputs'] = sorted(os.listdir(workdir))
-        line = json.dumps(record)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, 'a', encoding='utf-8') as f:
-                f.write(line + '\n')
+        emit(record, args.out)
 
 
 if __name__ == '__main__':

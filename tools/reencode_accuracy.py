@@ -181,11 +181,7 @@ def main():
                 record['cpu_s'] = round(record['user_s'] + record['sys_s'], 1)
                 first = False
                 shutil.rmtree(workdir, ignore_errors=True)
-                line = json.dumps(record)
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, 'a', encoding='utf-8') as f:
-                        f.write(line + '\n')
+                default_run_report.emit(record, args.out)
 
 
 if __name__ == '__main__':
